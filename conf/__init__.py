@@ -1,0 +1,1 @@
+"""Hydra configs of ddp_reduce, installed as the package ddp_reduce.conf."""

@@ -1,0 +1,44 @@
+"""``ddp-reduce``: the Hydra app that starts ``dist.nproc`` local ranks itself.
+
+ddp-reduce [key=value ...]               one run
+ddp-reduce --multirun optim.lr=0.1,0.2   a sweep: one run directory per point
+"""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+from ddp_reduce.config import ConfigError, register_schema, to_dict
+from ddp_reduce.launch import check_run_dir, fail, format_summary, launch_local, validate
+
+register_schema()
+
+
+@hydra.main(version_base="1.3", config_path="pkg://ddp_reduce.conf", config_name="config")
+def app(cfg: DictConfig) -> float | None:
+    run_dir = HydraConfig.get().runtime.output_dir
+    try:
+        run_cfg = validate(cfg, cfg.dist.nproc)
+        check_run_dir(run_dir, run_cfg.train.overwrite)
+    except ConfigError as exc:
+        fail(str(exc))
+    try:
+        summary = launch_local(to_dict(run_cfg), run_dir, run_cfg.dist.nproc)
+    except ChildFailedError as exc:
+        fail(f"a rank failed, see its error above; run directory {run_dir}\n{exc}", code=1)
+    print(format_summary(summary), flush=True)
+    # What a sweeper minimizes; a diverged run is a result, not a crash.
+    return summary["final_eval_loss"] if summary["status"] == "completed" else float("inf")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,359 @@
+"""The configuration schema: dataclasses hold types and checks, YAML in ``conf/`` the values.
+
+Each component gets its own config, validated in ``__post_init__``; a bad value is refused at start
+with a message naming the key, the value and what is allowed. Checks that need the world size
+(what must divide what) are in :func:`batch_geometry`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from ddp_reduce.reduction import LossReduction, ReduceImpl, ReduceOp, check_combination
+
+
+class ConfigError(ValueError):
+    """A configuration value that is refused before any training."""
+
+    def __init__(self, key: str, value: Any, allowed: str):
+        self.key, self.value, self.allowed = key, value, allowed
+        shown = value.name if isinstance(value, Enum) else value
+        super().__init__(f"{key}={shown} is not allowed: {allowed}")
+
+
+def require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(key, value, allowed)
+
+
+def _positive(key: str, value: float | int) -> None:
+    require(value > 0 and math.isfinite(value), key, value, "a positive number")
+
+
+def _non_negative(key: str, value: float | int) -> None:
+    require(value >= 0 and math.isfinite(value), key, value, "a number >= 0")
+
+
+# OmegaConf matches an Enum by member *name*: the names are the values users type.
+class DataName(Enum):
+    digits = "digits"
+    linear = "linear"
+    sequences = "sequences"
+
+
+class LastBatch(Enum):
+    drop = "drop"  # an epoch's final partial global batch is skipped
+    keep = "keep"  # ... or used as it is, smaller (ragged); never padded with duplicated items
+
+
+class ModelName(Enum):
+    linear = "linear"
+    mlp = "mlp"
+    cnn = "cnn"
+    seq = "seq"
+
+
+class SeqArch(Enum):
+    gru = "gru"
+    transformer = "transformer"
+
+
+class OptimName(Enum):
+    sgd = "sgd"
+    adam = "adam"
+    adamw = "adamw"
+
+
+class Schedule(Enum):
+    constant = "constant"
+    cosine = "cosine"
+    linear = "linear"
+
+
+class Device(Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Backend(Enum):
+    auto = "auto"
+    gloo = "gloo"
+    nccl = "nccl"
+
+
+@dataclass
+class DataConfig:
+    name: DataName = DataName.digits
+    # b: items (samples, or sequences for `sequences`) per rank per micro-step.
+    batch_size: int = 32
+    # N: when set, b is derived as N / (W·A), which must divide exactly.
+    global_batch_size: int | None = None
+    last_batch: LastBatch = LastBatch.drop
+    data_seed: int = 0  # generation and train/test split; independent of the training seed
+    test_fraction: float = 0.2  # digits
+    n_train: int = 4096  # linear, sequences
+    n_test: int = 1024  # linear, sequences
+    dim: int = 16  # linear: input dimension
+    eig_max: float = 1.0  # linear: largest eigenvalue of the input covariance
+    eig_min: float = 0.01  # linear: smallest; the spectrum is geometric in between
+    noise_std: float = 0.5  # linear: label noise
+    vocab_size: int = 16  # sequences
+    min_len: int = 4  # sequences: tokens per sequence, uniform in [min_len, max_len]
+    max_len: int = 32
+    concentration: float = 0.3  # sequences: Dirichlet concentration of the Markov chain's rows
+
+    def __post_init__(self) -> None:
+        _positive("data.batch_size", self.batch_size)
+        if self.global_batch_size is not None:
+            _positive("data.global_batch_size", self.global_batch_size)
+        require(0 < self.test_fraction < 1, "data.test_fraction", self.test_fraction, "0 < x < 1")
+        _positive("data.n_train", self.n_train)
+        _positive("data.n_test", self.n_test)
+        _positive("data.dim", self.dim)
+        _positive("data.eig_max", self.eig_max)
+        _positive("data.eig_min", self.eig_min)
+        require(
+            self.eig_min <= self.eig_max,
+            "data.eig_min",
+            self.eig_min,
+            f"at most data.eig_max={self.eig_max}",
+        )
+        _non_negative("data.noise_std", self.noise_std)
+        require(self.vocab_size >= 2, "data.vocab_size", self.vocab_size, "an integer >= 2")
+        require(self.min_len >= 2, "data.min_len", self.min_len, "an integer >= 2")
+        require(
+            self.max_len >= self.min_len,
+            "data.max_len",
+            self.max_len,
+            f"an integer >= data.min_len={self.min_len}",
+        )
+        _positive("data.concentration", self.concentration)
+
+
+@dataclass
+class ModelConfig:
+    name: ModelName = ModelName.mlp
+    hidden: list[int] = field(default_factory=lambda: [64])  # mlp; cnn's classifier
+    channels: list[int] = field(default_factory=lambda: [16, 32])  # cnn
+    batch_norm: bool = False  # mlp, cnn
+    # Batch statistics over all ranks' items (DDP(W, b) then matches one process at W·b).
+    sync_bn: bool = False
+    arch: SeqArch = SeqArch.gru  # seq
+    embed_dim: int = 32  # seq
+    heads: int = 2  # seq, transformer
+
+    def __post_init__(self) -> None:
+        for i, h in enumerate(self.hidden):
+            _positive(f"model.hidden[{i}]", h)
+        require(len(self.channels) > 0, "model.channels", self.channels, "a non-empty list")
+        for i, ch in enumerate(self.channels):
+            _positive(f"model.channels[{i}]", ch)
+        require(
+            not self.sync_bn or self.batch_norm,
+            "model.sync_bn",
+            self.sync_bn,
+            "true only with model.batch_norm=true",
+        )
+        _positive("model.embed_dim", self.embed_dim)
+        _positive("model.heads", self.heads)
+        require(
+            self.embed_dim % self.heads == 0,
+            "model.heads",
+            self.heads,
+            f"a divisor of model.embed_dim={self.embed_dim}",
+        )
+
+
+@dataclass
+class OptimConfig:
+    name: OptimName = OptimName.sgd
+    lr: float = 0.1
+    momentum: float = 0.0  # sgd (PyTorch's heavy-ball convention)
+    nesterov: bool = False  # sgd
+    # Added to the gradient by the optimizer, *after* the reduction: under c·G it acts as λ/c.
+    weight_decay: float = 0.0
+    # (l2/2)·|w|² added to every item's loss, *before* the reduction: it is scaled with the loss.
+    l2: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam, adamw
+    eps: float = 1e-8  # adam, adamw
+    clip_norm: float | None = None  # global-norm clipping of the received gradient c·G
+    warmup_steps: int = 0  # linear warmup from lr/warmup_steps to lr
+    schedule: Schedule = Schedule.constant  # after warmup
+    min_lr_ratio: float = 0.0  # cosine, linear: final lr as a fraction of lr
+
+    def __post_init__(self) -> None:
+        _positive("optim.lr", self.lr)
+        require(0 <= self.momentum < 1, "optim.momentum", self.momentum, "0 <= momentum < 1")
+        require(
+            not self.nesterov or (self.name is OptimName.sgd and self.momentum > 0),
+            "optim.nesterov",
+            self.nesterov,
+            "true only with optim.name=sgd and optim.momentum > 0",
+        )
+        _non_negative("optim.weight_decay", self.weight_decay)
+        _non_negative("optim.l2", self.l2)
+        require(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            "optim.betas",
+            list(self.betas),
+            "two numbers in [0, 1)",
+        )
+        _positive("optim.eps", self.eps)
+        if self.clip_norm is not None:
+            _positive("optim.clip_norm", self.clip_norm)
+        require(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, "an integer >= 0")
+        require(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", self.min_lr_ratio, "0 <= x <= 1")
+
+
+@dataclass
+class ReduceConfig:
+    loss: LossReduction = LossReduction.mean  # inside a rank, over its items of the whole step
+    op: ReduceOp = ReduceOp.mean  # across ranks
+    impl: ReduceImpl = ReduceImpl.hook
+
+    def __post_init__(self) -> None:
+        why = check_combination(self.loss, self.op, self.impl)
+        require(why is None, "reduce.op", self.op, why or "")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200  # optimizer steps
+    accum_steps: int = 1  # A: micro-steps per optimizer step
+    eval_every: int = 50  # steps between evaluations (0: only at the end)
+    log_every: int = 10  # steps between logged metrics
+    overwrite: bool = False  # allow a run directory that already holds a completed run
+    progress: bool = True  # progress bar on rank 0 when attached to a terminal
+
+    def __post_init__(self) -> None:
+        _positive("train.steps", self.steps)
+        _positive("train.accum_steps", self.accum_steps)
+        _non_negative("train.eval_every", self.eval_every)
+        _positive("train.log_every", self.log_every)
+
+
+@dataclass
+class DistConfig:
+    nproc: int = 2  # ranks started by `ddp-reduce` (torchrun's --nproc-per-node decides there)
+    device: Device = Device.auto
+    backend: Backend = Backend.auto  # auto: nccl on cuda, gloo on cpu
+    timeout_s: float = 300.0  # collective timeout: how long a rank waits for a lost peer
+    threads_per_rank: int | None = None  # cpu: default cores / local ranks
+
+    def __post_init__(self) -> None:
+        _positive("dist.nproc", self.nproc)
+        _positive("dist.timeout_s", self.timeout_s)
+        if self.threads_per_rank is not None:
+            _positive("dist.threads_per_rank", self.threads_per_rank)
+        require(
+            not (self.device is Device.cpu and self.backend is Backend.nccl),
+            "dist.backend",
+            self.backend,
+            "gloo or auto with dist.device=cpu (nccl needs cuda)",
+        )
+
+
+_MODELS_FOR_DATA = {
+    DataName.digits: (ModelName.linear, ModelName.mlp, ModelName.cnn),
+    DataName.linear: (ModelName.linear, ModelName.mlp),
+    DataName.sequences: (ModelName.seq,),
+}
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    reduce: ReduceConfig = field(default_factory=ReduceConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+
+    def __post_init__(self) -> None:
+        allowed = _MODELS_FOR_DATA[self.data.name]
+        require(
+            self.model.name in allowed,
+            "model",
+            self.model.name,
+            f"with data={self.data.name.name} one of {[m.name for m in allowed]}",
+        )
+
+
+def load_config(cfg: DictConfig | dict) -> RunConfig:
+    """Typed, validated RunConfig from a composed Hydra config or a plain dict.
+
+    Keys outside the schema (``hydra``) are ignored; type errors name the key (OmegaConf's message).
+    """
+    if isinstance(cfg, DictConfig):
+        cfg = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    cfg = {k: v for k, v in cfg.items() if k != "hydra"}
+    merged = OmegaConf.merge(OmegaConf.structured(RunConfig), cfg)
+    return OmegaConf.to_object(merged)
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    """Plain, resolved container of a RunConfig (what is saved and sent to ranks)."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True)
+
+
+@dataclass(frozen=True)
+class BatchGeometry:
+    world_size: int  # W
+    local_batch_size: int  # b
+    accum_steps: int  # A
+    global_batch_size: int  # N = W·b·A
+
+    @property
+    def local_items_step(self) -> int:
+        return self.local_batch_size * self.accum_steps
+
+
+def batch_geometry(cfg: RunConfig, world_size: int, n_train: int) -> BatchGeometry:
+    """Derive W, b, A, N and refuse what does not divide or fit."""
+    a = cfg.train.accum_steps
+    if cfg.data.global_batch_size is not None:
+        n = cfg.data.global_batch_size
+        require(
+            n % (world_size * a) == 0,
+            "data.global_batch_size",
+            n,
+            f"a multiple of world size x train.accum_steps = {world_size} x {a} = {world_size * a}",
+        )
+        b = n // (world_size * a)
+    else:
+        b = cfg.data.batch_size
+        n = world_size * b * a
+    require(
+        n <= n_train,
+        "data.global_batch_size" if cfg.data.global_batch_size else "data.batch_size",
+        n if cfg.data.global_batch_size else b,
+        f"a global batch W*b*A = {world_size}*{b}*{a} = {n} of at most the {n_train} training "
+        "items",
+    )
+    last = n_train % n
+    if cfg.data.last_batch is LastBatch.keep and last:
+        require(
+            last >= world_size * a,
+            "data.last_batch",
+            cfg.data.last_batch,
+            f"drop: the last global batch would hold {last} items, fewer than one per rank and "
+            f"micro-step ({world_size * a})",
+        )
+    return BatchGeometry(world_size, b, a, n)
+
+
+SCHEMA_NAME = "run_schema"
+
+
+def register_schema() -> None:
+    """Make the dataclass schema available to Hydra's defaults list as ``run_schema``."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=RunConfig)

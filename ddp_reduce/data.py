@@ -1,0 +1,201 @@
+"""Datasets (all in memory, generated or shipped with a package) and the global-batch sampler."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+import numpy as np
+import torch
+
+from ddp_reduce.config import DataConfig, DataName, LastBatch
+
+
+class Task(Enum):
+    classification = "classification"  # one item per sample, cross-entropy
+    regression = "regression"  # one item per sample, (1/2)·squared error
+    lm = "lm"  # next-token prediction: one item per predicted token
+
+
+@dataclass
+class Split:
+    x: torch.Tensor
+    y: torch.Tensor
+    # lm only: tokens per sequence; a sequence of length L contributes L - 1 items.
+    lengths: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def to(self, device: torch.device) -> Split:
+        """Inputs and targets on ``device``; lengths stay on the CPU, where items are counted."""
+        return Split(self.x.to(device), self.y.to(device), self.lengths)
+
+    def item_counts(self, idx: torch.Tensor) -> torch.Tensor:
+        """Loss items held by each of the given rows."""
+        if self.lengths is None:
+            return torch.ones(len(idx), dtype=torch.int64)
+        return self.lengths[idx] - 1
+
+    def items(self, idx: torch.Tensor) -> int:
+        return int(self.item_counts(idx).sum())
+
+    def batch(self, idx: torch.Tensor) -> Batch:
+        """The rows ``idx`` (a CPU index), on the split's device."""
+        device = self.x.device
+        if self.lengths is None:
+            rows = idx.to(device)
+            return Batch(self.x[rows], self.y[rows], None)
+        lengths = self.lengths[idx]
+        width = int(lengths.max()) if len(idx) else 2
+        tokens = self.x[idx.to(device), :width]
+        mask = torch.arange(width - 1)[None, :] < (lengths[:, None] - 1)
+        return Batch(tokens[:, :-1], tokens[:, 1:], mask.to(device))
+
+
+@dataclass
+class Batch:
+    x: torch.Tensor
+    y: torch.Tensor
+    mask: torch.Tensor | None  # lm: which target positions are real tokens
+
+
+@dataclass
+class Dataset:
+    name: DataName
+    task: Task
+    train: Split
+    test: Split
+    input_shape: tuple[int, ...]  # of one sample (lm: the vocabulary size, as (V,))
+    num_outputs: int
+
+
+def load_dataset(cfg: DataConfig) -> Dataset:
+    if cfg.name is DataName.digits:
+        return _digits(cfg)
+    if cfg.name is DataName.linear:
+        return _linear(cfg).dataset
+    return _sequences(cfg)
+
+
+def _digits(cfg: DataConfig) -> Dataset:
+    from sklearn.datasets import load_digits  # shipped with scikit-learn: no download
+
+    bunch = load_digits()
+    x = torch.tensor(bunch.data / 16.0, dtype=torch.float32)
+    y = torch.tensor(bunch.target, dtype=torch.int64)
+    order = torch.from_numpy(np.random.default_rng(cfg.data_seed).permutation(len(x)))
+    n_test = int(round(len(x) * cfg.test_fraction))
+    test, train = order[:n_test], order[n_test:]
+    return Dataset(
+        DataName.digits,
+        Task.classification,
+        Split(x[train], y[train]),
+        Split(x[test], y[test]),
+        input_shape=(64,),
+        num_outputs=10,
+    )
+
+
+@dataclass
+class LinearProblem:
+    """y = x·w* + noise, x ~ N(0, Q diag(λ) Qᵀ): the spectrum is known in closed form."""
+
+    dataset: Dataset
+    eigenvalues: np.ndarray  # of the population covariance, descending
+    rotation: np.ndarray  # Q
+    w_star: np.ndarray
+    noise_std: float
+
+    def second_moment(self) -> np.ndarray:
+        """H = XᵀX / n over the training inputs (float64): the Hessian of the mean loss."""
+        x = self.dataset.train.x.double().numpy()
+        return x.T @ x / len(x)
+
+    def lambda_max(self) -> float:
+        return float(np.linalg.eigvalsh(self.second_moment())[-1])
+
+
+def linear_problem(cfg: DataConfig) -> LinearProblem:
+    return _linear(cfg)
+
+
+def _linear(cfg: DataConfig) -> LinearProblem:
+    rng = np.random.default_rng(cfg.data_seed)
+    d = cfg.dim
+    eig = np.geomspace(cfg.eig_max, cfg.eig_min, d) if d > 1 else np.array([cfg.eig_max])
+    q, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    w_star = rng.standard_normal(d) / np.sqrt(d)
+
+    def draw(n: int) -> Split:
+        x = (rng.standard_normal((n, d)) * np.sqrt(eig)) @ q.T
+        y = x @ w_star + cfg.noise_std * rng.standard_normal(n)
+        return Split(torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.float32))
+
+    train, test = draw(cfg.n_train), draw(cfg.n_test)
+    ds = Dataset(DataName.linear, Task.regression, train, test, input_shape=(d,), num_outputs=1)
+    return LinearProblem(ds, eig, q, w_star, cfg.noise_std)
+
+
+def _sequences(cfg: DataConfig) -> Dataset:
+    """Token sequences of variable length from a fixed random Markov chain."""
+    rng = np.random.default_rng(cfg.data_seed)
+    v = cfg.vocab_size
+    transition = rng.dirichlet(np.full(v, cfg.concentration), size=v)
+    cumulative = np.cumsum(transition, axis=1)
+
+    def draw(n: int) -> Split:
+        lengths = rng.integers(cfg.min_len, cfg.max_len + 1, size=n)
+        tokens = np.zeros((n, cfg.max_len), dtype=np.int64)
+        tokens[:, 0] = rng.integers(0, v, size=n)
+        for t in range(1, cfg.max_len):
+            u = rng.random(n)[:, None]
+            nxt = (u > cumulative[tokens[:, t - 1]]).sum(axis=1)
+            tokens[:, t] = np.minimum(nxt, v - 1)
+        tokens[np.arange(cfg.max_len)[None, :] >= lengths[:, None]] = 0
+        return Split(torch.from_numpy(tokens), torch.from_numpy(tokens), torch.from_numpy(lengths))
+
+    train, test = draw(cfg.n_train), draw(cfg.n_test)
+    return Dataset(DataName.sequences, Task.lm, train, test, input_shape=(v,), num_outputs=v)
+
+
+class GlobalBatchSampler:
+    """The global batch of step t, from (seed, t) alone; each rank takes its slice.
+
+    Each epoch is a permutation of the training set drawn from (seed, epoch). Step t takes the
+    next N = W·b·A items of its epoch's permutation, so for a fixed N the global batch is the same
+    set of items for every (W, b, A), and a resumed run sees the data it would have seen. The
+    epoch's final partial batch is dropped or kept ragged; items are never duplicated to pad it.
+    """
+
+    def __init__(self, n_items: int, global_batch_size: int, seed: int, last_batch: LastBatch):
+        self.n_items = n_items
+        self.global_batch_size = global_batch_size
+        self.seed = seed
+        full, rest = divmod(n_items, global_batch_size)
+        self.steps_per_epoch = full + (1 if rest and last_batch is LastBatch.keep else 0)
+        self._epoch = -1
+        self._perm: torch.Tensor | None = None
+
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if epoch != self._epoch:
+            rng = np.random.default_rng([self.seed, epoch])
+            self._perm = torch.from_numpy(rng.permutation(self.n_items))
+            self._epoch = epoch
+        return self._perm
+
+    def global_batch(self, step: int) -> torch.Tensor:
+        epoch, k = divmod(step, self.steps_per_epoch)
+        n = self.global_batch_size
+        return self._permutation(epoch)[k * n : (k + 1) * n]
+
+    def micro_batches(
+        self, step: int, rank: int, world_size: int, accum_steps: int
+    ) -> list[torch.Tensor]:
+        """This rank's A micro-batches of step t: contiguous slices of the global batch.
+
+        With a full batch rank r holds items [r·b·A, (r+1)·b·A) and micro-step a the b items from
+        a·b. A ragged batch is split as evenly as possible (earlier slices one item longer).
+        """
+        shares = torch.tensor_split(self.global_batch(step), world_size)
+        return list(torch.tensor_split(shares[rank], accum_steps))

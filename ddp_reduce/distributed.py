@@ -1,0 +1,108 @@
+"""One setup for distributed state, with guaranteed teardown; it also works with one process.
+
+Under torchrun (or ``ddp-reduce``'s own elastic launch) the ranks find each other through the
+environment (RANK, WORLD_SIZE, MASTER_ADDR, ...). Without it, a single rank gets a process group
+of its own on an in-memory store, so the training code has one path for every world size.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from ddp_reduce.config import Backend, ConfigError, Device, DistConfig
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+    backend: str
+    threads: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def under_launcher() -> bool:
+    """True when started by torchrun or an elastic agent (the environment names the rank)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def resolve_device(cfg: DistConfig, local_rank: int) -> torch.device:
+    if cfg.device is Device.cpu:
+        return torch.device("cpu")
+    if cfg.device is Device.cuda or (cfg.device is Device.auto and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ConfigError("dist.device", "cuda", "cpu or auto: no CUDA device is available")
+        count = torch.cuda.device_count()
+        if local_rank >= count:
+            raise ConfigError(
+                "dist.device",
+                "cuda",
+                f"at most {count} local ranks on this node ({count} CUDA devices), "
+                f"got local rank {local_rank}",
+            )
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def resolve_backend(cfg: DistConfig, device: torch.device) -> str:
+    if cfg.backend is Backend.auto:
+        return "nccl" if device.type == "cuda" else "gloo"
+    if cfg.backend is Backend.nccl and device.type != "cuda":
+        raise ConfigError("dist.backend", "nccl", "gloo or auto on a CPU device")
+    return cfg.backend.name
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+@contextmanager
+def distributed(cfg: DistConfig) -> Iterator[DistContext]:
+    """Initialize the process group, pin the device and the CPU threads; always tear down."""
+    if under_launcher():
+        rank = int(os.environ["RANK"])
+        world = int(os.environ["WORLD_SIZE"])
+        local_rank = int(os.environ.get("LOCAL_RANK", rank))
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    else:
+        rank, world, local_rank, local_world = 0, 1, 0, 1
+    device = resolve_device(cfg, local_rank)
+    backend = resolve_backend(cfg, device)
+    threads = cfg.threads_per_rank or max(1, available_cores() // local_world)
+    if device.type == "cpu":
+        torch.set_num_threads(threads)
+    else:
+        torch.cuda.set_device(device)
+    timeout = timedelta(seconds=cfg.timeout_s)
+    kwargs = {"device_id": device} if device.type == "cuda" else {}
+    if under_launcher():
+        dist.init_process_group(backend, timeout=timeout, **kwargs)
+    else:
+        dist.init_process_group(
+            backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout, **kwargs
+        )
+    ok = False
+    try:
+        yield DistContext(rank, world, local_rank, local_world, device, backend, threads)
+        ok = True
+    finally:
+        if ok:
+            # Nobody tears the group down while a peer still talks to it.
+            dist.barrier()
+        dist.destroy_process_group()

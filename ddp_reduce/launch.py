@@ -1,0 +1,121 @@
+"""What every rank runs, and the local launcher behind ``ddp-reduce``.
+
+The run directory is decided once: by Hydra in ``ddp-reduce`` (before any rank starts), or by
+rank 0 under torchrun, which broadcasts it, so the ranks never each make one from their own clock.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+from ddp_reduce.config import ConfigError, RunConfig, load_config
+from ddp_reduce.distributed import distributed
+from ddp_reduce.rundir import SUMMARY, read_summary, versions, write_json
+from ddp_reduce.trainer import prepare, train
+
+
+def check_run_dir(run_dir: Path, overwrite: bool) -> None:
+    """Refuse to overwrite a completed run unless asked to."""
+    previous = read_summary(run_dir)
+    if previous is not None and previous.get("status") == "completed" and not overwrite:
+        raise ConfigError(
+            "hydra.run.dir",
+            str(run_dir),
+            "a directory without a completed run (it holds one; pass train.overwrite=true "
+            "to replace it)",
+        )
+
+
+def validate(cfg_dict: dict, world_size: int) -> RunConfig:
+    """Everything that can be refused before a process group exists."""
+    cfg = load_config(cfg_dict)
+    prepare(cfg, world_size)
+    return cfg
+
+
+def rank_main(cfg_dict: dict, run_dir: str) -> dict[str, Any] | None:
+    """Entry point of one rank. Returns the summary on rank 0, None elsewhere."""
+    cfg = load_config(cfg_dict)
+    with distributed(cfg.dist) as ctx:
+        agreed = [run_dir]
+        dist.broadcast_object_list(agreed, src=0)
+        path = Path(agreed[0])
+        try:
+            summary = train(cfg, path, ctx)
+        except Exception as exc:
+            if ctx.is_main:
+                write_json(
+                    path / SUMMARY,
+                    {
+                        "status": "failed",
+                        "error": f"{type(exc).__name__}: {exc}",
+                        "traceback": traceback.format_exc(),
+                        "world_size": ctx.world_size,
+                        "versions": versions(),
+                    },
+                )
+            raise
+    return summary if ctx.is_main else None
+
+
+def launch_local(cfg_dict: dict, run_dir: str, nproc: int) -> dict[str, Any]:
+    """Start ``nproc`` ranks on this machine and return rank 0's summary.
+
+    One rank runs in this process. More go through PyTorch's elastic launcher, the one torchrun
+    wraps, with its defaults set explicitly (its own are etcd and three restarts).
+    """
+    if nproc == 1:
+        summary = rank_main(cfg_dict, run_dir)
+        assert summary is not None
+        return summary
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=str(uuid.uuid4()),
+        rdzv_backend="c10d",
+        rdzv_endpoint="127.0.0.1:0",
+        max_restarts=0,
+        monitor_interval=0.1,
+        start_method="spawn",
+    )
+    results = elastic_launch(config, rank_main)(cfg_dict, run_dir)
+    return results[0]
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    s = summary
+    head = f"ddp-reduce: {s['status']}"
+    if s["status"] == "diverged":
+        head += f" at step {s['diverged_at_step']} (a NaN or inf in the loss or gradient)"
+    head += f", {s['steps_done']} steps in {s['wall_time_s']:.1f} s"
+
+    def metric(name: str, loss: float, acc: float | None) -> str:
+        text = f"  {name:<5} loss {loss:.4f}"
+        return text + (f"  accuracy {acc:.4f}" if acc is not None else "")
+
+    exact = "" if s["grad_scale_exact"] else " (unequal counts: a mean of means, not exactly c*G)"
+    lines = [
+        head,
+        f"  W={s['world_size']} b={s['local_batch_size']} A={s['accum_steps']} "
+        f"N={s['global_batch_size']}  reduce: loss={s['reduce_loss']} op={s['reduce_op']}",
+        f"  gradient factor c = {s['grad_scale']:g}  [{s['grad_scale_rule']}]{exact}",
+        metric("train", s["final_train_loss"], s["final_train_accuracy"]),
+        metric("test", s["final_eval_loss"], s["final_eval_accuracy"]),
+        f"  run directory: {s['run_dir']}",
+        f"  TensorBoard:   tensorboard --logdir {s['run_dir']} --host 127.0.0.1",
+    ]
+    return "\n".join(lines)
+
+
+def fail(message: str, code: int = 2) -> None:
+    print(f"ddp-reduce: error: {message}", file=sys.stderr)
+    sys.exit(code)

@@ -1,0 +1,149 @@
+"""Models, the per-item objective, and a batch norm whose statistics span all ranks."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+import torch.nn.functional as F
+from torch import nn
+
+from ddp_reduce.config import ModelConfig, ModelName, SeqArch
+from ddp_reduce.data import Batch, Dataset, Task
+
+
+class GlobalBatchNorm(nn.SyncBatchNorm):
+    """SyncBatchNorm that also runs on CPU (gloo): batch statistics over the items of *all* ranks.
+
+    PyTorch's kernel serves GPU inputs; on CPU the statistics are all-reduced here with
+    differentiable collectives, so the backward pass sums across ranks too, exactly as one process
+    would over the W·b items.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (
+            x.is_cuda
+            or not self.training
+            or not dist.is_initialized()
+            or dist.get_world_size() == 1
+        ):
+            return super().forward(x)
+        self._check_input_dim(x)
+        dims = [d for d in range(x.dim()) if d != 1]
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        count = torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype, device=x.device)
+        sums = torch.cat([count, x.sum(dims)])
+        sums = dist_fn.all_reduce(sums)
+        n = sums[0]
+        mean = sums[1:] / n
+        centered = x - mean.view(shape)
+        var = dist_fn.all_reduce(centered.pow(2).sum(dims)) / n
+        if self.track_running_stats:
+            with torch.no_grad():
+                m = self.momentum if self.momentum is not None else 0.1
+                unbiased = var * (n / (n - 1)) if n > 1 else var
+                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+                self.running_var.mul_(1 - m).add_(unbiased.detach(), alpha=m)
+                self.num_batches_tracked += 1
+        y = centered / torch.sqrt(var + self.eps).view(shape)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y
+
+
+def _norm_layer(cfg: ModelConfig, features: int, dims: int) -> nn.Module:
+    if cfg.sync_bn:
+        return GlobalBatchNorm(features)
+    return nn.BatchNorm1d(features) if dims == 1 else nn.BatchNorm2d(features)
+
+
+def _mlp(cfg: ModelConfig, n_in: int, n_out: int) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for width in cfg.hidden:
+        layers.append(nn.Linear(n_in, width))
+        if cfg.batch_norm:
+            layers.append(_norm_layer(cfg, width, 1))
+        layers.append(nn.ReLU())
+        n_in = width
+    layers.append(nn.Linear(n_in, n_out))
+    return nn.Sequential(*layers)
+
+
+class DigitsCNN(nn.Module):
+    """Small convnet for 8x8 digits: conv blocks, one 2x2 pool, then an MLP head."""
+
+    def __init__(self, cfg: ModelConfig, n_out: int):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Unflatten(1, (1, 8, 8))]
+        c_in = 1
+        for c in cfg.channels:
+            layers.append(nn.Conv2d(c_in, c, 3, padding=1))
+            if cfg.batch_norm:
+                layers.append(_norm_layer(cfg, c, 2))
+            layers.append(nn.ReLU())
+            c_in = c
+        layers += [nn.MaxPool2d(2), nn.Flatten()]
+        self.features = nn.Sequential(*layers)
+        self.head = _mlp(cfg, c_in * 16, n_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+class SeqModel(nn.Module):
+    """Next-token model: embedding, one causal GRU or transformer layer, a linear head."""
+
+    def __init__(self, cfg: ModelConfig, vocab: int, max_len: int):
+        super().__init__()
+        d = cfg.embed_dim
+        self.arch = cfg.arch
+        self.embed = nn.Embedding(vocab, d)
+        if cfg.arch is SeqArch.gru:
+            self.body: nn.Module = nn.GRU(d, d, batch_first=True)
+        else:
+            self.pos = nn.Parameter(torch.randn(max_len, d) / math.sqrt(d))
+            self.body = nn.TransformerEncoderLayer(
+                d, cfg.heads, 2 * d, dropout=0.0, batch_first=True
+            )
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.embed(tokens)
+        if self.arch is SeqArch.gru:
+            h, _ = self.body(h)
+        else:
+            t = tokens.shape[1]
+            mask = nn.Transformer.generate_square_subsequent_mask(t, device=tokens.device)
+            h = self.body(h + self.pos[:t], src_mask=mask, is_causal=True)
+        return self.head(h)
+
+
+def build_model(cfg: ModelConfig, data: Dataset, max_len: int = 0) -> nn.Module:
+    n_in, n_out = data.input_shape[0], data.num_outputs
+    if cfg.name is ModelName.linear:
+        return nn.Linear(n_in, n_out)
+    if cfg.name is ModelName.mlp:
+        return _mlp(cfg, n_in, n_out)
+    if cfg.name is ModelName.cnn:
+        return DigitsCNN(cfg, n_out)
+    return SeqModel(cfg, n_out, max_len)
+
+
+def loss_sums(task: Task, out: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of the items' losses, number of correct predictions) of one batch.
+
+    Always a *sum* over items: the division that makes it a mean, if any, is the reduction
+    layer's (``ddp_reduce.reduction.loss_scale``), so it can span all of the step's micro-batches.
+    """
+    if task is Task.regression:
+        err = out.squeeze(-1) - batch.y
+        return 0.5 * err.pow(2).sum(), torch.zeros((), device=out.device)
+    if task is Task.lm:
+        out, y = out[batch.mask], batch.y[batch.mask]
+    else:
+        y = batch.y
+    loss = F.cross_entropy(out, y, reduction="sum")
+    correct = (out.argmax(-1) == y).sum()
+    return loss, correct

@@ -1,0 +1,129 @@
+"""What a run leaves behind: resolved config, metrics (TensorBoard, JSON lines), summary, weights.
+
+Only rank 0 writes; the other ranks get a logger that does nothing. Files that mark a result
+(``summary.json``, ``model.pt``) are written to a temporary name and renamed, so a crash never
+leaves a half-written file that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+SUMMARY = "summary.json"
+METRICS = "metrics.jsonl"
+CONFIG = "config.yaml"
+MODEL = "model.pt"
+TB_DIR = "tb"
+
+
+def atomic_write(path: Path, write) -> None:
+    """Write through ``write(tmp_path)``, then rename over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; results are meant to be read
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _json_safe(x: Any) -> Any:
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)  # "nan", "inf": JSON has no such numbers
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x
+
+
+def write_json(path: Path, obj: dict) -> None:
+    text = json.dumps(_json_safe(obj), indent=2, sort_keys=False) + "\n"
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def write_config(run_dir: Path, cfg: dict) -> None:
+    text = yaml.safe_dump(cfg, sort_keys=False)
+    atomic_write(run_dir / CONFIG, lambda tmp: tmp.write_text(text))
+
+
+def save_model(run_dir: Path, state_dict: dict) -> None:
+    atomic_write(run_dir / MODEL, lambda tmp: torch.save(state_dict, tmp))
+
+
+def read_summary(run_dir: Path) -> dict | None:
+    path = Path(run_dir) / SUMMARY
+    if not path.exists():
+        return None
+    return json.loads(path.read_text())
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for dist_name in ("ddp-reduce", "torch", "hydra-core", "omegaconf", "tensorboard", "numpy"):
+        try:
+            out[dist_name] = metadata.version(dist_name)
+        except metadata.PackageNotFoundError:
+            out[dist_name] = "not installed"
+    out["cuda"] = torch.version.cuda or "none"
+    return out
+
+
+class MetricsLogger:
+    """Rank 0's metrics: TensorBoard events and a machine-readable copy, one JSON object a line."""
+
+    def __init__(self, run_dir: Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.run_dir = run_dir
+        self.tb = SummaryWriter(log_dir=str(run_dir / TB_DIR))
+        self._jsonl = open(run_dir / METRICS, "w")
+
+    def log(self, step: int, scalars: dict[str, float | None]) -> None:
+        present = {k: v for k, v in scalars.items() if v is not None}
+        for tag, value in present.items():
+            self.tb.add_scalar(tag, value, step)
+        self._jsonl.write(json.dumps(_json_safe({"step": step, **present})) + "\n")
+        self._jsonl.flush()
+
+    def hparams(self, hparams: dict[str, Any], metrics: dict[str, float | None]) -> None:
+        """The run's hyperparameters against its final metrics, for TensorBoard's HParams view.
+
+        Called once, at the end; ``run_name="."`` keeps it in this run's folder rather than a
+        sub-run named by the clock.
+        """
+        clean_h = {
+            k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in hparams.items()
+        }
+        clean_m = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(v)}
+        self.tb.add_hparams(clean_h, clean_m, run_name=".")
+
+    def close(self) -> None:
+        self.tb.close()
+        self._jsonl.close()
+
+
+class NullLogger:
+    """What the ranks other than 0 log: nothing."""
+
+    def log(self, step: int, scalars: dict[str, float | None]) -> None:
+        pass
+
+    def hparams(self, hparams: dict[str, Any], metrics: dict[str, float | None]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

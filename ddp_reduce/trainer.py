@@ -1,0 +1,342 @@
+"""The training loop: one readable step, run by every rank.
+
+A step: every rank takes its slice of the global batch, runs A micro-steps (``no_sync`` around
+forward *and* backward of all but the last), and the reduction layer
+(:mod:`ddp_reduce.reduction`) turns the local gradients into c·G during the last backward. The
+loss that is logged is the all-reduced one, per item (c = 1 units), never rank 0's own.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from ddp_reduce import reduction as R
+from ddp_reduce.config import BatchGeometry, RunConfig, batch_geometry, to_dict
+from ddp_reduce.data import Dataset, GlobalBatchSampler, Split, Task, load_dataset
+from ddp_reduce.distributed import DistContext
+from ddp_reduce.models import build_model, loss_sums
+from ddp_reduce.optim import build_optimizer, build_schedule
+from ddp_reduce.rundir import (
+    SUMMARY,
+    MetricsLogger,
+    NullLogger,
+    save_model,
+    versions,
+    write_config,
+    write_json,
+)
+
+
+@dataclass
+class Prepared:
+    data: Dataset
+    geometry: BatchGeometry
+
+
+def prepare(cfg: RunConfig, world_size: int) -> Prepared:
+    """Load the data and derive the batch geometry; refuses what does not divide or fit."""
+    data = load_dataset(cfg.data)
+    return Prepared(data, batch_geometry(cfg, world_size, len(data.train)))
+
+
+def evaluate(
+    model: nn.Module, task: Task, split: Split, ctx: DistContext
+) -> tuple[float, float | None]:
+    """Per-item loss and accuracy over a whole split, sharded across ranks and all-reduced."""
+    was_training = model.training
+    model.eval()
+    shard = torch.tensor_split(torch.arange(len(split)), ctx.world_size)[ctx.rank]
+    sums = torch.zeros(3, dtype=torch.float64, device=ctx.device)
+    with torch.no_grad():
+        for idx in torch.split(shard, 2048):
+            batch = split.batch(idx)
+            loss, correct = loss_sums(task, model(batch.x), batch)
+            sums[0] += loss
+            sums[1] += correct
+            sums[2] += split.items(idx)
+    dist.all_reduce(sums)
+    model.train(was_training)
+    loss, correct, items = sums.tolist()
+    return loss / items, (None if task is Task.regression else correct / items)
+
+
+@dataclass
+class StepOutcome:
+    """What one step's forward, backward and reduction produced, identical on every rank."""
+
+    loss: float  # all-reduced loss per item of the global batch (c = 1 units)
+    global_items: int
+    scale: R.StepScale  # the optimizer receives scale.c · G
+    grad_norm: torch.Tensor  # |c·G|: what clipping sees
+    local_norm_mean: float  # mean over ranks of |local mean gradient| (pre-reduction)
+    diverged: bool  # a NaN or inf in some rank's loss or in the gradient
+
+
+@dataclass
+class _Window:
+    """Throughput since the last logged step."""
+
+    time_s: float = 0.0
+    items: int = 0
+    steps: int = 0
+
+    def add(self, time_s: float, items: int) -> None:
+        self.time_s, self.items, self.steps = (
+            self.time_s + time_s,
+            self.items + items,
+            self.steps + 1,
+        )
+
+
+@dataclass
+class _Tally:
+    scales: list[float] = field(default_factory=list)
+    exact: bool = True
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, ctx: DistContext, prepared: Prepared | None = None):
+        self.cfg, self.ctx = cfg, ctx
+        prepared = prepared or prepare(cfg, ctx.world_size)
+        self.data, self.geom = prepared.data, prepared.geometry
+        self.train_split = self.data.train.to(ctx.device)
+        self.test_split = self.data.test.to(ctx.device)
+        self.sampler = GlobalBatchSampler(
+            len(self.train_split), self.geom.global_batch_size, cfg.seed, cfg.data.last_batch
+        )
+        torch.manual_seed(cfg.seed)  # the same initial weights for every world size
+        self.model = build_model(cfg.model, self.data, cfg.data.max_len).to(ctx.device)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        device_ids = [ctx.device] if ctx.device.type == "cuda" else None
+        self.ddp = DDP(self.model, device_ids=device_ids)
+        self.reduce_state = R.ReduceState(cfg.reduce.op, ctx.device)
+        if cfg.reduce.impl is R.ReduceImpl.hook:
+            self.ddp.register_comm_hook(self.reduce_state, R.reduce_hook)
+        self.optimizer = build_optimizer(cfg.optim, self.model)
+        self.schedule = build_schedule(cfg.optim, self.optimizer, cfg.train.steps)
+
+    def forward_backward(self, step: int, collect_local: bool) -> StepOutcome:
+        """Step ``step`` (1-based) up to the reduced gradient; the optimizer is not touched."""
+        rc, ctx = self.cfg.reduce, self.ctx
+        micro = self.sampler.micro_batches(
+            step - 1, ctx.rank, ctx.world_size, self.geom.accum_steps
+        )
+        micro_items = [self.train_split.items(idx) for idx in micro]
+        local_items = sum(micro_items)
+        # Every rank's item count of the step. global_mean needs the total before the hook
+        # fires, so it is all-reduced while the first micro-steps compute.
+        counts = torch.zeros(ctx.world_size, dtype=torch.float64, device=ctx.device)
+        counts[ctx.rank] = local_items
+        counts_work = dist.all_reduce(counts, async_op=True)
+        scale = R.loss_scale(rc.loss, local_items)
+        loss_local = torch.zeros((), dtype=torch.float64, device=ctx.device)
+        correct_local = torch.zeros_like(loss_local)
+        for a, idx in enumerate(micro):
+            last = a == len(micro) - 1
+            if last:
+                counts_work.wait()
+                self.reduce_state.start_step(int(counts.sum().item()), collect_local)
+            # DDP reads the sync flag in forward: no_sync must wrap forward *and* backward.
+            sync = last and rc.impl is not R.ReduceImpl.manual
+            with nullcontext() if sync else self.ddp.no_sync():
+                batch = self.train_split.batch(idx)
+                loss_sum, correct = loss_sums(self.data.task, self.ddp(batch.x), batch)
+                objective = loss_sum * scale
+                if self.cfg.optim.l2:
+                    # (l2/2)·|w|² on every item, so the term is scaled with the loss.
+                    l2 = 0.5 * sum(p.pow(2).sum() for p in self.params)
+                    objective = objective + self.cfg.optim.l2 * micro_items[a] * scale * l2
+                objective.backward()
+            loss_local += loss_sum.detach()
+            correct_local += correct
+        if rc.impl is R.ReduceImpl.manual:
+            R.reduce_gradients_manually(self.params, self.reduce_state)
+
+        grad_norm = torch.nn.utils.get_total_norm(
+            [p.grad for p in self.params if p.grad is not None]
+        )
+        local_norm = self.reduce_state.local_sq.sqrt() * R.local_to_mean_factor(
+            rc.loss, local_items
+        )
+        bad = (~torch.isfinite(loss_local)) | (~torch.isfinite(grad_norm))
+        stats = torch.stack([loss_local, correct_local, local_norm, bad.double()])
+        dist.all_reduce(stats)
+        loss_total, _, local_norm_sum, bad_ranks = stats.tolist()
+        all_counts = [int(c) for c in counts.tolist()]
+        global_items = sum(all_counts)
+        return StepOutcome(
+            loss=loss_total / global_items,
+            global_items=global_items,
+            scale=R.step_scale(rc.loss, rc.op, ctx.world_size, all_counts),
+            grad_norm=grad_norm,
+            local_norm_mean=local_norm_sum / ctx.world_size,
+            diverged=bad_ranks > 0,
+        )
+
+    def optimizer_step(self, outcome: StepOutcome) -> None:
+        if self.cfg.optim.clip_norm is not None:
+            torch.nn.utils.clip_grads_with_norm_(
+                self.params, self.cfg.optim.clip_norm, outcome.grad_norm
+            )
+        self.optimizer.step()
+        self.schedule.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def evaluate(self, split: Split) -> tuple[float, float | None]:
+        return evaluate(self.model, self.data.task, split, self.ctx)
+
+    def close(self) -> None:
+        # The DDP reducer holds the process group: release it before the group is destroyed.
+        del self.ddp
+
+
+def train(
+    cfg: RunConfig, run_dir: Path, ctx: DistContext, prepared: Prepared | None = None
+) -> dict[str, Any]:
+    """Train one run; rank 0 writes the run directory. Returns the summary (on every rank)."""
+    start = time.perf_counter()
+    trainer = Trainer(cfg, ctx, prepared)
+    geom, tc = trainer.geom, cfg.train
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_config(run_dir, to_dict(cfg))
+        logger: MetricsLogger | NullLogger = MetricsLogger(run_dir)
+    else:
+        logger = NullLogger()
+    progress = None
+    if ctx.is_main and tc.progress and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        progress = tqdm(total=tc.steps, unit="step", dynamic_ncols=True)
+
+    status, diverged_at, steps_done = "completed", None, 0
+    tally, window = _Tally(), _Window()
+    outcome: StepOutcome | None = None
+    try:
+        for step in range(1, tc.steps + 1):
+            t0 = time.perf_counter()
+            log_now = step % tc.log_every == 0 or step == tc.steps
+            outcome = trainer.forward_backward(step, collect_local=log_now)
+            tally.scales.append(outcome.scale.c)
+            tally.exact = tally.exact and outcome.scale.exact
+            if outcome.diverged:
+                status, diverged_at = "diverged", step
+                break
+            before = torch.cat([p.detach().flatten() for p in trainer.params]) if log_now else None
+            lr = trainer.optimizer.param_groups[0]["lr"]
+            trainer.optimizer_step(outcome)
+            steps_done = step
+            if ctx.device.type == "cuda":
+                torch.cuda.synchronize(ctx.device)
+            window.add(time.perf_counter() - t0, outcome.global_items)
+
+            scalars: dict[str, float | None] = {}
+            if log_now:
+                after = torch.cat([p.detach().flatten() for p in trainer.params])
+                grad_norm = outcome.grad_norm.item()
+                scalars = {
+                    "train/loss": outcome.loss,
+                    "optim/lr": lr,
+                    "grad/global_norm": grad_norm,
+                    "grad/global_norm_c1": grad_norm / outcome.scale.c,
+                    "grad/local_norm_mean": (
+                        None if cfg.reduce.impl is R.ReduceImpl.builtin else outcome.local_norm_mean
+                    ),
+                    "reduce/grad_scale": outcome.scale.c,
+                    "optim/update_to_weight": ((after - before).norm() / after.norm()).item(),
+                    "perf/items_per_s": window.items / window.time_s,
+                    "perf/step_time_s": window.time_s / window.steps,
+                }
+                window = _Window()
+            if tc.eval_every and step % tc.eval_every == 0 and step != tc.steps:
+                eval_loss, eval_acc = trainer.evaluate(trainer.test_split)
+                scalars.update({"eval/loss": eval_loss, "eval/accuracy": eval_acc})
+            if scalars:
+                logger.log(step, scalars)
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(loss=f"{outcome.loss:.4g}")
+
+        train_loss, train_acc = trainer.evaluate(trainer.train_split)
+        eval_loss, eval_acc = trainer.evaluate(trainer.test_split)
+        logger.log(steps_done, {"eval/loss": eval_loss, "eval/accuracy": eval_acc})
+        rc = cfg.reduce
+        summary = {
+            "status": status,
+            "diverged_at_step": diverged_at,
+            "steps_done": steps_done,
+            "steps_planned": tc.steps,
+            "grad_scale": R.nominal_scale(
+                rc.loss, rc.op, geom.world_size, geom.local_batch_size, geom.accum_steps
+            ),
+            "grad_scale_rule": R.scale_rule(rc.loss, rc.op),
+            "grad_scale_range": [min(tally.scales), max(tally.scales)],
+            "grad_scale_exact": tally.exact,
+            "reduce_loss": rc.loss.name,
+            "reduce_op": rc.op.name,
+            "reduce_impl": rc.impl.name,
+            "world_size": geom.world_size,
+            "local_batch_size": geom.local_batch_size,
+            "accum_steps": geom.accum_steps,
+            "global_batch_size": geom.global_batch_size,
+            "train_items": len(trainer.train_split),
+            "final_train_loss": train_loss,
+            "final_train_accuracy": train_acc,
+            "final_eval_loss": eval_loss,
+            "final_eval_accuracy": eval_acc,
+            "last_step_loss": outcome.loss if outcome else None,
+            "wall_time_s": time.perf_counter() - start,
+            "device": str(ctx.device),
+            "backend": ctx.backend,
+            "threads_per_rank": ctx.threads if ctx.device.type == "cpu" else None,
+            "run_dir": str(run_dir),
+            "versions": versions(),
+        }
+        if ctx.is_main:
+            state = {k: v.detach().cpu() for k, v in trainer.model.state_dict().items()}
+            save_model(run_dir, state)
+            final = {
+                "final/train_loss": train_loss,
+                "final/eval_loss": eval_loss,
+                "final/eval_accuracy": eval_acc,
+                "final/diverged": float(status == "diverged"),
+            }
+            logger.hparams(_hparams(cfg, geom, summary), final)
+            write_json(run_dir / SUMMARY, summary)
+        return summary
+    finally:
+        if progress is not None:
+            progress.close()
+        logger.close()
+        trainer.close()
+
+
+def _hparams(cfg: RunConfig, geom: BatchGeometry, summary: dict) -> dict[str, Any]:
+    return {
+        "data": cfg.data.name.name,
+        "model": cfg.model.name.name,
+        "reduce.loss": cfg.reduce.loss.name,
+        "reduce.op": cfg.reduce.op.name,
+        "world_size": geom.world_size,
+        "local_batch_size": geom.local_batch_size,
+        "accum_steps": geom.accum_steps,
+        "global_batch_size": geom.global_batch_size,
+        "grad_scale": summary["grad_scale"],
+        "optim": cfg.optim.name.name,
+        "lr": cfg.optim.lr,
+        "momentum": cfg.optim.momentum,
+        "weight_decay": cfg.optim.weight_decay,
+        "clip_norm": cfg.optim.clip_norm if cfg.optim.clip_norm is not None else 0.0,
+        "seed": cfg.seed,
+        "status": summary["status"],
+    }
