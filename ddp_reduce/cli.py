@@ -30,7 +30,12 @@ def app(cfg: DictConfig) -> float | None:
     try:
         summary = launch_local(to_dict(run_cfg), run_dir, run_cfg.dist.nproc)
     except ChildFailedError as exc:
-        fail(f"a rank failed, see its error above; run directory {run_dir}\n{exc}", code=1)
+        rank, failure = exc.get_first_failure()
+        fail(
+            f"rank {rank} failed with exit code {failure.exitcode} (its error is above); "
+            f"run directory {run_dir}",
+            code=1,
+        )
     print(format_summary(summary), flush=True)
     # What a sweeper minimizes; a diverged run is a result, not a crash.
     return summary["final_eval_loss"] if summary["status"] == "completed" else float("inf")

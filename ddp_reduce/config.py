@@ -259,6 +259,19 @@ class DistConfig:
         )
 
 
+@dataclass
+class FaultConfig:
+    """Faults injected on purpose, to test how a run fails. Off by default."""
+
+    nan_at_step: int | None = None  # poison one rank's loss with NaN at this step (1-based)
+    nan_rank: int = 0
+
+    def __post_init__(self) -> None:
+        if self.nan_at_step is not None:
+            _positive("fault.nan_at_step", self.nan_at_step)
+        require(self.nan_rank >= 0, "fault.nan_rank", self.nan_rank, "a rank >= 0")
+
+
 _MODELS_FOR_DATA = {
     DataName.digits: (ModelName.linear, ModelName.mlp, ModelName.cnn),
     DataName.linear: (ModelName.linear, ModelName.mlp),
@@ -275,6 +288,7 @@ class RunConfig:
     reduce: ReduceConfig = field(default_factory=ReduceConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    fault: FaultConfig = field(default_factory=FaultConfig)
 
     def __post_init__(self) -> None:
         allowed = _MODELS_FOR_DATA[self.data.name]

@@ -73,8 +73,12 @@ def available_cores() -> int:
 
 
 @contextmanager
-def distributed(cfg: DistConfig) -> Iterator[DistContext]:
-    """Initialize the process group, pin the device and the CPU threads; always tear down."""
+def distributed(cfg: DistConfig, init_method: str | None = None) -> Iterator[DistContext]:
+    """Initialize the process group, pin the device and the CPU threads; always tear down.
+
+    ``init_method`` (for example ``file:///tmp/store``) replaces the environment's rendezvous;
+    tests use it to need no ports.
+    """
     if under_launcher():
         rank = int(os.environ["RANK"])
         world = int(os.environ["WORLD_SIZE"])
@@ -92,6 +96,8 @@ def distributed(cfg: DistConfig) -> Iterator[DistContext]:
     timeout = timedelta(seconds=cfg.timeout_s)
     kwargs = {"device_id": device} if device.type == "cuda" else {}
     if under_launcher():
+        if init_method is not None:
+            kwargs.update(init_method=init_method, rank=rank, world_size=world)
         dist.init_process_group(backend, timeout=timeout, **kwargs)
     else:
         dist.init_process_group(

@@ -15,7 +15,7 @@ from typing import Any
 import torch.distributed as dist
 
 from ddp_reduce.config import ConfigError, RunConfig, load_config
-from ddp_reduce.distributed import distributed
+from ddp_reduce.distributed import distributed, resolve_device
 from ddp_reduce.rundir import SUMMARY, read_summary, versions, write_json
 from ddp_reduce.trainer import prepare, train
 
@@ -32,17 +32,20 @@ def check_run_dir(run_dir: Path, overwrite: bool) -> None:
         )
 
 
-def validate(cfg_dict: dict, world_size: int) -> RunConfig:
+def validate(cfg_dict: dict, world_size: int, local_world_size: int | None = None) -> RunConfig:
     """Everything that can be refused before a process group exists."""
     cfg = load_config(cfg_dict)
     prepare(cfg, world_size)
+    resolve_device(cfg.dist, (local_world_size or world_size) - 1)  # enough devices here?
     return cfg
 
 
-def rank_main(cfg_dict: dict, run_dir: str) -> dict[str, Any] | None:
+def rank_main(
+    cfg_dict: dict, run_dir: str, init_method: str | None = None
+) -> dict[str, Any] | None:
     """Entry point of one rank. Returns the summary on rank 0, None elsewhere."""
     cfg = load_config(cfg_dict)
-    with distributed(cfg.dist) as ctx:
+    with distributed(cfg.dist, init_method) as ctx:
         agreed = [run_dir]
         dist.broadcast_object_list(agreed, src=0)
         path = Path(agreed[0])
@@ -114,6 +117,18 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"  TensorBoard:   tensorboard --logdir {s['run_dir']} --host 127.0.0.1",
     ]
     return "\n".join(lines)
+
+
+def error_message(exc: BaseException) -> str:
+    """The exception's message with those of its causes (Hydra keeps OmegaConf's detail there)."""
+    parts, seen = [], set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        text = str(exc).strip()
+        if text and text not in parts:
+            parts.append(text)
+        exc = exc.__cause__ or exc.__context__
+    return "\n".join(parts)
 
 
 def fail(message: str, code: int = 2) -> None:

@@ -14,43 +14,48 @@ from ddp_reduce.config import ModelConfig, ModelName, SeqArch
 from ddp_reduce.data import Batch, Dataset, Task
 
 
-class GlobalBatchNorm(nn.SyncBatchNorm):
-    """SyncBatchNorm that also runs on CPU (gloo): batch statistics over the items of *all* ranks.
+class GlobalBatchNorm(nn.Module):
+    """Batch norm whose training statistics span the items of *all* ranks, on any device.
 
-    PyTorch's kernel serves GPU inputs; on CPU the statistics are all-reduced here with
-    differentiable collectives, so the backward pass sums across ranks too, exactly as one process
-    would over the W·b items.
+    PyTorch's SyncBatchNorm runs on GPUs only (and DDP refuses it on CPU modules), so the
+    statistics are all-reduced here with differentiable collectives: the backward pass then sums
+    across ranks too, exactly as one process would over the W·b items. The state dict has the
+    same keys as ``nn.BatchNorm*d``; evaluation uses the running statistics as usual.
     """
 
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.1):
+        super().__init__()
+        self.eps, self.momentum = eps, momentum
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.register_buffer("running_mean", torch.zeros(num_features))
+        self.register_buffer("running_var", torch.ones(num_features))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (
-            x.is_cuda
-            or not self.training
-            or not dist.is_initialized()
-            or dist.get_world_size() == 1
-        ):
-            return super().forward(x)
-        self._check_input_dim(x)
+        if not self.training:
+            return F.batch_norm(
+                x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+            )
+        synced = dist.is_initialized() and dist.get_world_size() > 1
         dims = [d for d in range(x.dim()) if d != 1]
         shape = [1, -1] + [1] * (x.dim() - 2)
         count = torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype, device=x.device)
         sums = torch.cat([count, x.sum(dims)])
-        sums = dist_fn.all_reduce(sums)
+        if synced:
+            sums = dist_fn.all_reduce(sums)
         n = sums[0]
         mean = sums[1:] / n
         centered = x - mean.view(shape)
-        var = dist_fn.all_reduce(centered.pow(2).sum(dims)) / n
-        if self.track_running_stats:
-            with torch.no_grad():
-                m = self.momentum if self.momentum is not None else 0.1
-                unbiased = var * (n / (n - 1)) if n > 1 else var
-                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
-                self.running_var.mul_(1 - m).add_(unbiased.detach(), alpha=m)
-                self.num_batches_tracked += 1
+        sq = centered.pow(2).sum(dims)
+        var = (dist_fn.all_reduce(sq) if synced else sq) / n
+        with torch.no_grad():
+            unbiased = var * (n / (n - 1)) if n > 1 else var
+            self.running_mean.lerp_(mean.detach(), self.momentum)
+            self.running_var.lerp_(unbiased.detach(), self.momentum)
+            self.num_batches_tracked += 1
         y = centered / torch.sqrt(var + self.eps).view(shape)
-        if self.affine:
-            y = y * self.weight.view(shape) + self.bias.view(shape)
-        return y
+        return y * self.weight.view(shape) + self.bias.view(shape)
 
 
 def _norm_layer(cfg: ModelConfig, features: int, dims: int) -> nn.Module:

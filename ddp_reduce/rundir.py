@@ -102,14 +102,19 @@ class MetricsLogger:
     def hparams(self, hparams: dict[str, Any], metrics: dict[str, float | None]) -> None:
         """The run's hyperparameters against its final metrics, for TensorBoard's HParams view.
 
-        Called once, at the end; ``run_name="."`` keeps it in this run's folder rather than a
-        sub-run named by the clock.
+        Called once, at the end, into this run's own events file (``add_hparams`` would open a
+        second writer, in a sub-run named by the clock unless ``run_name="."``).
         """
-        clean_h = {
-            k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in hparams.items()
-        }
-        clean_m = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(v)}
-        self.tb.add_hparams(clean_h, clean_m, run_name=".")
+        from torch.utils.tensorboard.summary import hparams as hparams_summary
+
+        plain = (int, float, str, bool)
+        h = {k: (v if isinstance(v, plain) else str(v)) for k, v in hparams.items()}
+        m = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(v)}
+        for summary in hparams_summary(h, m):
+            self.tb.file_writer.add_summary(summary)
+        for tag, value in m.items():
+            self.tb.add_scalar(tag, value)
+        self.tb.flush()
 
     def close(self) -> None:
         self.tb.close()

@@ -18,7 +18,14 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
 from ddp_reduce.config import ConfigError, register_schema
-from ddp_reduce.launch import check_run_dir, fail, format_summary, rank_main, validate
+from ddp_reduce.launch import (
+    check_run_dir,
+    error_message,
+    fail,
+    format_summary,
+    rank_main,
+    validate,
+)
 
 
 def compose_config(overrides: list[str]) -> tuple[dict, str]:
@@ -43,11 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     try:
         cfg_dict, run_dir = compose_config(overrides)
-        run_cfg = validate(cfg_dict, world_size)
+        local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        run_cfg = validate(cfg_dict, world_size, local_world_size)
         check_run_dir(run_dir, run_cfg.train.overwrite)
     except (ConfigError, HydraException) as exc:
         if is_main:
-            fail(str(exc))
+            fail(error_message(exc))
         sys.exit(2)
     summary = rank_main(cfg_dict, run_dir)
     if summary is not None:

@@ -152,6 +152,9 @@ class Trainer:
                 batch = self.train_split.batch(idx)
                 loss_sum, correct = loss_sums(self.data.task, self.ddp(batch.x), batch)
                 objective = loss_sum * scale
+                if self._poisoned(step):
+                    objective = objective * float("nan")
+                    loss_sum = loss_sum * float("nan")
                 if self.cfg.optim.l2:
                     # (l2/2)·|w|² on every item, so the term is scaled with the loss.
                     l2 = 0.5 * sum(p.pow(2).sum() for p in self.params)
@@ -182,6 +185,10 @@ class Trainer:
             local_norm_mean=local_norm_sum / ctx.world_size,
             diverged=bad_ranks > 0,
         )
+
+    def _poisoned(self, step: int) -> bool:
+        fault = self.cfg.fault
+        return fault.nan_at_step == step and fault.nan_rank == self.ctx.rank
 
     def optimizer_step(self, outcome: StepOutcome) -> None:
         if self.cfg.optim.clip_norm is not None:

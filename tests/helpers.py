@@ -1,0 +1,75 @@
+"""Test helpers: real multi-process groups (gloo over a FileStore, no ports) and configs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.multiprocessing as mp
+
+from ddp_reduce.config import RunConfig, load_config
+from ddp_reduce.train import compose_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def config_dict(*overrides: str) -> dict:
+    """The composed config, exactly as the launchers see it."""
+    cfg, _ = compose_config(list(overrides))
+    return cfg
+
+
+def config(*overrides: str) -> RunConfig:
+    return load_config(config_dict(*overrides))
+
+
+def _entry(rank: int, fn: Callable, world_size: int, store: str, out: str, args: tuple) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size),
+    )
+    result = fn(f"file://{store}", *args)
+    torch.save(result, os.path.join(out, f"rank{rank}.pt"))
+
+
+def spawn(fn: Callable, world_size: int, tmp_path: Path, *args: Any) -> list[Any]:
+    """Run ``fn(init_method, *args)`` on ``world_size`` ranks; return each rank's result."""
+    out = tmp_path / f"results-{os.urandom(4).hex()}"
+    out.mkdir()
+    store = tmp_path / f"store-{os.urandom(4).hex()}"
+    mp.start_processes(
+        _entry,
+        args=(fn, world_size, str(store), str(out), args),
+        nprocs=world_size,
+        start_method="spawn",
+    )
+    return [torch.load(out / f"rank{r}.pt") for r in range(world_size)]
+
+
+def run_cli(
+    *args: str, timeout: float = 300, env: dict | None = None
+) -> subprocess.CompletedProcess:
+    """Run a command of the project (``ddp-reduce`` or ``torchrun``) as a user would."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        list(args), capture_output=True, text=True, timeout=timeout, cwd=REPO, env=full_env
+    )
+
+
+def ddp_reduce(*overrides: str, **kw: Any) -> subprocess.CompletedProcess:
+    exe = str(Path(sys.executable).parent / "ddp-reduce")
+    return run_cli(exe, *overrides, **kw)
+
+
+def torchrun(nproc: int, *overrides: str, **kw: Any) -> subprocess.CompletedProcess:
+    exe = str(Path(sys.executable).parent / "torchrun")
+    return run_cli(
+        exe, "--standalone", f"--nproc-per-node={nproc}", "-m", "ddp_reduce.train", *overrides, **kw
+    )

@@ -1,0 +1,134 @@
+"""Every config composes; every bad value is refused before training, naming the key."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hydra.errors import HydraException
+
+from ddp_reduce.config import ConfigError
+from ddp_reduce.launch import check_run_dir, error_message, validate
+from tests.helpers import REPO, config_dict, ddp_reduce, torchrun
+
+CONF = REPO / "conf"
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("data", _options("data"))
+@pytest.mark.parametrize("optim", _options("optim"))
+def test_every_data_and_optim_option_composes(data, optim):
+    model = {"digits": "mlp", "linear": "linear", "sequences": "seq"}[data]
+    cfg = validate(config_dict(f"data={data}", f"model={model}", f"optim={optim}"), 2)
+    assert cfg.data.name.name == data and cfg.optim.name.name == optim
+
+
+@pytest.mark.parametrize("model", ["linear", "mlp", "cnn"])
+def test_every_digits_model_composes(model):
+    validate(config_dict(f"model={model}"), 2)
+
+
+@pytest.mark.parametrize("experiment", _options("experiment"))
+def test_every_experiment_composes(experiment):
+    validate(config_dict(f"experiment={experiment}"), 1)
+
+
+BAD = [
+    # (overrides, world size, key named in the message, words of what is allowed)
+    (["reduce.loss=mean", "reduce.op=global_mean"], 2, "reduce.op", "reduce.loss=sum"),
+    (["reduce.impl=builtin", "reduce.op=sum"], 2, "reduce.op", "allowed with builtin"),
+    (["optim.lr=-0.1"], 2, "optim.lr", "positive"),
+    (["optim.lr=0"], 2, "optim.lr", "positive"),
+    (["optim.lr=nan"], 2, "optim.lr", "positive"),
+    (["data.batch_size=0"], 2, "data.batch_size", "positive"),
+    (["data.global_batch_size=63"], 2, "data.global_batch_size", "multiple of"),
+    (["data.global_batch_size=64", "train.accum_steps=3"], 2, "data.global_batch_size", "6"),
+    (["data.batch_size=1000"], 2, "data.batch_size", "at most the 1438 training items"),
+    (["train.accum_steps=0"], 2, "train.accum_steps", "positive"),
+    (["train.steps=0"], 2, "train.steps", "positive"),
+    (["optim.momentum=1.5"], 2, "optim.momentum", "0 <= momentum < 1"),
+    (["optim.nesterov=true", "optim.momentum=0"], 2, "optim.nesterov", "momentum > 0"),
+    (["optim.clip_norm=0"], 2, "optim.clip_norm", "positive"),
+    (["model=cnn", "data=linear"], 2, "model", "one of"),
+    (["model=seq"], 2, "model", "with data=digits"),
+    (["model.sync_bn=true"], 2, "model.sync_bn", "batch_norm=true"),
+    (["dist.nproc=0"], 2, "dist.nproc", "positive"),
+    (["dist.device=cpu", "dist.backend=nccl"], 2, "dist.backend", "gloo"),
+    (
+        ["data.last_batch=keep", "data.batch_size=179", "train.accum_steps=4"],
+        2,
+        "data.last_batch",
+        "fewer than one per rank",
+    ),
+]
+
+
+@pytest.mark.parametrize("overrides,world,key,allowed", BAD, ids=[" ".join(b[0]) for b in BAD])
+def test_bad_values_are_refused_with_key_and_allowed(overrides, world, key, allowed):
+    with pytest.raises(ConfigError) as err:
+        validate(config_dict(*overrides), world)
+    assert err.value.key == key
+    assert allowed in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "overrides,words",
+    [
+        (["reduce.op=median"], ["reduce.op", "sum, mean, global_mean"]),
+        (["reduce.loss=avg"], ["reduce.loss", "sum, mean"]),
+        (["optim.lr=fast"], ["optim.lr", "fast"]),
+        (["data=imagenet"], ["data", "imagenet", "digits"]),
+        (["optim.typo=1"], ["typo"]),
+    ],
+)
+def test_unknown_choices_and_types_are_refused_at_composition(overrides, words):
+    with pytest.raises(HydraException) as err:
+        config_dict(*overrides)
+    for w in words:
+        assert w in error_message(err.value)
+
+
+def test_completed_run_is_not_overwritten(tmp_path):
+    (tmp_path / "summary.json").write_text(json.dumps({"status": "completed"}))
+    with pytest.raises(ConfigError, match="train.overwrite=true"):
+        check_run_dir(tmp_path, overwrite=False)
+    check_run_dir(tmp_path, overwrite=True)
+    (tmp_path / "summary.json").write_text(json.dumps({"status": "failed"}))
+    check_run_dir(tmp_path, overwrite=False)
+
+
+def _refused(proc, run: Path, *words: str) -> None:
+    assert proc.returncode != 0, proc.stdout
+    for w in words:
+        assert w in proc.stderr, proc.stderr
+    assert not (run / "summary.json").exists()
+    assert not (run / "model.pt").exists()
+
+
+@pytest.mark.parametrize(
+    "overrides,words",
+    [
+        (
+            ["reduce.loss=mean", "reduce.op=global_mean"],
+            ["reduce.op=global_mean", "reduce.loss=sum"],
+        ),
+        (["data.global_batch_size=63"], ["data.global_batch_size=63", "multiple of"]),
+        (["reduce.op=median"], ["reduce.op", "global_mean"]),
+        (["dist.device=cuda"], ["dist.device"]),
+    ],
+)
+def test_ddp_reduce_refuses_bad_input_with_nonzero_exit(tmp_path, overrides, words):
+    run = tmp_path / "run"
+    proc = ddp_reduce(*overrides, f"hydra.run.dir={run}")
+    _refused(proc, run, *words)
+
+
+def test_torchrun_refuses_a_batch_the_world_size_does_not_divide(tmp_path):
+    run = tmp_path / "run"
+    proc = torchrun(2, "data.global_batch_size=63", f"hydra.run.dir={run}")
+    _refused(proc, run, "data.global_batch_size=63", "multiple of world size")
+    assert proc.stderr.count("ddp-reduce: error") == 1  # said once, by rank 0

@@ -1,0 +1,184 @@
+"""The optimizer receives c·G: checked in a real process group against one process.
+
+G is computed here, in one process, on the same global batch: the mean over all of its items of
+the per-item loss gradient. The ranks compute their gradients and reduce them through the DDP
+communication hook (and the manual reference); the received gradient must equal c·G with c from
+DESIGN §1's table (relative tolerance 1e-5).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ddp_reduce.config import load_config
+from ddp_reduce.data import GlobalBatchSampler, load_dataset
+from ddp_reduce.distributed import distributed
+from ddp_reduce.models import build_model, loss_sums
+from ddp_reduce.trainer import Trainer
+from tests.helpers import config_dict, spawn
+
+W, B, A = 2, 8, 2
+N = W * B * A
+RTOL = 1e-5
+
+PAIRS = [
+    ("mean", "mean", 1),
+    ("mean", "sum", W),
+    ("sum", "mean", B * A),
+    ("sum", "sum", N),
+    ("sum", "global_mean", 1),
+]
+
+
+def received_gradients(init_method: str, cfg_dicts: list[dict]) -> list[dict]:
+    """On every rank: for each config, the flat gradient the optimizer receives at step 1."""
+    out = []
+    with distributed(load_config(cfg_dicts[0]).dist, init_method) as ctx:
+        for cfg_dict in cfg_dicts:
+            trainer = Trainer(load_config(cfg_dict), ctx)
+            step = trainer.forward_backward(1, collect_local=True)
+            flat = torch.cat([p.grad.flatten() for p in trainer.params])
+            micro = trainer.sampler.micro_batches(
+                0, ctx.rank, ctx.world_size, trainer.geom.accum_steps
+            )
+            items = sum(trainer.train_split.items(idx) for idx in micro)
+            out.append({"grad": flat, "c": step.scale.c, "exact": step.scale.exact, "items": items})
+            trainer.close()
+    return out
+
+
+def reference_gradient(cfg_dict: dict) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """G = (1/N)·Σ g_i over the global batch of step 1, in one process; and per-rank slices."""
+    cfg = load_config(cfg_dict)
+    data = load_dataset(cfg.data)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, data, cfg.data.max_len)
+    n = W * cfg.data.batch_size * cfg.train.accum_steps
+    sampler = GlobalBatchSampler(len(data.train), n, cfg.seed, cfg.data.last_batch)
+    idx = sampler.global_batch(0)
+    batch = data.train.batch(idx)
+    loss, _ = loss_sums(data.task, model(batch.x), batch)
+    (loss / data.train.items(idx)).backward()
+    g = torch.cat([p.grad.flatten() for p in model.parameters()])
+    # each rank's local mean gradient, for the mean-of-means prediction
+    locals_ = []
+    for share in torch.tensor_split(idx, W):
+        model.zero_grad()
+        b = data.train.batch(share)
+        loss, _ = loss_sums(data.task, model(b.x), b)
+        (loss / data.train.items(share)).backward()
+        locals_.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    return g, locals_
+
+
+def _cfg(data: str, loss: str, op: str, impl: str = "hook", **extra: str) -> dict:
+    model = {"digits": "mlp", "sequences": "seq", "linear": "linear"}[data]
+    overrides = [
+        f"data={data}",
+        f"model={model}",
+        f"data.batch_size={B if data != 'sequences' else 2}",
+        f"train.accum_steps={A}",
+        f"reduce.loss={loss}",
+        f"reduce.op={op}",
+        f"reduce.impl={impl}",
+    ] + [f"{k}={v}" for k, v in extra.items()]
+    return config_dict(*overrides)
+
+
+def _assert_close(received: torch.Tensor, expected: torch.Tensor) -> None:
+    err = (received - expected).norm() / expected.norm()
+    assert err < RTOL, f"relative error {err:.2e} >= {RTOL}"
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """One process group for every case (a spawn costs seconds)."""
+    cases = []
+    for impl in ("hook", "manual"):
+        for loss, op, c in PAIRS:
+            cases.append((("digits", loss, op, impl), c))
+    cases.append((("digits", "mean", "mean", "builtin"), 1))
+    cases.append((("digits", "sum", "mean", "builtin"), B * A))
+    for loss, op in [("sum", "global_mean"), ("mean", "mean"), ("sum", "sum"), ("mean", "sum")]:
+        cases.append((("sequences", loss, op, "hook"), None))
+    ragged = {"data.min_len": "2", "data.max_len": "32"}
+    cfgs = [_cfg(*key, **(ragged if key[0] == "sequences" else {})) for key, _ in cases]
+    bn = {"model.batch_norm": "true", "train.accum_steps": "1"}
+    for sync in ("true", "false"):
+        cases.append((("digits-bn", sync), 1))
+        cfgs.append(_cfg("digits", "mean", "mean", **bn, **{"model.sync_bn": sync}))
+    per_rank = spawn(received_gradients, W, tmp_path_factory.mktemp("grads"), cfgs)
+    return {
+        key: (c, cfg, [r[i] for r in per_rank])
+        for i, ((key, c), cfg) in enumerate(zip(cases, cfgs, strict=True))
+    }
+
+
+@pytest.mark.parametrize("impl", ["hook", "manual"])
+@pytest.mark.parametrize("loss,op,c", PAIRS)
+def test_received_gradient_is_c_times_G(results, loss, op, c, impl):
+    c_expected, cfg, ranks = results[("digits", loss, op, impl)]
+    g, _ = reference_gradient(cfg)
+    for r in ranks:
+        assert r["c"] == c_expected == c
+        assert r["exact"]
+        _assert_close(r["grad"], c * g)
+    # every rank holds the same reduced gradient
+    assert torch.equal(ranks[0]["grad"], ranks[1]["grad"])
+
+
+@pytest.mark.parametrize("loss,c", [("mean", 1), ("sum", B * A)])
+def test_builtin_ddp_mean_is_the_same_arithmetic(results, loss, c):
+    _, cfg, ranks = results[("digits", loss, "mean", "builtin")]
+    g, _ = reference_gradient(cfg)
+    for r in ranks:
+        _assert_close(r["grad"], c * g)
+
+
+def test_ragged_global_mean_equals_single_process_token_mean(results):
+    _, cfg, ranks = results[("sequences", "sum", "global_mean", "hook")]
+    counts = [r["items"] for r in ranks]
+    assert counts[0] != counts[1], "the constructed case must give ranks unequal token counts"
+    g, _ = reference_gradient(cfg)
+    for r in ranks:
+        assert r["c"] == 1 and r["exact"]
+        _assert_close(r["grad"], g)
+
+
+def test_ragged_sum_modes_follow_actual_counts(results):
+    _, cfg, ranks = results[("sequences", "sum", "sum", "hook")]
+    n_tokens = sum(r["items"] for r in ranks)
+    g, _ = reference_gradient(cfg)
+    _assert_close(ranks[0]["grad"], n_tokens * g)
+    assert ranks[0]["c"] == n_tokens
+
+
+def test_ragged_mean_of_means_is_biased(results):
+    _, cfg, ranks = results[("sequences", "mean", "mean", "hook")]
+    g, local_means = reference_gradient(cfg)
+    received = ranks[0]["grad"]
+    assert not ranks[0]["exact"]
+    # It is exactly the unweighted mean of the ranks' own means ...
+    _assert_close(received, sum(local_means) / W)
+    # ... which measurably differs from the true per-token mean G.
+    bias = ((received - g).norm() / g.norm()).item()
+    assert bias > 1e-2, f"mean of means should differ from G on this case, got {bias:.2e}"
+    _, _, sum_ranks = results[("sequences", "mean", "sum", "hook")]
+    _assert_close(sum_ranks[0]["grad"], sum(local_means))
+
+
+def test_sync_batch_norm_matches_one_process_batch_norm(results):
+    """DDP(W, b) with statistics over all ranks is one process with batch W·b (DESIGN §2)."""
+    _, cfg, ranks = results[("digits-bn", "true")]
+    reference = dict(cfg, model=dict(cfg["model"], sync_bn=False))
+    g, _ = reference_gradient(reference)
+    for r in ranks:
+        _assert_close(r["grad"], g)
+
+
+def test_per_rank_batch_norm_differs_from_one_process(results):
+    _, cfg, ranks = results[("digits-bn", "false")]
+    g, _ = reference_gradient(cfg)
+    diff = ((ranks[0]["grad"] - g).norm() / g.norm()).item()
+    assert diff > 1e-3, f"per-rank statistics should change the gradient, got {diff:.2e}"

@@ -1,0 +1,64 @@
+"""The arithmetic of DESIGN §1, checked against the table written out by hand."""
+
+import pytest
+
+from ddp_reduce.reduction import (
+    LossReduction as L,
+)
+from ddp_reduce.reduction import (
+    ReduceImpl,
+    check_combination,
+    loss_scale,
+    nominal_scale,
+    reduce_divisor,
+    step_scale,
+)
+from ddp_reduce.reduction import (
+    ReduceOp as O,
+)
+
+W, B, A = 4, 8, 3
+N = W * B * A
+
+
+@pytest.mark.parametrize(
+    "loss,op,c",
+    [
+        (L.mean, O.mean, 1),
+        (L.mean, O.sum, W),
+        (L.sum, O.mean, B * A),
+        (L.sum, O.sum, N),
+        (L.sum, O.global_mean, 1),
+    ],
+)
+def test_nominal_scale_matches_design_table(loss, op, c):
+    assert nominal_scale(loss, op, W, B, A) == c
+
+
+def test_unequal_counts():
+    counts = [10, 30]
+    # sum-loss modes stay exact; their c follows the actual counts
+    assert step_scale(L.sum, O.sum, 2, counts).c == 40
+    assert step_scale(L.sum, O.mean, 2, counts).c == 20
+    assert step_scale(L.sum, O.global_mean, 2, counts).c == 1
+    assert all(step_scale(L.sum, op, 2, counts).exact for op in O)
+    # a mean of means has no exact c
+    assert not step_scale(L.mean, O.mean, 2, counts).exact
+    assert not step_scale(L.mean, O.sum, 2, counts).exact
+    assert step_scale(L.mean, O.mean, 2, [20, 20]).exact
+
+
+def test_refused_combinations():
+    assert check_combination(L.mean, O.global_mean, ReduceImpl.hook) is not None
+    assert check_combination(L.sum, O.sum, ReduceImpl.builtin) is not None
+    assert check_combination(L.sum, O.mean, ReduceImpl.builtin) is None
+    assert check_combination(L.sum, O.global_mean, ReduceImpl.manual) is None
+
+
+def test_divisors_and_loss_scale():
+    assert reduce_divisor(O.sum, 4, 100) == 1
+    assert reduce_divisor(O.mean, 4, 100) == 4
+    assert reduce_divisor(O.global_mean, 4, 100) == 100
+    assert loss_scale(L.sum, 17) == 1
+    assert loss_scale(L.mean, 16) == 1 / 16
+    assert loss_scale(L.mean, 0) == 0
