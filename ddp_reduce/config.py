@@ -230,9 +230,13 @@ class TrainConfig:
     log_every: int = 10  # steps between logged metrics
     overwrite: bool = False  # allow a run directory that already holds a completed run
     progress: bool = True  # progress bar on rank 0 when attached to a terminal
+    checkpoint_every: int = 0  # steps between checkpoints (0: none); a restart resumes from one
+    keep_checkpoints: int = 2  # newest checkpoints kept (older ones are the fallback if corrupt)
 
     def __post_init__(self) -> None:
         _positive("train.steps", self.steps)
+        _non_negative("train.checkpoint_every", self.checkpoint_every)
+        _positive("train.keep_checkpoints", self.keep_checkpoints)
         _positive("train.accum_steps", self.accum_steps)
         _non_negative("train.eval_every", self.eval_every)
         _positive("train.log_every", self.log_every)
@@ -245,9 +249,11 @@ class DistConfig:
     backend: Backend = Backend.auto  # auto: nccl on cuda, gloo on cpu
     timeout_s: float = 300.0  # collective timeout: how long a rank waits for a lost peer
     threads_per_rank: int | None = None  # cpu: default cores / local ranks
+    max_restarts: int = 0  # ddp-reduce: restarts of all ranks after a failure (torchrun: its flag)
 
     def __post_init__(self) -> None:
         _positive("dist.nproc", self.nproc)
+        _non_negative("dist.max_restarts", self.max_restarts)
         _positive("dist.timeout_s", self.timeout_s)
         if self.threads_per_rank is not None:
             _positive("dist.threads_per_rank", self.threads_per_rank)
@@ -265,11 +271,17 @@ class FaultConfig:
 
     nan_at_step: int | None = None  # poison one rank's loss with NaN at this step (1-based)
     nan_rank: int = 0
+    # Kill one rank (SIGKILL) at the start of this step, in the first attempt only (a restarted
+    # run, TORCHELASTIC_RESTART_COUNT > 0, goes on).
+    crash_at_step: int | None = None
+    crash_rank: int = 0
 
     def __post_init__(self) -> None:
-        if self.nan_at_step is not None:
-            _positive("fault.nan_at_step", self.nan_at_step)
-        require(self.nan_rank >= 0, "fault.nan_rank", self.nan_rank, "a rank >= 0")
+        for key in ("nan_at_step", "crash_at_step"):
+            if getattr(self, key) is not None:
+                _positive(f"fault.{key}", getattr(self, key))
+        for key in ("nan_rank", "crash_rank"):
+            require(getattr(self, key) >= 0, f"fault.{key}", getattr(self, key), "a rank >= 0")
 
 
 _MODELS_FOR_DATA = {

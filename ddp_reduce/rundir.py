@@ -71,6 +71,16 @@ def read_summary(run_dir: Path) -> dict | None:
     return json.loads(path.read_text())
 
 
+def clear_results(run_dir: Path) -> None:
+    """Remove a previous run's results (asked for with train.overwrite=true)."""
+    import shutil
+
+    for name in (SUMMARY, MODEL, METRICS):
+        (run_dir / name).unlink(missing_ok=True)
+    for folder in (TB_DIR, "checkpoints"):
+        shutil.rmtree(run_dir / folder, ignore_errors=True)
+
+
 def versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for dist_name in ("ddp-reduce", "torch", "hydra-core", "omegaconf", "tensorboard", "numpy"):
@@ -85,12 +95,20 @@ def versions() -> dict[str, str]:
 class MetricsLogger:
     """Rank 0's metrics: TensorBoard events and a machine-readable copy, one JSON object a line."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, resume_step: int = 0):
+        """A resumed run (from ``resume_step``) drops what the lost attempt logged after it."""
         from torch.utils.tensorboard import SummaryWriter
 
         self.run_dir = run_dir
-        self.tb = SummaryWriter(log_dir=str(run_dir / TB_DIR))
-        self._jsonl = open(run_dir / METRICS, "w")
+        path = run_dir / METRICS
+        kept = []
+        if resume_step and path.exists():
+            lines = path.read_text().splitlines()
+            kept = [x for x in lines if x.strip() and json.loads(x)["step"] <= resume_step]
+        self._jsonl = open(path, "w")
+        self._jsonl.writelines(x + "\n" for x in kept)
+        purge = {"purge_step": resume_step + 1} if resume_step else {}
+        self.tb = SummaryWriter(log_dir=str(run_dir / TB_DIR), **purge)
 
     def log(self, step: int, scalars: dict[str, float | None]) -> None:
         present = {k: v for k, v in scalars.items() if v is not None}

@@ -8,6 +8,8 @@ loss that is logged is the all-reduced one, per item (c = 1 units), never rank 0
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -20,6 +22,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from ddp_reduce import checkpoint
 from ddp_reduce import reduction as R
 from ddp_reduce.config import BatchGeometry, RunConfig, batch_geometry, to_dict
 from ddp_reduce.data import Dataset, GlobalBatchSampler, Split, Task, load_dataset
@@ -30,6 +33,8 @@ from ddp_reduce.rundir import (
     SUMMARY,
     MetricsLogger,
     NullLogger,
+    clear_results,
+    read_summary,
     save_model,
     versions,
     write_config,
@@ -186,6 +191,39 @@ class Trainer:
             diverged=bad_ranks > 0,
         )
 
+    def checkpoint_state(self, step: int, tally: _Tally) -> dict[str, Any]:
+        """Everything a resumed run needs; a collective (every rank's RNG state is gathered)."""
+        rng = {"cpu": torch.get_rng_state()}
+        if self.ctx.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.ctx.device)
+        every_rng: list[Any] = [None] * self.ctx.world_size
+        dist.all_gather_object(every_rng, rng)
+        return {
+            "step": step,
+            "config": to_dict(self.cfg),
+            "global_batch_size": self.geom.global_batch_size,
+            "world_size": self.ctx.world_size,
+            "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "rng": every_rng,
+            "tally": {"min": min(tally.scales), "max": max(tally.scales), "exact": tally.exact},
+        }
+
+    def restore(self, state: dict[str, Any], tally: _Tally) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        # Same world size: each rank gets its own RNG back; otherwise rank 0's, for all.
+        rngs = state["rng"]
+        rng = rngs[self.ctx.rank] if len(rngs) == self.ctx.world_size else rngs[0]
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and self.ctx.device.type == "cuda":
+            torch.cuda.set_rng_state(rng["cuda"], self.ctx.device)
+        t = state["tally"]
+        tally.scales.extend([t["min"], t["max"]])
+        tally.exact = t["exact"]
+
     def _poisoned(self, step: int) -> bool:
         fault = self.cfg.fault
         return fault.nan_at_step == step and fault.nan_rank == self.ctx.rank
@@ -215,22 +253,28 @@ def train(
     trainer = Trainer(cfg, ctx, prepared)
     geom, tc = trainer.geom, cfg.train
     if ctx.is_main:
+        previous = read_summary(run_dir)
+        if tc.overwrite and previous and previous.get("status") == "completed":
+            clear_results(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         write_config(run_dir, to_dict(cfg))
-        logger: MetricsLogger | NullLogger = MetricsLogger(run_dir)
-    else:
-        logger = NullLogger()
+    status, diverged_at = "completed", None
+    tally, window = _Tally(), _Window()
+    resumed_from = _resume(trainer, run_dir, tally)
+    steps_done = resumed_from or 0
     progress = None
     if ctx.is_main and tc.progress and sys.stderr.isatty():
         from tqdm import tqdm
 
-        progress = tqdm(total=tc.steps, unit="step", dynamic_ncols=True)
-
-    status, diverged_at, steps_done = "completed", None, 0
-    tally, window = _Tally(), _Window()
+        progress = tqdm(total=tc.steps, initial=steps_done, unit="step", dynamic_ncols=True)
+    if ctx.is_main:
+        logger: MetricsLogger | NullLogger = MetricsLogger(run_dir, resume_step=steps_done)
+    else:
+        logger = NullLogger()
     outcome: StepOutcome | None = None
     try:
-        for step in range(1, tc.steps + 1):
+        for step in range(steps_done + 1, tc.steps + 1):
+            _maybe_crash(cfg, ctx, step)
             t0 = time.perf_counter()
             log_now = step % tc.log_every == 0 or step == tc.steps
             outcome = trainer.forward_backward(step, collect_local=log_now)
@@ -270,6 +314,10 @@ def train(
                 scalars.update({"eval/loss": eval_loss, "eval/accuracy": eval_acc})
             if scalars:
                 logger.log(step, scalars)
+            if tc.checkpoint_every and step % tc.checkpoint_every == 0:
+                state = trainer.checkpoint_state(step, tally)
+                if ctx.is_main:
+                    checkpoint.save(run_dir, state, tc.keep_checkpoints)
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(loss=f"{outcome.loss:.4g}")
@@ -283,6 +331,7 @@ def train(
             "diverged_at_step": diverged_at,
             "steps_done": steps_done,
             "steps_planned": tc.steps,
+            "resumed_from_step": resumed_from,
             "grad_scale": R.nominal_scale(
                 rc.loss, rc.op, geom.world_size, geom.local_batch_size, geom.accum_steps
             ),
@@ -326,6 +375,47 @@ def train(
             progress.close()
         logger.close()
         trainer.close()
+
+
+def _resume(trainer: Trainer, run_dir: Path, tally: _Tally) -> int | None:
+    """Restore the newest valid checkpoint of this run, if any; returns its step.
+
+    Rank 0 reads and verifies it (weights only) and broadcasts it, so the other ranks, on other
+    nodes too, need no shared file system.
+    """
+    ctx = trainer.ctx
+    found: list[Any] = [None]
+    if ctx.is_main:
+        try:
+            latest = checkpoint.load_latest(run_dir)
+            if latest is not None:
+                checkpoint.check_compatible(
+                    latest.state, to_dict(trainer.cfg), trainer.geom.global_batch_size
+                )
+                print(
+                    f"ddp-reduce: resuming from {latest.path} (step {latest.state['step']})",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                found[0] = latest.state
+        except checkpoint.CheckpointError as exc:
+            found[0] = exc
+    dist.broadcast_object_list(found, src=0)
+    if isinstance(found[0], checkpoint.CheckpointError):
+        raise found[0]
+    if found[0] is None:
+        return None
+    trainer.restore(found[0], tally)
+    return found[0]["step"]
+
+
+def _maybe_crash(cfg: RunConfig, ctx: DistContext, step: int) -> None:
+    """fault.crash_*: kill this rank as an outside fault would, in the first attempt only."""
+    fault = cfg.fault
+    first_attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0
+    if fault.crash_at_step == step and fault.crash_rank == ctx.rank and first_attempt:
+        print(f"ddp-reduce: fault injected: killing rank {ctx.rank} at step {step}", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _hparams(cfg: RunConfig, geom: BatchGeometry, summary: dict) -> dict[str, Any]:

@@ -68,8 +68,9 @@ def ddp_reduce(*overrides: str, **kw: Any) -> subprocess.CompletedProcess:
     return run_cli(exe, *overrides, **kw)
 
 
-def torchrun(nproc: int, *overrides: str, **kw: Any) -> subprocess.CompletedProcess:
+def torchrun(
+    nproc: int, *overrides: str, extra_args: tuple[str, ...] = (), **kw: Any
+) -> subprocess.CompletedProcess:
     exe = str(Path(sys.executable).parent / "torchrun")
-    return run_cli(
-        exe, "--standalone", f"--nproc-per-node={nproc}", "-m", "ddp_reduce.train", *overrides, **kw
-    )
+    launcher = [exe, "--standalone", f"--nproc-per-node={nproc}", *extra_args]
+    return run_cli(*launcher, "-m", "ddp_reduce.train", *overrides, **kw)

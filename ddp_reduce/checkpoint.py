@@ -1,0 +1,171 @@
+"""Checkpoints: written atomically by rank 0, verified on resume, never silently skipped.
+
+A checkpoint holds what makes a resumed run bitwise equal to an uninterrupted one: the model, the
+optimizer and schedule state, every rank's RNG state, the step (the sampler is a function of
+(seed, step), so the step is its position) and the config it came from. ``manifest.json`` lists
+the checkpoints with their SHA-256; it is rewritten (atomically) only after a checkpoint file is
+complete, so a file not in the manifest, or not matching its digest, is never trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ddp_reduce.rundir import atomic_write, write_json
+
+DIR = "checkpoints"
+MANIFEST = "manifest.json"
+FORMAT = 1
+
+# Keys that may differ between the run that wrote a checkpoint and the one resuming from it:
+# how the run is spread and observed, not what it computes. The global batch N is compared
+# separately, so W, b and A may change as long as N does not.
+MAY_DIFFER = (
+    "dist.",
+    "fault.",
+    "train.steps",
+    "train.eval_every",
+    "train.log_every",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.overwrite",
+    "train.progress",
+    "data.batch_size",
+    "data.global_batch_size",
+    "train.accum_steps",
+)
+
+
+class CheckpointError(RuntimeError):
+    """No checkpoint can be trusted, or the one found belongs to another config."""
+
+
+@dataclass
+class Found:
+    path: Path
+    state: dict[str, Any]
+    skipped: list[str]  # the newer checkpoints that were corrupt, and why
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+    a, b = _flatten(saved), _flatten(current)
+    diffs = []
+    for key in sorted(set(a) | set(b)):
+        if key.startswith(MAY_DIFFER):
+            continue
+        if a.get(key) != b.get(key):
+            diffs.append(f"{key}={a.get(key)!r} in the checkpoint, {b.get(key)!r} now")
+    return diffs
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _read_manifest(folder: Path) -> list[dict]:
+    path = folder / MANIFEST
+    if not path.exists():
+        return []
+    try:
+        entries = json.loads(path.read_text())["checkpoints"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(
+            f"{path} is unreadable ({exc}); refusing to start over from step 0. Remove the "
+            f"folder {folder} to start the run again."
+        ) from exc
+    return sorted(entries, key=lambda e: e["step"])
+
+
+def save(run_dir: Path, state: dict[str, Any], keep: int) -> Path:
+    """Write ``state`` as the checkpoint of ``state['step']``; keep the newest ``keep``."""
+    folder = run_dir / DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"step_{state['step']:08d}.pt"
+    digest: dict[str, str] = {}
+
+    def write(tmp: Path) -> None:
+        torch.save({"format": FORMAT, **state}, tmp)
+        digest["sha256"] = _sha256(tmp)
+
+    atomic_write(path, write)
+    entries = [e for e in _read_manifest(folder) if e["step"] != state["step"]]
+    entries.append({"file": path.name, "step": state["step"], "sha256": digest["sha256"]})
+    entries.sort(key=lambda e: e["step"])
+    stale, entries = entries[:-keep], entries[-keep:]
+    write_json(folder / MANIFEST, {"checkpoints": entries})
+    for e in stale:
+        (folder / e["file"]).unlink(missing_ok=True)
+    return path
+
+
+def _load_verified(folder: Path, entry: dict) -> dict[str, Any]:
+    path = folder / entry["file"]
+    if not path.exists():
+        raise CheckpointError(f"{path.name} is missing")
+    if _sha256(path) != entry["sha256"]:
+        raise CheckpointError(f"{path.name} does not match its SHA-256 (truncated or corrupt)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a file that matches its digest but does not load
+        raise CheckpointError(f"{path.name} does not load: {exc}") from exc
+    if state.get("format") != FORMAT or state.get("step") != entry["step"]:
+        raise CheckpointError(f"{path.name} is not a checkpoint of this format and step")
+    return state
+
+
+def load_latest(run_dir: Path) -> Found | None:
+    """The newest valid checkpoint, falling back past corrupt ones; None if there are none."""
+    folder = run_dir / DIR
+    entries = _read_manifest(folder)
+    if not entries:
+        if folder.exists() and any(folder.glob("step_*.pt")):
+            raise CheckpointError(
+                f"{folder} holds checkpoint files but no {MANIFEST}; refusing to start over "
+                "from step 0. Remove the folder to start the run again."
+            )
+        return None
+    skipped = []
+    for entry in reversed(entries):
+        try:
+            return Found(folder / entry["file"], _load_verified(folder, entry), skipped)
+        except CheckpointError as exc:
+            skipped.append(str(exc))
+            print(f"ddp-reduce: warning: {exc}; trying an older checkpoint", file=sys.stderr)
+    raise CheckpointError(
+        f"no valid checkpoint in {folder} ({'; '.join(skipped)}); refusing to start over from "
+        "step 0. Remove the folder to start the run again."
+    )
+
+
+def check_compatible(state: dict[str, Any], cfg_dict: dict, global_batch_size: int) -> None:
+    diffs = config_differences(state["config"], cfg_dict)
+    if state["global_batch_size"] != global_batch_size:
+        diffs.insert(
+            0,
+            f"global batch N={state['global_batch_size']} in the checkpoint, "
+            f"{global_batch_size} now",
+        )
+    if diffs:
+        raise CheckpointError("the checkpoint was written by another config: " + "; ".join(diffs))
