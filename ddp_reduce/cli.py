@@ -28,7 +28,9 @@ def app(cfg: DictConfig) -> float | None:
     except ConfigError as exc:
         fail(str(exc))
     try:
-        summary = launch_local(to_dict(run_cfg), run_dir, run_cfg.dist.nproc)
+        summary = launch_local(
+            to_dict(run_cfg), run_dir, run_cfg.dist.nproc, run_cfg.dist.max_restarts
+        )
     except ChildFailedError as exc:
         rank, failure = exc.get_first_failure()
         fail(

@@ -6,6 +6,7 @@ rank 0 under torchrun, which broadcasts it, so the ranks never each make one fro
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 import uuid
@@ -67,7 +68,7 @@ def rank_main(
     return summary if ctx.is_main else None
 
 
-def launch_local(cfg_dict: dict, run_dir: str, nproc: int) -> dict[str, Any]:
+def launch_local(cfg_dict: dict, run_dir: str, nproc: int, max_restarts: int = 0) -> dict[str, Any]:
     """Start ``nproc`` ranks on this machine and return rank 0's summary.
 
     One rank runs in this process. More go through PyTorch's elastic launcher, the one torchrun
@@ -79,6 +80,8 @@ def launch_local(cfg_dict: dict, run_dir: str, nproc: int) -> dict[str, Any]:
         return summary
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
+    # gloo restarts hang or fail to connect without it (pytorch/pytorch#135712)
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     config = LaunchConfig(
         min_nodes=1,
         max_nodes=1,
@@ -86,7 +89,7 @@ def launch_local(cfg_dict: dict, run_dir: str, nproc: int) -> dict[str, Any]:
         run_id=str(uuid.uuid4()),
         rdzv_backend="c10d",
         rdzv_endpoint="127.0.0.1:0",
-        max_restarts=0,
+        max_restarts=max_restarts,
         monitor_interval=0.1,
         start_method="spawn",
     )

@@ -92,11 +92,47 @@ def versions() -> dict[str, str]:
     return out
 
 
+# Metrics that TensorBoard's custom-scalars dashboard groups across the runs of a sweep.
+GROUPED = {
+    "train/loss": "train_loss",
+    "eval/loss": "eval_loss",
+    "eval/accuracy": "eval_accuracy",
+    "grad/global_norm_c1": "grad_norm_c1",
+}
+
+
+def custom_scalars_layout(mode: str, global_batch: int) -> dict:
+    """Charts of this run's group: one per reduce mode and one per global batch, per metric.
+
+    TensorBoard merges the categories of all runs by title, so in a sweep each chart gathers
+    every run of its reduce mode (or of its global batch).
+    """
+    layout: dict = {}
+    for tag, short in GROUPED.items():
+        by_mode = {mode: ["Multiline", [rf"^grouped/{short}/{mode}/"]]}
+        by_batch = {
+            f"N={global_batch}": ["Multiline", [rf"^grouped/{short}/[^/]+/N{global_batch}$"]]
+        }
+        layout[f"{tag} by reduce mode (loss-op)"] = by_mode
+        layout[f"{tag} by global batch"] = by_batch
+    return layout
+
+
 class MetricsLogger:
     """Rank 0's metrics: TensorBoard events and a machine-readable copy, one JSON object a line."""
 
-    def __init__(self, run_dir: Path, resume_step: int = 0):
-        """A resumed run (from ``resume_step``) drops what the lost attempt logged after it."""
+    def __init__(
+        self,
+        run_dir: Path,
+        resume_step: int = 0,
+        mode: str | None = None,
+        global_batch: int | None = None,
+    ):
+        """A resumed run (from ``resume_step``) drops what the lost attempt logged after it.
+
+        ``mode`` ("loss-op", e.g. "sum-mean") and ``global_batch`` name this run's group in the
+        custom-scalars dashboard.
+        """
         from torch.utils.tensorboard import SummaryWriter
 
         self.run_dir = run_dir
@@ -109,11 +145,17 @@ class MetricsLogger:
         self._jsonl.writelines(x + "\n" for x in kept)
         purge = {"purge_step": resume_step + 1} if resume_step else {}
         self.tb = SummaryWriter(log_dir=str(run_dir / TB_DIR), **purge)
+        self._group = None
+        if mode is not None and global_batch is not None:
+            self._group = f"{mode}/N{global_batch}"
+            self.tb.add_custom_scalars(custom_scalars_layout(mode, global_batch))
 
     def log(self, step: int, scalars: dict[str, float | None]) -> None:
         present = {k: v for k, v in scalars.items() if v is not None}
         for tag, value in present.items():
             self.tb.add_scalar(tag, value, step)
+            if self._group and tag in GROUPED:
+                self.tb.add_scalar(f"grouped/{GROUPED[tag]}/{self._group}", value, step)
         self._jsonl.write(json.dumps(_json_safe({"step": step, **present})) + "\n")
         self._jsonl.flush()
 

@@ -268,7 +268,12 @@ def train(
 
         progress = tqdm(total=tc.steps, initial=steps_done, unit="step", dynamic_ncols=True)
     if ctx.is_main:
-        logger: MetricsLogger | NullLogger = MetricsLogger(run_dir, resume_step=steps_done)
+        logger: MetricsLogger | NullLogger = MetricsLogger(
+            run_dir,
+            resume_step=steps_done,
+            mode=f"{cfg.reduce.loss.name}-{cfg.reduce.op.name}",
+            global_batch=geom.global_batch_size,
+        )
     else:
         logger = NullLogger()
     outcome: StepOutcome | None = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -53,24 +54,38 @@ def spawn(fn: Callable, world_size: int, tmp_path: Path, *args: Any) -> list[Any
     return [torch.load(out / f"rank{r}.pt") for r in range(world_size)]
 
 
+VENV_BIN = Path(sys.executable).parent
+
+
+def project_env(extra: dict | None = None) -> dict:
+    """The environment a user's shell would have: the project's bin folder on PATH."""
+    path = str(VENV_BIN) + os.pathsep + os.environ["PATH"]
+    return {**os.environ, "PATH": path, **(extra or {})}
+
+
 def run_cli(
     *args: str, timeout: float = 300, env: dict | None = None
 ) -> subprocess.CompletedProcess:
     """Run a command of the project (``ddp-reduce`` or ``torchrun``) as a user would."""
-    full_env = {**os.environ, **(env or {})}
     return subprocess.run(
-        list(args), capture_output=True, text=True, timeout=timeout, cwd=REPO, env=full_env
+        list(args), capture_output=True, text=True, timeout=timeout, cwd=REPO, env=project_env(env)
     )
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def ddp_reduce(*overrides: str, **kw: Any) -> subprocess.CompletedProcess:
-    exe = str(Path(sys.executable).parent / "ddp-reduce")
+    exe = str(VENV_BIN / "ddp-reduce")
     return run_cli(exe, *overrides, **kw)
 
 
 def torchrun(
     nproc: int, *overrides: str, extra_args: tuple[str, ...] = (), **kw: Any
 ) -> subprocess.CompletedProcess:
-    exe = str(Path(sys.executable).parent / "torchrun")
+    exe = str(VENV_BIN / "torchrun")
     launcher = [exe, "--standalone", f"--nproc-per-node={nproc}", *extra_args]
     return run_cli(*launcher, "-m", "ddp_reduce.train", *overrides, **kw)
