@@ -266,6 +266,19 @@ class DistConfig:
 
 
 @dataclass
+class NoiseConfig:
+    """Online estimate of the gradient noise scale (DESIGN §3), from two batch sizes per step:
+    one rank's gradient (W >= 2) or its first micro-batch (W = 1, A >= 2), and the reduced one.
+    """
+
+    enabled: bool = True  # estimated whenever two batch sizes exist; summary says if not
+    beta: float = 0.95  # smoothing of the numerator and denominator (bias-corrected EMAs)
+
+    def __post_init__(self) -> None:
+        require(0 <= self.beta < 1, "noise.beta", self.beta, "0 <= beta < 1")
+
+
+@dataclass
 class FaultConfig:
     """Faults injected on purpose, to test how a run fails. Off by default."""
 
@@ -300,6 +313,7 @@ class RunConfig:
     reduce: ReduceConfig = field(default_factory=ReduceConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
 
     def __post_init__(self) -> None:

@@ -28,6 +28,7 @@ from ddp_reduce.config import BatchGeometry, RunConfig, batch_geometry, to_dict
 from ddp_reduce.data import Dataset, GlobalBatchSampler, Split, Task, load_dataset
 from ddp_reduce.distributed import DistContext
 from ddp_reduce.models import build_model, loss_sums
+from ddp_reduce.noise import NoiseScaleEstimator
 from ddp_reduce.optim import build_optimizer, build_schedule
 from ddp_reduce.rundir import (
     SUMMARY,
@@ -85,6 +86,9 @@ class StepOutcome:
     grad_norm: torch.Tensor  # |c·G|: what clipping sees
     local_norm_mean: float  # mean over ranks of |local mean gradient| (pre-reduction)
     diverged: bool  # a NaN or inf in some rank's loss or in the gradient
+    # (B_small, |G_small|²) for the noise scale: a smaller batch's size and squared mean-gradient
+    # norm (c = 1 units); None when there is no second batch size
+    small_batch: tuple[float, float] | None = None
 
 
 @dataclass
@@ -129,6 +133,7 @@ class Trainer:
             self.ddp.register_comm_hook(self.reduce_state, R.reduce_hook)
         self.optimizer = build_optimizer(cfg.optim, self.model)
         self.schedule = build_schedule(cfg.optim, self.optimizer, cfg.train.steps)
+        self.noise_source, self.noise_unavailable = _noise_source(cfg, ctx.world_size)
 
     def forward_backward(self, step: int, collect_local: bool) -> StepOutcome:
         """Step ``step`` (1-based) up to the reduced gradient; the optimizer is not touched."""
@@ -167,28 +172,38 @@ class Trainer:
                 objective.backward()
             loss_local += loss_sum.detach()
             correct_local += correct
+            if a == 0 and self.noise_source == "micro":
+                # One rank, A >= 2: the first micro-batch's own gradient is the small batch.
+                sq = torch.nn.utils.get_total_norm([p.grad for p in self.params]).double() ** 2
+                small_sq = sq / (scale * micro_items[0]) ** 2
         if rc.impl is R.ReduceImpl.manual:
             R.reduce_gradients_manually(self.params, self.reduce_state)
 
         grad_norm = torch.nn.utils.get_total_norm(
             [p.grad for p in self.params if p.grad is not None]
         )
-        local_norm = self.reduce_state.local_sq.sqrt() * R.local_to_mean_factor(
-            rc.loss, local_items
-        )
+        # the rank's own gradient as a local mean (c = 1 units), read in the hook
+        local_sq = self.reduce_state.local_sq * R.local_to_mean_factor(rc.loss, local_items) ** 2
         bad = (~torch.isfinite(loss_local)) | (~torch.isfinite(grad_norm))
-        stats = torch.stack([loss_local, correct_local, local_norm, bad.double()])
+        stats = torch.stack([loss_local, correct_local, local_sq.sqrt(), local_sq, bad.double()])
         dist.all_reduce(stats)
-        loss_total, _, local_norm_sum, bad_ranks = stats.tolist()
+        loss_total, _, local_norm_sum, local_sq_sum, bad_ranks = stats.tolist()
         all_counts = [int(c) for c in counts.tolist()]
         global_items = sum(all_counts)
+        step_scale = R.step_scale(rc.loss, rc.op, ctx.world_size, all_counts)
+        small = None
+        if self.noise_source == "ranks":
+            small = (global_items / ctx.world_size, local_sq_sum / ctx.world_size)
+        elif self.noise_source == "micro":
+            small = (float(micro_items[0]), small_sq.item())
         return StepOutcome(
             loss=loss_total / global_items,
             global_items=global_items,
-            scale=R.step_scale(rc.loss, rc.op, ctx.world_size, all_counts),
+            scale=step_scale,
             grad_norm=grad_norm,
             local_norm_mean=local_norm_sum / ctx.world_size,
             diverged=bad_ranks > 0,
+            small_batch=small,
         )
 
     def checkpoint_state(self, step: int, tally: _Tally) -> dict[str, Any]:
@@ -260,7 +275,10 @@ def train(
         write_config(run_dir, to_dict(cfg))
     status, diverged_at = "completed", None
     tally, window = _Tally(), _Window()
-    resumed_from = _resume(trainer, run_dir, tally)
+    # Items are drawn without replacement; for tokens (lm) whole sequences are, so no correction.
+    population = None if trainer.data.task is Task.lm else len(trainer.train_split)
+    noise = NoiseScaleEstimator(cfg.noise.beta, population)
+    resumed_from = _resume(trainer, run_dir, tally, noise)
     steps_done = resumed_from or 0
     progress = None
     if ctx.is_main and tc.progress and sys.stderr.isatty():
@@ -282,7 +300,9 @@ def train(
             _maybe_crash(cfg, ctx, step)
             t0 = time.perf_counter()
             log_now = step % tc.log_every == 0 or step == tc.steps
-            outcome = trainer.forward_backward(step, collect_local=log_now)
+            outcome = trainer.forward_backward(
+                step, collect_local=log_now or trainer.noise_source == "ranks"
+            )
             tally.scales.append(outcome.scale.c)
             tally.exact = tally.exact and outcome.scale.exact
             if outcome.diverged:
@@ -295,6 +315,11 @@ def train(
             if ctx.device.type == "cuda":
                 torch.cuda.synchronize(ctx.device)
             window.add(time.perf_counter() - t0, outcome.global_items)
+            noise_now = None
+            if outcome.small_batch is not None:
+                b_small, small_sq = outcome.small_batch
+                big_sq = (outcome.grad_norm.item() / outcome.scale.c) ** 2
+                noise_now = noise.update(b_small, outcome.global_items, small_sq, big_sq)
 
             scalars: dict[str, float | None] = {}
             if log_now:
@@ -313,6 +338,14 @@ def train(
                     "perf/items_per_s": window.items / window.time_s,
                     "perf/step_time_s": window.time_s / window.steps,
                 }
+                if noise_now is not None:
+                    scalars.update(
+                        {
+                            "noise/grad_sq": noise_now.grad_sq,
+                            "noise/trace_sigma": noise_now.trace_sigma,
+                            "noise/b_simple": noise_now.b_simple,
+                        }
+                    )
                 window = _Window()
             if tc.eval_every and step % tc.eval_every == 0 and step != tc.steps:
                 eval_loss, eval_acc = trainer.evaluate(trainer.test_split)
@@ -321,6 +354,7 @@ def train(
                 logger.log(step, scalars)
             if tc.checkpoint_every and step % tc.checkpoint_every == 0:
                 state = trainer.checkpoint_state(step, tally)
+                state["noise"] = noise.state_dict()
                 if ctx.is_main:
                     checkpoint.save(run_dir, state, tc.keep_checkpoints)
             if progress is not None:
@@ -356,6 +390,7 @@ def train(
             "final_eval_loss": eval_loss,
             "final_eval_accuracy": eval_acc,
             "last_step_loss": outcome.loss if outcome else None,
+            **_noise_summary(trainer, noise),
             "wall_time_s": time.perf_counter() - start,
             "device": str(ctx.device),
             "backend": ctx.backend,
@@ -382,7 +417,9 @@ def train(
         trainer.close()
 
 
-def _resume(trainer: Trainer, run_dir: Path, tally: _Tally) -> int | None:
+def _resume(
+    trainer: Trainer, run_dir: Path, tally: _Tally, noise: NoiseScaleEstimator
+) -> int | None:
     """Restore the newest valid checkpoint of this run, if any; returns its step.
 
     Rank 0 reads and verifies it (weights only) and broadcasts it, so the other ranks, on other
@@ -411,7 +448,35 @@ def _resume(trainer: Trainer, run_dir: Path, tally: _Tally) -> int | None:
     if found[0] is None:
         return None
     trainer.restore(found[0], tally)
+    noise.load_state_dict(found[0]["noise"])
     return found[0]["step"]
+
+
+def _noise_source(cfg: RunConfig, world_size: int) -> tuple[str | None, str | None]:
+    """Where the smaller batch of the noise-scale estimate comes from, or why there is none."""
+    if not cfg.noise.enabled:
+        return None, "noise.enabled=false"
+    if world_size >= 2 and cfg.reduce.impl is not R.ReduceImpl.builtin:
+        return "ranks", None
+    if cfg.train.accum_steps >= 2:
+        return "micro", None
+    if world_size >= 2:
+        return None, "reduce.impl=builtin hides the per-rank gradient, and A = 1"
+    return None, "one batch size only: needs W >= 2 or train.accum_steps >= 2"
+
+
+def _noise_summary(trainer: Trainer, noise: NoiseScaleEstimator) -> dict[str, Any]:
+    if trainer.noise_source is None or noise.state_dict()["weight"] == 0:
+        return {"noise_scale": None, "noise_unavailable": trainer.noise_unavailable}
+    est = noise.estimate()
+    return {
+        "noise_scale": {
+            "b_simple": est.b_simple,
+            "grad_sq": est.grad_sq,
+            "trace_sigma": est.trace_sigma,
+            "small_batch_from": trainer.noise_source,
+        }
+    }
 
 
 def _maybe_crash(cfg: RunConfig, ctx: DistContext, step: int) -> None:
