@@ -10,11 +10,13 @@ import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 from ddp_reduce.config import ConfigError, register_schema, to_dict
 from ddp_reduce.launch import check_run_dir, fail, format_summary, launch_local, validate
+from ddp_reduce.pool import PoolError
 
 register_schema()
 
@@ -27,9 +29,15 @@ def app(cfg: DictConfig) -> float | None:
         check_run_dir(run_dir, run_cfg.train.overwrite)
     except ConfigError as exc:
         fail(str(exc))
+    # A sweep keeps its ranks alive from one point to the next (no start-up cost per point).
+    sweep = HydraConfig.get().mode is RunMode.MULTIRUN and run_cfg.dist.reuse_ranks
     try:
         summary = launch_local(
-            to_dict(run_cfg), run_dir, run_cfg.dist.nproc, run_cfg.dist.max_restarts
+            to_dict(run_cfg),
+            run_dir,
+            run_cfg.dist.nproc,
+            run_cfg.dist.max_restarts,
+            reuse_ranks=sweep,
         )
     except ChildFailedError as exc:
         rank, failure = exc.get_first_failure()
@@ -38,6 +46,8 @@ def app(cfg: DictConfig) -> float | None:
             f"run directory {run_dir}",
             code=1,
         )
+    except PoolError as exc:
+        fail(f"{exc}\nrun directory {run_dir}", code=1)
     print(format_summary(summary), flush=True)
     # What a sweeper minimizes; a diverged run is a result, not a crash.
     return summary["final_eval_loss"] if summary["status"] == "completed" else float("inf")

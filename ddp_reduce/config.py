@@ -250,6 +250,9 @@ class DistConfig:
     timeout_s: float = 300.0  # collective timeout: how long a rank waits for a lost peer
     threads_per_rank: int | None = None  # cpu: default cores / local ranks
     max_restarts: int = 0  # ddp-reduce: restarts of all ranks after a failure (torchrun: its flag)
+    # ddp-reduce --multirun: keep the ranks and their process group alive from one sweep point
+    # to the next (each point still gets its own model, optimizer, seed and run directory)
+    reuse_ranks: bool = True
 
     def __post_init__(self) -> None:
         _positive("dist.nproc", self.nproc)

@@ -16,7 +16,8 @@ from typing import Any
 import torch.distributed as dist
 
 from ddp_reduce.config import ConfigError, RunConfig, load_config
-from ddp_reduce.distributed import distributed, resolve_device
+from ddp_reduce.distributed import DistContext, distributed, resolve_device
+from ddp_reduce.pool import shared_pool
 from ddp_reduce.rundir import SUMMARY, read_summary, versions, write_json
 from ddp_reduce.trainer import prepare, train
 
@@ -41,43 +42,55 @@ def validate(cfg_dict: dict, world_size: int, local_world_size: int | None = Non
     return cfg
 
 
-def rank_main(
-    cfg_dict: dict, run_dir: str, init_method: str | None = None
-) -> dict[str, Any] | None:
-    """Entry point of one rank. Returns the summary on rank 0, None elsewhere."""
+def run_job(ctx: DistContext, cfg_dict: dict, run_dir: str) -> dict[str, Any] | None:
+    """One run in an existing process group. Returns the summary on rank 0, None elsewhere."""
     cfg = load_config(cfg_dict)
-    with distributed(cfg.dist, init_method) as ctx:
-        agreed = [run_dir]
-        dist.broadcast_object_list(agreed, src=0)
-        path = Path(agreed[0])
-        try:
-            summary = train(cfg, path, ctx)
-        except Exception as exc:
-            if ctx.is_main:
-                write_json(
-                    path / SUMMARY,
-                    {
-                        "status": "failed",
-                        "error": f"{type(exc).__name__}: {exc}",
-                        "traceback": traceback.format_exc(),
-                        "world_size": ctx.world_size,
-                        "versions": versions(),
-                    },
-                )
-            raise
+    agreed = [run_dir]
+    dist.broadcast_object_list(agreed, src=0)  # the run directory is rank 0's
+    path = Path(agreed[0])
+    try:
+        summary = train(cfg, path, ctx)
+    except Exception as exc:
+        if ctx.is_main:
+            write_json(
+                path / SUMMARY,
+                {
+                    "status": "failed",
+                    "error": f"{type(exc).__name__}: {exc}",
+                    "traceback": traceback.format_exc(),
+                    "world_size": ctx.world_size,
+                    "versions": versions(),
+                },
+            )
+        raise
     return summary if ctx.is_main else None
 
 
-def launch_local(cfg_dict: dict, run_dir: str, nproc: int, max_restarts: int = 0) -> dict[str, Any]:
-    """Start ``nproc`` ranks on this machine and return rank 0's summary.
+def rank_main(
+    cfg_dict: dict, run_dir: str, init_method: str | None = None
+) -> dict[str, Any] | None:
+    """Entry point of one rank: form the group, run, tear down."""
+    cfg = load_config(cfg_dict)
+    with distributed(cfg.dist, init_method) as ctx:
+        return run_job(ctx, cfg_dict, run_dir)
+
+
+def launch_local(
+    cfg_dict: dict, run_dir: str, nproc: int, max_restarts: int = 0, reuse_ranks: bool = False
+) -> dict[str, Any]:
+    """Run ``nproc`` ranks on this machine and return rank 0's summary.
 
     One rank runs in this process. More go through PyTorch's elastic launcher, the one torchrun
-    wraps, with its defaults set explicitly (its own are etcd and three restarts).
+    wraps, with its defaults set explicitly (its own are etcd and three restarts); or, with
+    ``reuse_ranks`` (sweeps), through a pool of ranks kept alive from one run to the next.
     """
     if nproc == 1:
         summary = rank_main(cfg_dict, run_dir)
         assert summary is not None
         return summary
+    if reuse_ranks and max_restarts == 0:
+        pool = shared_pool(load_config(cfg_dict).dist, nproc)
+        return pool.call(run_job, cfg_dict, run_dir)[0]
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     # gloo restarts hang or fail to connect without it (pytorch/pytorch#135712)

@@ -156,7 +156,8 @@ def local_to_mean_factor(loss: LossReduction, local_items_step: int) -> float:
 
 
 class ReduceState:
-    """What the communication hook needs each step, set by the trainer before the last backward."""
+    """What the communication hook needs for a step (set before the last backward) and what it
+    learns there (read after backward)."""
 
     def __init__(
         self,
@@ -167,15 +168,19 @@ class ReduceState:
         self.op = op
         self.process_group = process_group
         self.world_size = dist.get_world_size(process_group)
-        self.divisor = 1.0
-        # Sum of squares of the rank's own gradient, read in the hook before the all-reduce.
+        self.local_items = 0
+        self.to_mean = 1.0  # turns this rank's gradient into its local mean gradient
         self.collect_local_sq = False
-        self.local_sq = torch.zeros((), dtype=torch.float64, device=device)
+        zero = torch.zeros((), dtype=torch.float64, device=device)
+        self.local_sq = zero.clone()  # |this rank's local mean gradient|², read before reducing
+        self.ranks_sq = zero.clone()  # the same, summed over ranks
+        self.global_items = zero.clone()  # the all-reduced item count (global_mean)
 
-    def start_step(self, global_items_step: int, collect_local_sq: bool) -> None:
-        self.divisor = reduce_divisor(self.op, self.world_size, global_items_step)
+    def start_step(self, local_items: int, to_mean: float, collect_local_sq: bool) -> None:
+        self.local_items, self.to_mean = local_items, to_mean
         self.collect_local_sq = collect_local_sq
-        self.local_sq.zero_()
+        for t in (self.local_sq, self.ranks_sq, self.global_items):
+            t.zero_()
 
 
 def _use_avg(state: ReduceState, buffer: torch.Tensor) -> bool:
@@ -187,27 +192,70 @@ def reduce_hook(state: ReduceState, bucket: dist.GradBucket) -> torch.futures.Fu
     """DDP communication hook: all-reduce one bucket with the configured op.
 
     Once a hook is registered DDP no longer divides by W: the division here is the only one.
+    Scalars that must be summed over ranks this step (the item count for ``global_mean``, the
+    squared norm of the rank's own gradient for the noise scale) ride along at the end of every
+    bucket's all-reduce: no collective of their own, and the count is known in the same callback
+    that divides by it.
     """
     buffer = bucket.buffer()
+    n = buffer.numel()
+    extras = []
     if state.collect_local_sq:
-        state.local_sq += torch.dot(buffer, buffer)
-    if _use_avg(state, buffer):
-        op = dist.ReduceOp.AVG
-    else:
-        op = dist.ReduceOp.SUM
-        if state.divisor != 1.0:
-            buffer.div_(state.divisor)  # pre-divide, as DDP's own hook does
-    work = dist.all_reduce(buffer, op=op, group=state.process_group, async_op=True)
-    return work.get_future().then(lambda fut: fut.value()[0])
+        sq = torch.dot(buffer, buffer) * state.to_mean**2
+        state.local_sq += sq
+        extras.append(sq.to(buffer.dtype))
+    if state.op is ReduceOp.global_mean:
+        extras.append(
+            torch.full((), float(state.local_items), dtype=buffer.dtype, device=buffer.device)
+        )
+    if not extras:
+        if _use_avg(state, buffer):
+            op = dist.ReduceOp.AVG
+        else:
+            op = dist.ReduceOp.SUM
+            divisor = reduce_divisor(state.op, state.world_size, 0)
+            if divisor != 1.0:
+                buffer.div_(divisor)  # pre-divide, as DDP's own hook does
+        work = dist.all_reduce(buffer, op=op, group=state.process_group, async_op=True)
+        return work.get_future().then(lambda fut: fut.value()[0])
+
+    packed = torch.cat([buffer, torch.stack(extras)])
+    if state.op is ReduceOp.mean:
+        packed[:n].div_(state.world_size)
+    work = dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=state.process_group, async_op=True)
+
+    def finish(fut: torch.futures.Future) -> torch.Tensor:
+        out = fut.value()[0]
+        tail = out[n:]
+        if state.collect_local_sq:
+            state.ranks_sq += tail[0]
+        if state.op is ReduceOp.global_mean:
+            count = tail[-1]
+            state.global_items.copy_(count)
+            out[:n].div_(count)
+        return out[:n]
+
+    return work.get_future().then(finish)
 
 
 def reduce_gradients_manually(params: list[torch.Tensor], state: ReduceState) -> None:
-    """Reference implementation of the hook's arithmetic, one all-reduce per gradient."""
+    """Reference implementation of the hook's arithmetic: one all-reduce per gradient, the
+    scalars in float64 in a collective of their own."""
     grads = [p.grad for p in params if p.grad is not None]
+    local_sq = sum(torch.dot(g.flatten(), g.flatten()).double() for g in grads) * state.to_mean**2
+    scalars = torch.stack(
+        [
+            local_sq,
+            torch.tensor(float(state.local_items), dtype=torch.float64, device=local_sq.device),
+        ]
+    )
+    dist.all_reduce(scalars, group=state.process_group)
     if state.collect_local_sq:
-        for g in grads:
-            state.local_sq += torch.dot(g.flatten(), g.flatten())
+        state.local_sq += local_sq
+        state.ranks_sq += scalars[0]
+    state.global_items.copy_(scalars[1])
+    divisor = reduce_divisor(state.op, state.world_size, int(scalars[1].item()))
     for g in grads:
         dist.all_reduce(g, op=dist.ReduceOp.SUM, group=state.process_group)
-        if state.divisor != 1.0:
-            g.div_(state.divisor)
+        if divisor != 1.0:
+            g.div_(divisor)

@@ -34,7 +34,7 @@ def compose_config(overrides: list[str]) -> tuple[dict, str]:
     with initialize_config_module("ddp_reduce.conf", version_base="1.3"):
         cfg = compose("config", overrides=overrides, return_hydra_config=True)
     run_dir = os.path.abspath(OmegaConf.select(cfg, "hydra.run.dir"))
-    container = OmegaConf.to_container(cfg, resolve=False)
+    container = OmegaConf.to_container(cfg, resolve=False, enum_to_str=True)
     container.pop("hydra")
     return container, run_dir
 

@@ -13,7 +13,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +41,7 @@ from ddp_reduce.rundir import (
     write_config,
     write_json,
 )
+from ddp_reduce.sysinfo import peak_rss_mb, rss_mb
 
 
 @dataclass
@@ -80,11 +81,11 @@ def evaluate(
 class StepOutcome:
     """What one step's forward, backward and reduction produced, identical on every rank."""
 
-    loss: float  # all-reduced loss per item of the global batch (c = 1 units)
+    loss: float | None  # all-reduced loss per item of the global batch (c = 1); logged steps
     global_items: int
     scale: R.StepScale  # the optimizer receives scale.c · G
     grad_norm: torch.Tensor  # |c·G|: what clipping sees
-    local_norm_mean: float  # mean over ranks of |local mean gradient| (pre-reduction)
+    local_norm_mean: float | None  # mean over ranks of |local mean gradient|; logged steps
     diverged: bool  # a NaN or inf in some rank's loss or in the gradient
     # (B_small, |G_small|²) for the noise scale: a smaller batch's size and squared mean-gradient
     # norm (c = 1 units); None when there is no second batch size
@@ -109,8 +110,21 @@ class _Window:
 
 @dataclass
 class _Tally:
-    scales: list[float] = field(default_factory=list)
+    """The range of c over the steps so far, and whether every step had an exact c."""
+
+    low: float = float("inf")
+    high: float = float("-inf")
     exact: bool = True
+
+    def add(self, scale: R.StepScale) -> None:
+        self.low, self.high = min(self.low, scale.c), max(self.high, scale.c)
+        self.exact = self.exact and scale.exact
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"min": self.low, "max": self.high, "exact": self.exact}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.low, self.high, self.exact = state["min"], state["max"], state["exact"]
 
 
 class Trainer:
@@ -135,74 +149,88 @@ class Trainer:
         self.schedule = build_schedule(cfg.optim, self.optimizer, cfg.train.steps)
         self.noise_source, self.noise_unavailable = _noise_source(cfg, ctx.world_size)
 
-    def forward_backward(self, step: int, collect_local: bool) -> StepOutcome:
-        """Step ``step`` (1-based) up to the reduced gradient; the optimizer is not touched."""
+    def items_per_rank(self, step: int) -> list[int]:
+        """Every rank's item count of step ``step``: the sampler is global, so each rank knows."""
+        shares = torch.tensor_split(self.sampler.global_batch(step - 1), self.ctx.world_size)
+        return [self.train_split.items(share) for share in shares]
+
+    def forward_backward(self, step: int, log: bool = False) -> StepOutcome:
+        """Step ``step`` (1-based) up to the reduced gradient; the optimizer is not touched.
+
+        The only collective is the gradient all-reduce, unless ``log`` asks for the step's
+        all-reduced loss and accuracy (one small collective more).
+        """
         rc, ctx = self.cfg.reduce, self.ctx
         micro = self.sampler.micro_batches(
             step - 1, ctx.rank, ctx.world_size, self.geom.accum_steps
         )
         micro_items = [self.train_split.items(idx) for idx in micro]
         local_items = sum(micro_items)
-        # Every rank's item count of the step. global_mean needs the total before the hook
-        # fires, so it is all-reduced while the first micro-steps compute.
-        counts = torch.zeros(ctx.world_size, dtype=torch.float64, device=ctx.device)
-        counts[ctx.rank] = local_items
-        counts_work = dist.all_reduce(counts, async_op=True)
         scale = R.loss_scale(rc.loss, local_items)
+        collect_local = log or self.noise_source == "ranks"
+        to_mean = R.local_to_mean_factor(rc.loss, local_items)
+        self.reduce_state.start_step(local_items, to_mean, collect_local)
         loss_local = torch.zeros((), dtype=torch.float64, device=ctx.device)
         correct_local = torch.zeros_like(loss_local)
+        small_sq = None
         for a, idx in enumerate(micro):
             last = a == len(micro) - 1
-            if last:
-                counts_work.wait()
-                self.reduce_state.start_step(int(counts.sum().item()), collect_local)
             # DDP reads the sync flag in forward: no_sync must wrap forward *and* backward.
             sync = last and rc.impl is not R.ReduceImpl.manual
             with nullcontext() if sync else self.ddp.no_sync():
                 batch = self.train_split.batch(idx)
                 loss_sum, correct = loss_sums(self.data.task, self.ddp(batch.x), batch)
-                objective = loss_sum * scale
                 if self._poisoned(step):
-                    objective = objective * float("nan")
                     loss_sum = loss_sum * float("nan")
+                objective = loss_sum * scale
                 if self.cfg.optim.l2:
                     # (l2/2)·|w|² on every item, so the term is scaled with the loss.
                     l2 = 0.5 * sum(p.pow(2).sum() for p in self.params)
                     objective = objective + self.cfg.optim.l2 * micro_items[a] * scale * l2
+                # A NaN or inf in this rank's loss turns its gradient into NaN, which the
+                # all-reduce carries to every rank: all stop at this step, with no collective
+                # of their own. (x 1.0 when finite: the gradient is unchanged, bit for bit.)
+                finite = torch.isfinite(loss_sum.detach())
+                objective = objective * torch.where(finite, 1.0, float("nan"))
                 objective.backward()
             loss_local += loss_sum.detach()
             correct_local += correct
             if a == 0 and self.noise_source == "micro":
                 # One rank, A >= 2: the first micro-batch's own gradient is the small batch.
                 sq = torch.nn.utils.get_total_norm([p.grad for p in self.params]).double() ** 2
-                small_sq = sq / (scale * micro_items[0]) ** 2
+                small_sq = (sq / (scale * micro_items[0]) ** 2).item()
         if rc.impl is R.ReduceImpl.manual:
             R.reduce_gradients_manually(self.params, self.reduce_state)
 
         grad_norm = torch.nn.utils.get_total_norm(
             [p.grad for p in self.params if p.grad is not None]
         )
-        # the rank's own gradient as a local mean (c = 1 units), read in the hook
-        local_sq = self.reduce_state.local_sq * R.local_to_mean_factor(rc.loss, local_items) ** 2
-        bad = (~torch.isfinite(loss_local)) | (~torch.isfinite(grad_norm))
-        stats = torch.stack([loss_local, correct_local, local_sq.sqrt(), local_sq, bad.double()])
-        dist.all_reduce(stats)
-        loss_total, _, local_norm_sum, local_sq_sum, bad_ranks = stats.tolist()
-        all_counts = [int(c) for c in counts.tolist()]
+        # The reduced gradient is the same on every rank, so is this verdict.
+        diverged = not bool(torch.isfinite(grad_norm))
+        all_counts = self.items_per_rank(step)
         global_items = sum(all_counts)
-        step_scale = R.step_scale(rc.loss, rc.op, ctx.world_size, all_counts)
+        loss = local_norm_mean = None
+        if log:
+            local_norm = self.reduce_state.local_sq.sqrt()
+            stats = torch.stack([loss_local, correct_local, local_norm])
+            dist.all_reduce(stats)
+            loss_total, _, local_norm_sum = stats.tolist()
+            loss, local_norm_mean = loss_total / global_items, local_norm_sum / ctx.world_size
         small = None
         if self.noise_source == "ranks":
-            small = (global_items / ctx.world_size, local_sq_sum / ctx.world_size)
+            small = (
+                global_items / ctx.world_size,
+                self.reduce_state.ranks_sq.item() / ctx.world_size,
+            )
         elif self.noise_source == "micro":
-            small = (float(micro_items[0]), small_sq.item())
+            small = (float(micro_items[0]), small_sq)
         return StepOutcome(
-            loss=loss_total / global_items,
+            loss=loss,
             global_items=global_items,
-            scale=step_scale,
+            scale=R.step_scale(rc.loss, rc.op, ctx.world_size, all_counts),
             grad_norm=grad_norm,
-            local_norm_mean=local_norm_sum / ctx.world_size,
-            diverged=bad_ranks > 0,
+            local_norm_mean=local_norm_mean,
+            diverged=diverged,
             small_batch=small,
         )
 
@@ -222,7 +250,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "schedule": self.schedule.state_dict(),
             "rng": every_rng,
-            "tally": {"min": min(tally.scales), "max": max(tally.scales), "exact": tally.exact},
+            "tally": tally.state_dict(),
         }
 
     def restore(self, state: dict[str, Any], tally: _Tally) -> None:
@@ -235,9 +263,7 @@ class Trainer:
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and self.ctx.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], self.ctx.device)
-        t = state["tally"]
-        tally.scales.extend([t["min"], t["max"]])
-        tally.exact = t["exact"]
+        tally.load_state_dict(state["tally"])
 
     def _poisoned(self, step: int) -> bool:
         fault = self.cfg.fault
@@ -294,17 +320,14 @@ def train(
         )
     else:
         logger = NullLogger()
-    outcome: StepOutcome | None = None
+    last_loss = None  # the all-reduced training loss of the last logged step
     try:
         for step in range(steps_done + 1, tc.steps + 1):
             _maybe_crash(cfg, ctx, step)
             t0 = time.perf_counter()
             log_now = step % tc.log_every == 0 or step == tc.steps
-            outcome = trainer.forward_backward(
-                step, collect_local=log_now or trainer.noise_source == "ranks"
-            )
-            tally.scales.append(outcome.scale.c)
-            tally.exact = tally.exact and outcome.scale.exact
+            outcome = trainer.forward_backward(step, log=log_now)
+            tally.add(outcome.scale)
             if outcome.diverged:
                 status, diverged_at = "diverged", step
                 break
@@ -323,6 +346,7 @@ def train(
 
             scalars: dict[str, float | None] = {}
             if log_now:
+                last_loss = outcome.loss
                 after = torch.cat([p.detach().flatten() for p in trainer.params])
                 grad_norm = outcome.grad_norm.item()
                 scalars = {
@@ -337,6 +361,7 @@ def train(
                     "optim/update_to_weight": ((after - before).norm() / after.norm()).item(),
                     "perf/items_per_s": window.items / window.time_s,
                     "perf/step_time_s": window.time_s / window.steps,
+                    "perf/rss_mb": rss_mb(),
                 }
                 if noise_now is not None:
                     scalars.update(
@@ -359,12 +384,15 @@ def train(
                     checkpoint.save(run_dir, state, tc.keep_checkpoints)
             if progress is not None:
                 progress.update(1)
-                progress.set_postfix(loss=f"{outcome.loss:.4g}")
+                if outcome.loss is not None:
+                    progress.set_postfix(loss=f"{outcome.loss:.4g}")
 
         train_loss, train_acc = trainer.evaluate(trainer.train_split)
         eval_loss, eval_acc = trainer.evaluate(trainer.test_split)
         logger.log(steps_done, {"eval/loss": eval_loss, "eval/accuracy": eval_acc})
         rc = cfg.reduce
+        peaks: list[Any] = [None] * ctx.world_size
+        dist.all_gather_object(peaks, round(peak_rss_mb(), 1))
         summary = {
             "status": status,
             "diverged_at_step": diverged_at,
@@ -375,7 +403,7 @@ def train(
                 rc.loss, rc.op, geom.world_size, geom.local_batch_size, geom.accum_steps
             ),
             "grad_scale_rule": R.scale_rule(rc.loss, rc.op),
-            "grad_scale_range": [min(tally.scales), max(tally.scales)],
+            "grad_scale_range": [tally.low, tally.high],
             "grad_scale_exact": tally.exact,
             "reduce_loss": rc.loss.name,
             "reduce_op": rc.op.name,
@@ -389,12 +417,13 @@ def train(
             "final_train_accuracy": train_acc,
             "final_eval_loss": eval_loss,
             "final_eval_accuracy": eval_acc,
-            "last_step_loss": outcome.loss if outcome else None,
+            "last_logged_train_loss": last_loss,
             **_noise_summary(trainer, noise),
             "wall_time_s": time.perf_counter() - start,
             "device": str(ctx.device),
             "backend": ctx.backend,
             "threads_per_rank": ctx.threads if ctx.device.type == "cpu" else None,
+            "peak_rss_mb_per_rank": peaks,
             "run_dir": str(run_dir),
             "versions": versions(),
         }

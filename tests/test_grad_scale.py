@@ -37,13 +37,24 @@ def received_gradients(init_method: str, cfg_dicts: list[dict]) -> list[dict]:
     with distributed(load_config(cfg_dicts[0]).dist, init_method) as ctx:
         for cfg_dict in cfg_dicts:
             trainer = Trainer(load_config(cfg_dict), ctx)
-            step = trainer.forward_backward(1, collect_local=True)
+            step = trainer.forward_backward(1, log=True)
             flat = torch.cat([p.grad.flatten() for p in trainer.params])
             micro = trainer.sampler.micro_batches(
                 0, ctx.rank, ctx.world_size, trainer.geom.accum_steps
             )
             items = sum(trainer.train_split.items(idx) for idx in micro)
-            out.append({"grad": flat, "c": step.scale.c, "exact": step.scale.exact, "items": items})
+            state = trainer.reduce_state
+            out.append(
+                {
+                    "grad": flat,
+                    "c": step.scale.c,
+                    "exact": step.scale.exact,
+                    "items": items,
+                    "global_items": state.global_items.item(),
+                    "local_sq": state.local_sq.item(),
+                    "ranks_sq": state.ranks_sq.item(),
+                }
+            )
             trainer.close()
     return out
 
@@ -182,3 +193,17 @@ def test_per_rank_batch_norm_differs_from_one_process(results):
     g, _ = reference_gradient(cfg)
     diff = ((ranks[0]["grad"] - g).norm() / g.norm()).item()
     assert diff > 1e-3, f"per-rank statistics should change the gradient, got {diff:.2e}"
+
+
+@pytest.mark.parametrize("loss,op,c", PAIRS)
+def test_scalars_riding_along_the_gradient_all_reduce(results, loss, op, c):
+    """The count (global_mean) and the ranks' squared local norms (noise scale) travel in the
+    gradient buckets; the manual reference all-reduces them on their own, in float64."""
+    _, _, hook = results[("digits", loss, op, "hook")]
+    _, _, manual = results[("digits", loss, op, "manual")]
+    local_sum = sum(r["local_sq"] for r in hook)
+    for h, m in zip(hook, manual, strict=True):
+        assert h["ranks_sq"] == pytest.approx(local_sum, rel=1e-5)
+        assert h["ranks_sq"] == pytest.approx(m["ranks_sq"], rel=1e-5)
+        if op == "global_mean":
+            assert h["global_items"] == m["global_items"] == N
