@@ -53,7 +53,19 @@ def app(cfg: DictConfig) -> float | None:
     return summary["final_eval_loss"] if summary["status"] == "completed" else float("inf")
 
 
+SUBCOMMANDS = {
+    "convert": "ddp_reduce.convert",
+    "study": "ddp_reduce.study",
+    "report": "ddp_reduce.report",
+}
+
+
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] in SUBCOMMANDS:
+        import importlib
+
+        module = importlib.import_module(SUBCOMMANDS[sys.argv[1]])
+        sys.exit(module.main(sys.argv[2:]))
     app()
 
 

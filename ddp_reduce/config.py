@@ -69,6 +69,15 @@ class OptimName(Enum):
     adamw = "adamw"
 
 
+class LrScaling(Enum):
+    """How lr (and Adam's betas, eps) follow the global batch N, from optim.base_batch_size."""
+
+    none = "none"
+    linear = "linear"  # lr x k (Goyal et al. 2017), k = N / base_batch_size
+    sqrt = "sqrt"  # lr x sqrt(k) (Krizhevsky 2014; Hoffer et al. 2017)
+    adam_sqrt = "adam_sqrt"  # lr x sqrt(k), beta -> 1 - k(1 - beta), eps -> eps / sqrt(k)
+
+
 class Schedule(Enum):
     constant = "constant"
     cosine = "cosine"
@@ -186,9 +195,25 @@ class OptimConfig:
     warmup_steps: int = 0  # linear warmup from lr/warmup_steps to lr
     schedule: Schedule = Schedule.constant  # after warmup
     min_lr_ratio: float = 0.0  # cosine, linear: final lr as a fraction of lr
+    # lr, betas and eps above are those of base_batch_size; the run's N rescales them
+    lr_scaling: LrScaling = LrScaling.none
+    base_batch_size: int | None = None
 
     def __post_init__(self) -> None:
         _positive("optim.lr", self.lr)
+        if self.lr_scaling is not LrScaling.none:
+            require(
+                self.base_batch_size is not None and self.base_batch_size > 0,
+                "optim.base_batch_size",
+                self.base_batch_size,
+                f"a positive integer with optim.lr_scaling={self.lr_scaling.name}",
+            )
+        require(
+            self.lr_scaling is not LrScaling.adam_sqrt or self.name is not OptimName.sgd,
+            "optim.lr_scaling",
+            self.lr_scaling,
+            "none, linear or sqrt with optim.name=sgd (adam_sqrt is for adam and adamw)",
+        )
         require(0 <= self.momentum < 1, "optim.momentum", self.momentum, "0 <= momentum < 1")
         require(
             not self.nesterov or (self.name is OptimName.sgd and self.momentum > 0),

@@ -13,7 +13,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from ddp_reduce.data import Dataset, GlobalBatchSampler, Split, Task, load_datas
 from ddp_reduce.distributed import DistContext
 from ddp_reduce.models import build_model, loss_sums
 from ddp_reduce.noise import NoiseScaleEstimator
-from ddp_reduce.optim import build_optimizer, build_schedule
+from ddp_reduce.optim import build_optimizer, build_schedule, effective_optim
 from ddp_reduce.rundir import (
     SUMMARY,
     MetricsLogger,
@@ -53,7 +53,9 @@ class Prepared:
 def prepare(cfg: RunConfig, world_size: int) -> Prepared:
     """Load the data and derive the batch geometry; refuses what does not divide or fit."""
     data = load_dataset(cfg.data)
-    return Prepared(data, batch_geometry(cfg, world_size, len(data.train)))
+    geometry = batch_geometry(cfg, world_size, len(data.train))
+    effective_optim(cfg.optim, geometry.global_batch_size)  # refuses an impossible rescaling
+    return Prepared(data, geometry)
 
 
 def evaluate(
@@ -145,7 +147,7 @@ class Trainer:
         self.reduce_state = R.ReduceState(cfg.reduce.op, ctx.device)
         if cfg.reduce.impl is R.ReduceImpl.hook:
             self.ddp.register_comm_hook(self.reduce_state, R.reduce_hook)
-        self.optimizer = build_optimizer(cfg.optim, self.model)
+        self.optimizer = build_optimizer(cfg.optim, self.model, self.geom.global_batch_size)
         self.schedule = build_schedule(cfg.optim, self.optimizer, cfg.train.steps)
         self.noise_source, self.noise_unavailable = _noise_source(cfg, ctx.world_size)
 
@@ -418,6 +420,7 @@ def train(
             "final_eval_loss": eval_loss,
             "final_eval_accuracy": eval_acc,
             "last_logged_train_loss": last_loss,
+            "optim_effective": asdict(effective_optim(cfg.optim, geom.global_batch_size)),
             **_noise_summary(trainer, noise),
             "wall_time_s": time.perf_counter() - start,
             "device": str(ctx.device),
