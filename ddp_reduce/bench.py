@@ -167,13 +167,15 @@ def verdict(interval: dict[str, float], target: float) -> str:
     return "within noise"
 
 
-def bench_reduce(device: str, quick: bool) -> dict[str, Any]:
+def bench_reduce(device: str, quick: bool, models: list[str] | None = None) -> dict[str, Any]:
     """Step time of each reduction variant against DDP's built-in mean, interleaved."""
     nproc = 2 if device == "cpu" else min(2, torch.cuda.device_count())
     pool = RankPool(DistConfig(device=Device[device], threads_per_rank=1), nproc)
     results: dict[str, Any] = {"world_size": nproc, "device": device, "models": {}}
     try:
         for model_name, model_overrides in MODELS.items():
+            if models and not any(m.lower() in model_name.lower() for m in models):
+                continue
             cfgs = {name: _cfg(device, *model_overrides, *v) for name, v in VARIANTS.items()}
             cfgs[BARE] = _cfg(device, *model_overrides, NO_NOISE)
             # Blocks of steps smooth the scheduler's noise; many rounds narrow the interval.
@@ -401,6 +403,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer steps (a smoke run)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
+    parser.add_argument(
+        "--model", action="append", help="reduce: only the models whose name holds this (mlp, cnn)"
+    )
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
@@ -410,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {}
     for w in what:
         if w == "reduce":
-            results[w] = bench_reduce(args.device, args.quick)
+            results[w] = bench_reduce(args.device, args.quick, args.model)
         else:
             results[w] = globals()[f"bench_{w}"](args.quick)
         print(report({w: results[w]}), flush=True)

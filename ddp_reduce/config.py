@@ -257,9 +257,15 @@ class TrainConfig:
     progress: bool = True  # progress bar on rank 0 when attached to a terminal
     checkpoint_every: int = 0  # steps between checkpoints (0: none); a restart resumes from one
     keep_checkpoints: int = 2  # newest checkpoints kept (older ones are the fallback if corrupt)
+    # Stop once the loss over the whole training set is at most this (checked every eval_every
+    # steps); the summary gives steps_to_target. Null: train all steps.
+    target_loss: float | None = None
 
     def __post_init__(self) -> None:
         _positive("train.steps", self.steps)
+        if self.target_loss is not None:
+            _positive("train.target_loss", self.target_loss)
+            _positive("train.eval_every", self.eval_every)
         _non_negative("train.checkpoint_every", self.checkpoint_every)
         _positive("train.keep_checkpoints", self.keep_checkpoints)
         _positive("train.accum_steps", self.accum_steps)

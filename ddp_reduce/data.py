@@ -107,13 +107,19 @@ class LinearProblem:
     w_star: np.ndarray
     noise_std: float
 
-    def second_moment(self) -> np.ndarray:
-        """H = XᵀX / n over the training inputs (float64): the Hessian of the mean loss."""
+    def second_moment(self, bias: bool = True) -> np.ndarray:
+        """H = X̃ᵀX̃ / n over the training inputs (float64): the Hessian of the mean loss.
+
+        With ``bias`` the inputs get a constant 1 appended (X̃ = [X, 1]): the model's bias is a
+        parameter too (``model=linear`` has one).
+        """
         x = self.dataset.train.x.double().numpy()
+        if bias:
+            x = np.hstack([x, np.ones((len(x), 1))])
         return x.T @ x / len(x)
 
-    def lambda_max(self) -> float:
-        return float(np.linalg.eigvalsh(self.second_moment())[-1])
+    def lambda_max(self, bias: bool = True) -> float:
+        return float(np.linalg.eigvalsh(self.second_moment(bias))[-1])
 
 
 def linear_problem(cfg: DataConfig) -> LinearProblem:

@@ -169,18 +169,22 @@ class ReduceState:
         self.process_group = process_group
         self.world_size = dist.get_world_size(process_group)
         self.local_items = 0
-        self.to_mean = 1.0  # turns this rank's gradient into its local mean gradient
+        self.to_mean_sq = 1.0  # squared factor from this rank's gradient to its local mean
         self.collect_local_sq = False
+        self.count = torch.zeros(1, device=device)  # this rank's item count, to ride along
         zero = torch.zeros((), dtype=torch.float64, device=device)
         self.local_sq = zero.clone()  # |this rank's local mean gradient|², read before reducing
         self.ranks_sq = zero.clone()  # the same, summed over ranks
         self.global_items = zero.clone()  # the all-reduced item count (global_mean)
 
     def start_step(self, local_items: int, to_mean: float, collect_local_sq: bool) -> None:
-        self.local_items, self.to_mean = local_items, to_mean
+        self.local_items = local_items
+        self.to_mean_sq = to_mean * to_mean
         self.collect_local_sq = collect_local_sq
         for t in (self.local_sq, self.ranks_sq, self.global_items):
             t.zero_()
+        if self.op is ReduceOp.global_mean:
+            self.count.fill_(float(local_items))
 
 
 def _use_avg(state: ReduceState, buffer: torch.Tensor) -> bool:
@@ -199,16 +203,14 @@ def reduce_hook(state: ReduceState, bucket: dist.GradBucket) -> torch.futures.Fu
     """
     buffer = bucket.buffer()
     n = buffer.numel()
-    extras = []
+    parts = [buffer]
     if state.collect_local_sq:
-        sq = torch.dot(buffer, buffer) * state.to_mean**2
+        sq = torch.dot(buffer, buffer).mul_(state.to_mean_sq)  # before any division
         state.local_sq += sq
-        extras.append(sq.to(buffer.dtype))
+        parts.append(sq.view(1))
     if state.op is ReduceOp.global_mean:
-        extras.append(
-            torch.full((), float(state.local_items), dtype=buffer.dtype, device=buffer.device)
-        )
-    if not extras:
+        parts.append(state.count.to(buffer.dtype))
+    if len(parts) == 1:
         if _use_avg(state, buffer):
             op = dist.ReduceOp.AVG
         else:
@@ -219,19 +221,19 @@ def reduce_hook(state: ReduceState, bucket: dist.GradBucket) -> torch.futures.Fu
         work = dist.all_reduce(buffer, op=op, group=state.process_group, async_op=True)
         return work.get_future().then(lambda fut: fut.value()[0])
 
-    packed = torch.cat([buffer, torch.stack(extras)])
     if state.op is ReduceOp.mean:
-        packed[:n].div_(state.world_size)
+        buffer.div_(state.world_size)
+    packed = torch.cat(parts)
     work = dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=state.process_group, async_op=True)
+    collect, global_mean = state.collect_local_sq, state.op is ReduceOp.global_mean
 
     def finish(fut: torch.futures.Future) -> torch.Tensor:
         out = fut.value()[0]
-        tail = out[n:]
-        if state.collect_local_sq:
-            state.ranks_sq += tail[0]
-        if state.op is ReduceOp.global_mean:
-            count = tail[-1]
-            state.global_items.copy_(count)
+        if collect:
+            state.ranks_sq += out[n]
+        if global_mean:
+            count = out[-1:]
+            state.global_items.copy_(count[0])
             out[:n].div_(count)
         return out[:n]
 
@@ -242,7 +244,7 @@ def reduce_gradients_manually(params: list[torch.Tensor], state: ReduceState) ->
     """Reference implementation of the hook's arithmetic: one all-reduce per gradient, the
     scalars in float64 in a collective of their own."""
     grads = [p.grad for p in params if p.grad is not None]
-    local_sq = sum(torch.dot(g.flatten(), g.flatten()).double() for g in grads) * state.to_mean**2
+    local_sq = sum(torch.dot(g.flatten(), g.flatten()).double() for g in grads) * state.to_mean_sq
     scalars = torch.stack(
         [
             local_sq,

@@ -323,6 +323,9 @@ def train(
     else:
         logger = NullLogger()
     last_loss = None  # the all-reduced training loss of the last logged step
+    steps_to_target = None
+    # the loss over the whole training set before the first step (None when resuming)
+    initial_loss = None if resumed_from else trainer.evaluate(trainer.train_split)[0]
     try:
         for step in range(steps_done + 1, tc.steps + 1):
             _maybe_crash(cfg, ctx, step)
@@ -374,9 +377,14 @@ def train(
                         }
                     )
                 window = _Window()
+            reached = False
             if tc.eval_every and step % tc.eval_every == 0 and step != tc.steps:
                 eval_loss, eval_acc = trainer.evaluate(trainer.test_split)
                 scalars.update({"eval/loss": eval_loss, "eval/accuracy": eval_acc})
+                if tc.target_loss is not None:
+                    full_loss, _ = trainer.evaluate(trainer.train_split)
+                    scalars["train/full_loss"] = full_loss
+                    reached = full_loss <= tc.target_loss
             if scalars:
                 logger.log(step, scalars)
             if tc.checkpoint_every and step % tc.checkpoint_every == 0:
@@ -388,9 +396,15 @@ def train(
                 progress.update(1)
                 if outcome.loss is not None:
                     progress.set_postfix(loss=f"{outcome.loss:.4g}")
+            if reached:
+                steps_to_target = step
+                break
 
         train_loss, train_acc = trainer.evaluate(trainer.train_split)
         eval_loss, eval_acc = trainer.evaluate(trainer.test_split)
+        target = tc.target_loss
+        if target is not None and steps_to_target is None and status == "completed":
+            steps_to_target = steps_done if train_loss <= target else None
         logger.log(steps_done, {"eval/loss": eval_loss, "eval/accuracy": eval_acc})
         rc = cfg.reduce
         peaks: list[Any] = [None] * ctx.world_size
@@ -420,6 +434,9 @@ def train(
             "final_eval_loss": eval_loss,
             "final_eval_accuracy": eval_acc,
             "last_logged_train_loss": last_loss,
+            "initial_train_loss": initial_loss,
+            "target_loss": tc.target_loss,
+            "steps_to_target": steps_to_target,
             "optim_effective": asdict(effective_optim(cfg.optim, geom.global_batch_size)),
             **_noise_summary(trainer, noise),
             "wall_time_s": time.perf_counter() - start,

@@ -1,0 +1,223 @@
+"""``ddp-reduce report DIR``: report.md, runs.csv and PNG plots for a study, a sweep or a run.
+
+ddp-reduce report studies/lr_batch/2026-11-26_10-00-00     a study: its own analysis too
+ddp-reduce report multirun/2026-11-26/10-00-00            a Hydra sweep
+ddp-reduce report outputs/2026-11-26/10-00-00-123456      one run
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+
+from ddp_reduce.rundir import METRICS, SUMMARY  # noqa: E402
+
+REPORT = "report.md"
+CSV = "runs.csv"
+CSV_FIELDS = (
+    "status",
+    "reduce_loss",
+    "reduce_op",
+    "world_size",
+    "local_batch_size",
+    "accum_steps",
+    "global_batch_size",
+    "grad_scale",
+    "grad_scale_exact",
+    "steps_done",
+    "diverged_at_step",
+    "initial_train_loss",
+    "final_train_loss",
+    "final_eval_loss",
+    "final_eval_accuracy",
+    "steps_to_target",
+    "wall_time_s",
+)
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / METRICS
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _runs_of(path: Path) -> list[dict[str, Any]]:
+    """Each run under ``path``: name, directory, config overrides (if known), summary."""
+    from ddp_reduce.study import read_records
+
+    records = read_records(path)
+    if records:
+        return [{**r, "dir": path / "runs" / r["name"]} for r in records]
+    if (path / SUMMARY).exists():
+        candidates = [path]
+    else:
+        candidates = sorted(
+            (p.parent for p in path.glob("*/" + SUMMARY)),
+            key=lambda p: (len(p.name), p.name),
+        )
+    return [
+        {
+            "name": p.name,
+            "dir": p,
+            "overrides": _hydra_overrides(p),
+            "labels": {},
+            "summary": json.loads((p / SUMMARY).read_text()),
+        }
+        for p in candidates
+    ]
+
+
+def _hydra_overrides(run_dir: Path) -> list[str]:
+    path = run_dir / ".hydra" / "overrides.yaml"
+    if not path.exists():
+        return []
+    import yaml
+
+    return list(yaml.safe_load(path.read_text()) or [])
+
+
+def fmt(x: Any, digits: int = 4) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if isinstance(x, float):
+        if not math.isfinite(x):
+            return str(x)
+        return f"{x:.{digits}g}"
+    if isinstance(x, str) and x in ("nan", "inf", "-inf"):
+        return x
+    return str(x)
+
+
+def table(header: list[str], rows: list[list[Any]]) -> str:
+    """A Markdown table; a '|' inside a cell is escaped."""
+
+    def cell(v: Any) -> str:
+        return fmt(v).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(cell(h) for h in header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _write_csv(path: Path, runs: list[dict[str, Any]]) -> None:
+    label_keys = sorted({k for r in runs for k in r.get("labels", {})})
+    with open(path / CSV, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["name", *label_keys, *CSV_FIELDS, "overrides"])
+        for r in runs:
+            s = r["summary"]
+            w.writerow(
+                [
+                    r["name"],
+                    *(r["labels"].get(k) for k in label_keys),
+                    *(s.get(k) for k in CSV_FIELDS),
+                    " ".join(r.get("overrides", [])),
+                ]
+            )
+
+
+def _loss_curves(path: Path, runs: list[dict[str, Any]], limit: int = 12) -> str | None:
+    shown = [r for r in runs if read_metrics(r["dir"])][:limit]
+    if not shown:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in shown:
+        points = [(m["step"], m["train/loss"]) for m in read_metrics(r["dir"]) if "train/loss" in m]
+        points = [(s, v) for s, v in points if isinstance(v, float) and math.isfinite(v)]
+        if points:
+            ax.plot(*zip(*points, strict=True), label=r["name"])
+    ax.set(xlabel="step", ylabel="train loss (all-reduced, per item)", yscale="log")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    name = "loss_curves.png"
+    fig.savefig(path / name, dpi=110)
+    plt.close(fig)
+    return name
+
+
+def write_report(path: Path) -> Path:
+    """Write report.md (with runs.csv and plots) into ``path`` and return its path."""
+    path = Path(path)
+    runs = _runs_of(path)
+    if not runs:
+        raise FileNotFoundError(f"{path} holds no run (no {SUMMARY} in it or its sub-folders)")
+    _write_csv(path, runs)
+    parts = []
+    spec_path = path / "study.json"
+    if spec_path.exists():
+        spec = json.loads(spec_path.read_text())
+        title = f"# Study: {spec['study']}" + (" (quick variant)" if spec["quick"] else "")
+        module = importlib.import_module(f"ddp_reduce.studies.{spec['study']}")
+        parts += [title, "", module.analyze(path, spec["spec"], runs)]
+    else:
+        parts.append(f"# Runs in {path}")
+    counts: dict[str, int] = {}
+    for r in runs:
+        counts[r["summary"].get("status", "?")] = counts.get(r["summary"].get("status", "?"), 0) + 1
+    parts += [
+        "",
+        "## All runs",
+        "",
+        f"{len(runs)} runs: "
+        + ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+        + f". Every run's numbers: [{CSV}]({CSV}); TensorBoard (HParams view): "
+        f"`tensorboard --logdir {path} --host 127.0.0.1`.",
+        "",
+    ]
+    rows = []
+    for r in runs:
+        s = r["summary"]
+        rows.append(
+            [
+                r["name"],
+                s.get("status"),
+                f"{s.get('reduce_loss')}/{s.get('reduce_op')}",
+                s.get("world_size"),
+                s.get("global_batch_size"),
+                s.get("grad_scale"),
+                s.get("final_train_loss"),
+                s.get("final_eval_accuracy"),
+            ]
+        )
+    if len(rows) <= 60:
+        parts.append(
+            table(
+                ["run", "status", "loss/op", "W", "N", "c", "final train loss", "eval accuracy"],
+                rows,
+            )
+        )
+    curves = _loss_curves(path, runs) if not spec_path.exists() else None
+    if curves:
+        parts += ["", f"![training loss]({curves})"]
+    text = "\n".join(parts) + "\n"
+    (path / REPORT).write_text(text)
+    return path / REPORT
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="ddp-reduce report", description=__doc__.split("\n\n")[0])
+    p.add_argument("path", type=Path, help="a study, sweep or run directory")
+    a = p.parse_args(argv)
+    if not a.path.is_dir():
+        p.error(f"{a.path} is not a directory")
+    try:
+        out = write_report(a.path)
+    except FileNotFoundError as exc:
+        print(f"ddp-reduce: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"ddp-reduce: report: {out}")
+    return 0
