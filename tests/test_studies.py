@@ -78,7 +78,7 @@ def test_lr_batch_optimum_is_the_same_step_in_c1_units(studies):
         if r["global_batch"] == "1":
             n1.setdefault(r["lr"], set()).add(r["final_train_loss"])
     assert n1 and all(len(v) == 1 for v in n1.values())
-    assert "best lr x c" in report
+    assert "optimum lr x c" in report and "lr_opt(N) = lr_max/(1 + B/N)" in report
 
 
 def test_noise_scale_report_has_the_fit_inputs(studies):
@@ -93,3 +93,17 @@ def test_report_regenerates_from_the_directory(studies):
     (out / "report.md").unlink()
     path = write_report(out)
     assert path.read_text() == first
+
+
+def test_analysis_fits_recover_known_curves():
+    from ddp_reduce.studies.lr_batch import fit_knee, interpolated_optimum
+    from ddp_reduce.studies.noise_scale import fit_critical_batch
+
+    # a parabola in log-log sampled on a decade grid: the vertex is found between grid points
+    pts = [(lr, math.exp((math.log(lr) - math.log(0.3)) ** 2)) for lr in (0.01, 0.1, 1.0, 10.0)]
+    assert interpolated_optimum(pts) == pytest.approx(0.3, rel=1e-9)
+    assert interpolated_optimum([(0.1, 1.0), (1.0, 2.0)]) == 0.1  # at the edge: the grid point
+    lr_max, b = fit_knee([(n, 0.8 / (1 + 50 / n)) for n in (1, 4, 16, 64, 256, 1024)])
+    assert lr_max == pytest.approx(0.8, rel=0.01) and b == pytest.approx(50, rel=0.05)
+    s_min, b_crit = fit_critical_batch([(n, 20 * (1 + 100 / n)) for n in (8, 32, 128, 512)])
+    assert s_min == pytest.approx(20) and b_crit == pytest.approx(100)

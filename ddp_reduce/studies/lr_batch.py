@@ -37,6 +37,43 @@ def run(spec, runner) -> None:
                 )
 
 
+def interpolated_optimum(points: list[tuple[float, float]]) -> float | None:
+    """The lr of lowest loss: the vertex of a parabola through log(loss) against log(lr) at the
+    best grid point and its two neighbours (kept within them), or the grid point at an edge."""
+    if not points:
+        return None
+    points = sorted(points)
+    i = min(range(len(points)), key=lambda k: points[k][1])
+    if i == 0 or i == len(points) - 1:
+        return points[i][0]
+    (x0, y0), (x1, y1), (x2, y2) = (
+        (math.log(lr), math.log(loss)) for lr, loss in points[i - 1 : i + 2]
+    )
+    denom = (x0 - x1) * (x0 - x2) * (x1 - x2)
+    a = (x2 * (y1 - y0) + x1 * (y0 - y2) + x0 * (y2 - y1)) / denom
+    b = (x2**2 * (y0 - y1) + x1**2 * (y2 - y0) + x0**2 * (y1 - y2)) / denom
+    if a <= 0:
+        return points[i][0]
+    return math.exp(min(max(-b / (2 * a), x0), x2))
+
+
+def fit_knee(points: list[tuple[float, float]]) -> tuple[float, float] | None:
+    """Fit lr_opt(N) = lr_max/(1 + B/N) (McCandlish et al. 2018) in log space: B by a scan
+    over a log grid, lr_max in closed form for each B. Returns (lr_max, B), B the batch where
+    linear scaling stops."""
+    if len({n for n, _ in points}) < 2:
+        return None
+    best = None
+    for k in range(301):
+        b = 10 ** (-1 + 6 * k / 300)  # 0.1 .. 1e5
+        logs = [math.log(lr) + math.log(1 + b / n) for n, lr in points]
+        log_max = sum(logs) / len(logs)
+        sse = sum((v - log_max) ** 2 for v in logs)
+        if best is None or sse < best[0]:
+            best = (sse, math.exp(log_max), b)
+    return best[1], best[2]
+
+
 def _best(group: list[dict]) -> dict[str, Any]:
     ok = [r for r in group if not blew_up(r["summary"])]
     bad = sorted(r["labels"]["lr"] for r in group if blew_up(r["summary"]))
@@ -44,9 +81,11 @@ def _best(group: list[dict]) -> dict[str, Any]:
     c = group[0]["summary"].get("grad_scale") or 1.0
     largest_ok = max((r["labels"]["lr"] for r in ok), default=None)
     boundary = min((lr for lr in bad if largest_ok is None or lr > largest_ok), default=None)
+    curve = [(r["labels"]["lr"], r["summary"]["final_train_loss"]) for r in ok]
     return {
         "c": c,
         "best_lr": best["labels"]["lr"] if best else None,
+        "opt_lr": interpolated_optimum(curve),
         "best_loss": best["summary"]["final_train_loss"] if best else None,
         "boundary": boundary,
         "noise": (best["summary"].get("noise_scale") or {}).get("b_simple") if best else None,
@@ -62,10 +101,9 @@ def analyze(study_dir: Path, spec: dict[str, Any], runs: list[dict[str, Any]]) -
     for r in runs:
         groups.setdefault((r["labels"]["mode"], r["labels"]["global_batch"]), []).append(r)
     results = {key: _best(g) for key, g in groups.items()}
+    order = sorted(results.items(), key=lambda kv: (spec["modes"].index(kv[0][0]), kv[0][1]))
     rows = []
-    for (mode, n), b in sorted(
-        results.items(), key=lambda kv: (spec["modes"].index(kv[0][0]), kv[0][1])
-    ):
+    for (mode, n), b in order:
         c = b["c"]
         rows.append(
             [
@@ -73,7 +111,7 @@ def analyze(study_dir: Path, spec: dict[str, Any], runs: list[dict[str, Any]]) -
                 n,
                 c,
                 b["best_lr"],
-                b["best_lr"] * c if b["best_lr"] else None,
+                b["opt_lr"] * c if b["opt_lr"] else None,
                 b["boundary"],
                 b["boundary"] * c if b["boundary"] else None,
                 b["best_loss"],
@@ -81,19 +119,21 @@ def analyze(study_dir: Path, spec: dict[str, Any], runs: list[dict[str, Any]]) -
         )
     noise = [b["noise"] for (m, n), b in results.items() if finite(b["noise"]) and n > 1]
     b_simple = statistics.median(noise) if noise else None
+    # lr_opt(N) in c = 1 units, pooled over the conventions: they are the same steps
+    pooled = [(n, b["opt_lr"] * b["c"]) for (m, n), b in results.items() if b["opt_lr"]]
+    knee = fit_knee(pooled)
 
     colors = {mode: f"C{i}" for i, mode in enumerate(spec["modes"])}
-    # optimal lr in c = 1 units against N, with linear and square-root references
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     for mode in spec["modes"]:
-        pts = sorted((n, b) for (m, n), b in results.items() if m == mode and b["best_lr"])
+        pts = sorted((n, b) for (m, n), b in results.items() if m == mode and b["opt_lr"])
         if not pts:
             continue
         ns, col = [n for n, _ in pts], colors[mode]
         axes[0].plot(
-            ns, [b["best_lr"] * b["c"] for _, b in pts], "o-", color=col, label=f"{mode} (lr x c)"
+            ns, [b["opt_lr"] * b["c"] for _, b in pts], "o-", color=col, label=f"{mode} (lr x c)"
         )
-        axes[1].plot(ns, [b["best_lr"] for _, b in pts], "o-", color=col, label=f"{mode} best")
+        axes[1].plot(ns, [b["opt_lr"] for _, b in pts], "o-", color=col, label=f"{mode} best")
         bnd = [(n, b["boundary"]) for n, b in pts if b["boundary"]]
         if bnd:
             axes[1].plot(
@@ -104,22 +144,32 @@ def analyze(study_dir: Path, spec: dict[str, Any], runs: list[dict[str, Any]]) -
                 alpha=0.6,
                 label=f"{mode} divergence",
             )
-    ref = sorted((n, b) for (m, n), b in results.items() if m == spec["modes"][0] and b["best_lr"])
-    if ref:
-        n0, b0 = ref[0]
-        lr0 = b0["best_lr"] * b0["c"]
-        xs = [n for n, _ in ref]
-        axes[0].plot(xs, [lr0 * n / n0 for n in xs], ":", color="gray", label="linear (lr ~ N)")
+    ns = sorted({n for n, _ in pooled})
+    if ns and knee:
+        lr_max, b_knee = knee
+        small = lr_max / (1 + b_knee / ns[0])
         axes[0].plot(
-            xs,
-            [lr0 * math.sqrt(n / n0) for n in xs],
+            ns, [small * n / ns[0] for n in ns], ":", color="gray", label="linear (lr ~ N)"
+        )
+        axes[0].plot(
+            ns,
+            [small * math.sqrt(n / ns[0]) for n in ns],
             "--",
             color="gray",
             label="square root (lr ~ sqrt N)",
         )
+        axes[0].plot(
+            ns,
+            [lr_max / (1 + b_knee / n) for n in ns],
+            "-",
+            color="black",
+            alpha=0.5,
+            label=f"fit lr_max/(1 + B/N), B ~ {b_knee:.0f}",
+        )
     if b_simple:
-        label = f"measured B_simple ~ {b_simple:.0f}"
-        axes[0].axvline(b_simple, color="red", alpha=0.6, label=label)
+        axes[0].axvline(
+            b_simple, color="red", alpha=0.6, label=f"measured B_simple ~ {b_simple:.0f}"
+        )
     titles = ("best lr in c = 1 units", "best raw lr, and where runs diverge")
     for ax, title in zip(axes, titles, strict=True):
         ax.set(xscale="log", yscale="log", xlabel="global batch N", ylabel="lr", title=title)
@@ -150,34 +200,22 @@ def analyze(study_dir: Path, spec: dict[str, Any], runs: list[dict[str, Any]]) -
     fig.savefig(study_dir / "loss_vs_lr.png", dpi=110)
     plt.close(fig)
 
-    # where linear scaling stops: the first step in N where the best lr (c = 1) grows slower
-    # than the square root of N
-    mm = [
-        (n, b["best_lr"] * b["c"])
-        for (m, n), b in sorted(results.items())
-        if m == spec["modes"][0] and b["best_lr"]
-    ]
-    stop = None
-    for (n1, l1), (n2, l2) in zip(mm, mm[1:], strict=False):
-        growth = math.log(l2 / l1) / math.log(n2 / n1)  # exponent: 1 linear, 0.5 sqrt, 0 flat
-        if growth < 0.5:
-            stop = (n1, n2, growth)
-            break
     text = [
         f"{spec['steps']} SGD steps per run, lr on a log grid ({spec['lr']['per_decade']} per "
-        f"decade from {spec['lr']['low']:g} to {spec['lr']['high']:g}); "
-        "best = lowest final training-set loss among runs that did not blow up; divergence "
-        "boundary = the smallest lr above the largest stable one that blew up (NaN/inf, or "
-        "ended above its initial loss). c is the run's factor: the raw lr of sum/sum must "
-        "shrink like 1/N, and lr x c is the step in c = 1 units.",
+        f"decade from {spec['lr']['low']:g} to {spec['lr']['high']:g}). Best lr: the grid "
+        "point with the lowest final training-set loss among runs that did not blow up; "
+        "optimum: the vertex of a parabola through it and its neighbours (log loss against "
+        "log lr). Divergence boundary: the smallest lr above the largest stable one that blew "
+        "up (NaN/inf, or ended above its initial loss). c is the run's factor: the raw lr of "
+        "sum/sum must shrink like 1/N, and lr x c is the step in c = 1 units.",
         "",
         table(
             [
                 "mode",
                 "N",
                 "c",
-                "best lr",
-                "best lr x c",
+                "best lr (grid)",
+                "optimum lr x c",
                 "divergence lr",
                 "divergence lr x c",
                 "best final loss",
@@ -185,15 +223,18 @@ def analyze(study_dir: Path, spec: dict[str, Any], runs: list[dict[str, Any]]) -
             rows,
         ),
         "",
-        f"Measured gradient noise scale (median over the best runs, W=2): "
-        f"B_simple ~ {b_simple:.0f}."
-        if b_simple
-        else "No noise-scale estimate (W=1 only).",
     ]
-    if stop:
+    if knee:
         text.append(
-            f"Scaling of the best lr (c = 1 units) with N flattens between N={stop[0]} and "
-            f"N={stop[1]} (local exponent {stop[2]:.2f}; 1 = linear, 0.5 = square root)."
+            f"Fit of the optima (c = 1 units, all conventions) to lr_opt(N) = lr_max/(1 + B/N): "
+            f"lr_max = {knee[0]:.3g}, B = {knee[1]:.0f}. Below B the best lr grows about "
+            "linearly with N (the linear scaling rule); above it, it saturates at lr_max."
+        )
+    if b_simple:
+        ratio = f" (fitted B / B_simple = {knee[1] / b_simple:.2f})" if knee else ""
+        text.append(
+            f"Measured gradient noise scale (median over the best runs at W=2): "
+            f"B_simple ~ {b_simple:.0f}{ratio}."
         )
     text += [
         "",

@@ -111,6 +111,14 @@ def analyze(study_dir: Path, spec: dict[str, Any], runs: list[dict[str, Any]]) -
 
     late = [v for s, v in curve[len(curve) // 2 :]] if curve else []
     b_simple = sorted(late)[len(late) // 2] if late else None
+    # B_simple where the trace run's (all-reduced batch) loss first reaches the target: the
+    # point of training that the steps-to-target fit describes
+    at_target = None
+    if trace:
+        for m in read_metrics(trace["dir"]):
+            if finite(m.get("train/loss")) and m["train/loss"] <= spec["target_loss"]:
+                at_target = (m["step"], m.get("noise/b_simple"))
+                break
     lines = [
         f"Target: loss {spec['target_loss']} on the whole training set (checked every "
         f"{spec['eval_every']} steps, at most {spec['max_steps']} steps); for each global batch "
@@ -132,6 +140,13 @@ def analyze(study_dir: Path, spec: dict[str, Any], runs: list[dict[str, Any]]) -
         )
     else:
         lines.append("Too few batches reached the target to fit S(N).")
+    if at_target and finite(at_target[1]):
+        ratio = f" (B_crit / B_simple = {fit[1] / at_target[1]:.2f})" if fit else ""
+        lines.append(
+            f"B_simple when the trace run's training loss first reaches {spec['target_loss']} "
+            f"(step {at_target[0]}): {at_target[1]:.0f}{ratio}. The noise scale grows as the "
+            "loss falls, so B_crit is to be compared with B_simple at the target."
+        )
     if b_simple:
         ratio = f" (B_crit / B_simple = {fit[1] / b_simple:.2f})" if fit else ""
         lines.append(

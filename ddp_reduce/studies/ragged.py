@@ -36,53 +36,33 @@ def _grad(model, data, idx, mean_over: list[torch.Tensor] | None = None) -> torc
 
 
 def gradient_bias(spec: dict[str, Any]) -> list[list[Any]]:
-    """|g - G| / |G| at the initial weights, g a mean of per-rank (or per-micro-batch) means."""
+    """|g - G| / |G| at the initial weights, g a mean of per-part means, for each layout: W
+    ranks' means, and the accumulation bug (A micro-batches, each averaged over its own tokens,
+    then divided by A: the same arithmetic over A parts)."""
     cfg = load_config(compose_config(list(spec["common"]))[0])
     data = load_dataset(cfg.data)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, data, cfg.data.max_len)
-    b = spec["bias"]["sequences_per_rank"]
-    rows = []
-    for w in spec["bias"]["world_sizes"]:
-        sampler = GlobalBatchSampler(len(data.train), w * b, cfg.seed, cfg.data.last_batch)
-        errors, spreads = [], []
-        for t in range(spec["bias"]["steps"]):
-            idx = sampler.global_batch(t)
-            shares = list(torch.tensor_split(idx, w))
-            g_true = _grad(model, data, idx)
-            g_mm = _grad(model, data, idx, mean_over=shares)
-            errors.append(float((g_mm - g_true).norm() / g_true.norm()))
-            counts = [data.train.items(s) for s in shares]
-            spreads.append(max(counts) / min(counts))
-        rows.append(
-            [
-                f"mean of {w} ranks' means ({b} sequences each)",
-                statistics.mean(spreads),
-                statistics.mean(errors),
-                max(errors),
-            ]
-        )
-    # the 2024 accumulation bug: one rank, A micro-batches, each averaged over its own tokens,
-    # then divided by A
-    a = spec["bias"]["accum_steps"]
-    sampler = GlobalBatchSampler(len(data.train), a * b, cfg.seed, cfg.data.last_batch)
-    errors, spreads = [], []
-    for t in range(spec["bias"]["steps"]):
-        idx = sampler.global_batch(t)
-        micro = list(torch.tensor_split(idx, a))
-        g_true = _grad(model, data, idx)
-        g_bug = _grad(model, data, idx, mean_over=micro)
-        errors.append(float((g_bug - g_true).norm() / g_true.norm()))
-        counts = [data.train.items(m) for m in micro]
-        spreads.append(max(counts) / min(counts))
-    rows.append(
-        [
-            f"accumulation bug: {a} micro-batches of {b}, each its own mean, then / {a}",
-            statistics.mean(spreads),
-            statistics.mean(errors),
-            max(errors),
-        ]
+    b, steps, a = (spec["bias"][k] for k in ("sequences_per_rank", "steps", "accum_steps"))
+    layouts = [
+        (w, f"mean of {w} ranks' means ({b} sequences each)") for w in spec["bias"]["world_sizes"]
+    ]
+    layouts.append(
+        (a, f"accumulation bug: {a} micro-batches of {b}, each its own mean, then / {a}")
     )
+    rows = []
+    for parts_n, label in layouts:
+        sampler = GlobalBatchSampler(len(data.train), parts_n * b, cfg.seed, cfg.data.last_batch)
+        errors, spreads = [], []
+        for t in range(steps):
+            idx = sampler.global_batch(t)
+            parts = list(torch.tensor_split(idx, parts_n))
+            g_true = _grad(model, data, idx)
+            g_parts = _grad(model, data, idx, mean_over=parts)
+            errors.append(float((g_parts - g_true).norm() / g_true.norm()))
+            counts = [data.train.items(p) for p in parts]
+            spreads.append(max(counts) / min(counts))
+        rows.append([label, statistics.mean(spreads), statistics.mean(errors), max(errors)])
     return rows
 
 
