@@ -26,7 +26,13 @@ import argparse
 import math
 from dataclasses import dataclass, replace
 
-from ddp_reduce.reduction import LossReduction, ReduceOp, check_combination, nominal_scale
+from ddp_reduce.reduction import (
+    LossReduction,
+    ReduceImpl,
+    ReduceOp,
+    check_combination,
+    nominal_scale,
+)
 
 EXACT, APPROX = "exact", "approximate"
 RULES = ("none", "linear", "sqrt", "adam_sqrt")
@@ -113,7 +119,7 @@ def convert(
         allowed = [m.name for m in (LossReduction if name == "loss" else ReduceOp)]
         if value not in allowed:
             raise ValueError(f"--to {name}={value} is not one of {allowed}")
-    why_not = check_combination(LossReduction[loss], ReduceOp[op], _hook())
+    why_not = check_combination(LossReduction[loss], ReduceOp[op], ReduceImpl.hook)
     if why_not:
         raise ValueError(why_not)
     if rule not in RULES:
@@ -215,13 +221,14 @@ def convert(
             "x k: clipping sees c*|G|; kept, it would clip at another norm" if clip else "none",
         )
     )
+    if k == 1:  # same convention: nothing is multiplied
+        knobs = [
+            replace(kn, why="unchanged: the same c" + batch_note)
+            if kn.why.startswith("x k")
+            else kn
+            for kn in knobs
+        ]
     return replace(dst, clip_norm=clip), knobs
-
-
-def _hook():
-    from ddp_reduce.reduction import ReduceImpl
-
-    return ReduceImpl.hook
 
 
 def _fmt(value: object) -> str:
@@ -247,8 +254,9 @@ def render(src: Setting, dst: Setting, knobs: list[Knob]) -> str:
         "|---|---|---|---|---|",
     ]
     for kn in knobs:
+        why = kn.why.replace("|", "\\|")  # a Markdown table cell
         lines.append(
-            f"| {kn.name} | {_fmt(kn.source)} | {_fmt(kn.target)} | {kn.verdict} | {kn.why} |"
+            f"| {kn.name} | {_fmt(kn.source)} | {_fmt(kn.target)} | {kn.verdict} | {why} |"
         )
     lines += ["", "run the target with:", "  ddp-reduce " + " ".join(dst.overrides())]
     return "\n".join(lines)
@@ -325,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(
                 f"--from {src.loss}/{src.op}: loss is sum|mean, op is sum|mean|global_mean"
             )
-        why = check_combination(LossReduction[src.loss], ReduceOp[src.op], _hook())
+        why = check_combination(LossReduction[src.loss], ReduceOp[src.op], ReduceImpl.hook)
         if why:
             raise ValueError(why)
         dst, knobs = convert(src, *a.dst, a.to_world_size, a.to_batch_size, a.to_accum, a.rule)
