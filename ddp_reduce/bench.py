@@ -30,7 +30,6 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from ddp_reduce.config import Device, DistConfig, load_config
 from ddp_reduce.distributed import DistContext, available_cores
 from ddp_reduce.models import build_model, loss_sums
-from ddp_reduce.noise import NoiseScaleEstimator
 from ddp_reduce.pool import RankPool
 from ddp_reduce.sysinfo import peak_rss_mb, rss_mb
 from ddp_reduce.train import compose_config
@@ -75,18 +74,13 @@ class _Stepper:
 
     def __init__(self, cfg_dict: dict, ctx: DistContext):
         self.trainer = Trainer(load_config(cfg_dict), ctx)
-        self.noise = NoiseScaleEstimator(0.95, len(self.trainer.train_split))
         self.step = 0
 
     def __call__(self) -> None:
         self.step += 1
-        t = self.trainer
-        out = t.forward_backward(self.step)
-        if out.small_batch is not None:
-            b_small, small_sq = out.small_batch
-            big_sq = (out.grad_norm.item() / out.scale.c) ** 2
-            self.noise.update(b_small, out.global_items, small_sq, big_sq)
-        t.optimizer_step(out)
+        out = self.trainer.forward_backward(self.step)
+        self.trainer.observe_noise(out)
+        self.trainer.optimizer_step(out)
 
     def close(self) -> None:
         self.trainer.close()

@@ -203,5 +203,9 @@ class GlobalBatchSampler:
         With a full batch rank r holds items [r·b·A, (r+1)·b·A) and micro-step a the b items from
         a·b. A ragged batch is split as evenly as possible (earlier slices one item longer).
         """
-        shares = torch.tensor_split(self.global_batch(step), world_size)
-        return list(torch.tensor_split(shares[rank], accum_steps))
+        share = self.rank_shares(step, world_size)[rank]
+        return list(torch.tensor_split(share, accum_steps))
+
+    def rank_shares(self, step: int, world_size: int) -> tuple[torch.Tensor, ...]:
+        """Every rank's contiguous slice of the global batch of step t."""
+        return torch.tensor_split(self.global_batch(step), world_size)

@@ -28,7 +28,7 @@ from ddp_reduce.config import BatchGeometry, RunConfig, batch_geometry, to_dict
 from ddp_reduce.data import Dataset, GlobalBatchSampler, Split, Task, load_dataset
 from ddp_reduce.distributed import DistContext
 from ddp_reduce.models import build_model, loss_sums
-from ddp_reduce.noise import NoiseScaleEstimator
+from ddp_reduce.noise import NoiseEstimate, NoiseScaleEstimator
 from ddp_reduce.optim import build_optimizer, build_schedule, effective_optim
 from ddp_reduce.rundir import (
     SUMMARY,
@@ -150,11 +150,22 @@ class Trainer:
         self.optimizer = build_optimizer(cfg.optim, self.model, self.geom.global_batch_size)
         self.schedule = build_schedule(cfg.optim, self.optimizer, cfg.train.steps)
         self.noise_source, self.noise_unavailable = _noise_source(cfg, ctx.world_size)
+        # Items are drawn without replacement; for tokens (lm) whole sequences are: no correction.
+        population = None if self.data.task is Task.lm else len(self.train_split)
+        self.noise = NoiseScaleEstimator(cfg.noise.beta, population)
 
     def items_per_rank(self, step: int) -> list[int]:
         """Every rank's item count of step ``step``: the sampler is global, so each rank knows."""
-        shares = torch.tensor_split(self.sampler.global_batch(step - 1), self.ctx.world_size)
+        shares = self.sampler.rank_shares(step - 1, self.ctx.world_size)
         return [self.train_split.items(share) for share in shares]
+
+    def observe_noise(self, outcome: StepOutcome) -> NoiseEstimate | None:
+        """Feed a step's two batch sizes to the noise-scale estimate (c = 1 units)."""
+        if outcome.small_batch is None:
+            return None
+        b_small, small_sq = outcome.small_batch
+        big_sq = (outcome.grad_norm.item() / outcome.scale.c) ** 2
+        return self.noise.update(b_small, outcome.global_items, small_sq, big_sq)
 
     def forward_backward(self, step: int, log: bool = False) -> StepOutcome:
         """Step ``step`` (1-based) up to the reduced gradient; the optimizer is not touched.
@@ -253,6 +264,7 @@ class Trainer:
             "schedule": self.schedule.state_dict(),
             "rng": every_rng,
             "tally": tally.state_dict(),
+            "noise": self.noise.state_dict(),
         }
 
     def restore(self, state: dict[str, Any], tally: _Tally) -> None:
@@ -266,6 +278,7 @@ class Trainer:
         if "cuda" in rng and self.ctx.device.type == "cuda":
             torch.cuda.set_rng_state(rng["cuda"], self.ctx.device)
         tally.load_state_dict(state["tally"])
+        self.noise.load_state_dict(state["noise"])
 
     def _poisoned(self, step: int) -> bool:
         fault = self.cfg.fault
@@ -303,10 +316,7 @@ def train(
         write_config(run_dir, to_dict(cfg))
     status, diverged_at = "completed", None
     tally, window = _Tally(), _Window()
-    # Items are drawn without replacement; for tokens (lm) whole sequences are, so no correction.
-    population = None if trainer.data.task is Task.lm else len(trainer.train_split)
-    noise = NoiseScaleEstimator(cfg.noise.beta, population)
-    resumed_from = _resume(trainer, run_dir, tally, noise)
+    resumed_from = _resume(trainer, run_dir, tally)
     steps_done = resumed_from or 0
     progress = None
     if ctx.is_main and tc.progress and sys.stderr.isatty():
@@ -343,11 +353,7 @@ def train(
             if ctx.device.type == "cuda":
                 torch.cuda.synchronize(ctx.device)
             window.add(time.perf_counter() - t0, outcome.global_items)
-            noise_now = None
-            if outcome.small_batch is not None:
-                b_small, small_sq = outcome.small_batch
-                big_sq = (outcome.grad_norm.item() / outcome.scale.c) ** 2
-                noise_now = noise.update(b_small, outcome.global_items, small_sq, big_sq)
+            noise_now = trainer.observe_noise(outcome)
 
             scalars: dict[str, float | None] = {}
             if log_now:
@@ -389,7 +395,6 @@ def train(
                 logger.log(step, scalars)
             if tc.checkpoint_every and step % tc.checkpoint_every == 0:
                 state = trainer.checkpoint_state(step, tally)
-                state["noise"] = noise.state_dict()
                 if ctx.is_main:
                     checkpoint.save(run_dir, state, tc.keep_checkpoints)
             if progress is not None:
@@ -438,7 +443,7 @@ def train(
             "target_loss": tc.target_loss,
             "steps_to_target": steps_to_target,
             "optim_effective": asdict(effective_optim(cfg.optim, geom.global_batch_size)),
-            **_noise_summary(trainer, noise),
+            **_noise_summary(trainer),
             "wall_time_s": time.perf_counter() - start,
             "device": str(ctx.device),
             "backend": ctx.backend,
@@ -466,9 +471,7 @@ def train(
         trainer.close()
 
 
-def _resume(
-    trainer: Trainer, run_dir: Path, tally: _Tally, noise: NoiseScaleEstimator
-) -> int | None:
+def _resume(trainer: Trainer, run_dir: Path, tally: _Tally) -> int | None:
     """Restore the newest valid checkpoint of this run, if any; returns its step.
 
     Rank 0 reads and verifies it (weights only) and broadcasts it, so the other ranks, on other
@@ -497,7 +500,6 @@ def _resume(
     if found[0] is None:
         return None
     trainer.restore(found[0], tally)
-    noise.load_state_dict(found[0]["noise"])
     return found[0]["step"]
 
 
@@ -514,10 +516,10 @@ def _noise_source(cfg: RunConfig, world_size: int) -> tuple[str | None, str | No
     return None, "one batch size only: needs W >= 2 or train.accum_steps >= 2"
 
 
-def _noise_summary(trainer: Trainer, noise: NoiseScaleEstimator) -> dict[str, Any]:
-    if trainer.noise_source is None or noise.state_dict()["weight"] == 0:
+def _noise_summary(trainer: Trainer) -> dict[str, Any]:
+    if trainer.noise_source is None or trainer.noise.state_dict()["weight"] == 0:
         return {"noise_scale": None, "noise_unavailable": trainer.noise_unavailable}
-    est = noise.estimate()
+    est = trainer.noise.estimate()
     return {
         "noise_scale": {
             "b_simple": est.b_simple,
