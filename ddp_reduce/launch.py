@@ -7,9 +7,13 @@ rank 0 under torchrun, which broadcasts it, so the ranks never each make one fro
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 import traceback
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +46,31 @@ def validate(cfg_dict: dict, world_size: int, local_world_size: int | None = Non
     return cfg
 
 
+class Terminated(RuntimeError):
+    """The launcher stopped this rank (SIGTERM), usually because another rank failed."""
+
+
+@contextmanager
+def _sigterm_as_error() -> Iterator[None]:
+    """Turn SIGTERM into an exception, so a stopped run still records ``status: failed``.
+
+    torchrun and the elastic agent stop the surviving ranks with SIGTERM when one dies; by
+    default Python would exit at once, leaving no summary behind.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise Terminated("stopped by SIGTERM (the launcher stops every rank when one fails)")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_job(ctx: DistContext, cfg_dict: dict, run_dir: str) -> dict[str, Any] | None:
     """One run in an existing process group. Returns the summary on rank 0, None elsewhere."""
     cfg = load_config(cfg_dict)
@@ -49,7 +78,8 @@ def run_job(ctx: DistContext, cfg_dict: dict, run_dir: str) -> dict[str, Any] | 
     dist.broadcast_object_list(agreed, src=0)  # the run directory is rank 0's
     path = Path(agreed[0])
     try:
-        summary = train(cfg, path, ctx)
+        with _sigterm_as_error():
+            summary = train(cfg, path, ctx)
     except Exception as exc:
         if ctx.is_main:
             write_json(

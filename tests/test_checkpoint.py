@@ -155,3 +155,40 @@ def test_lost_rank_without_restarts_ends_the_run_nonzero_and_named(tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "failed"
     assert not (run / "model.pt").exists()
+
+
+def test_a_rank_stopped_by_sigterm_records_a_failed_run(tmp_path):
+    """What torchrun does to the surviving ranks when one dies: the run says it failed."""
+    import signal
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO, project_env
+
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "ddp_reduce.train",
+            "train.steps=1000000",
+            "train.log_every=1",
+            "train.eval_every=0",
+            f"hydra.run.dir={run}",
+        ],
+        cwd=REPO,
+        env=project_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (metrics.exists() and metrics.stat().st_size):
+        time.sleep(0.2)  # polls for the run to have started; the signal is what is tested
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "failed" and "SIGTERM" in summary["error"]
+    assert not (run / "model.pt").exists()
