@@ -1,3 +1,31 @@
-"""ddp_reduce: sum or mean? The gradient reduction of data-parallel training, made explicit."""
+"""ddp_reduce: sum or mean? The gradient reduction of data-parallel training, made explicit.
+
+The public API (everything else is private):
+
+    reducer = ddp_reduce.attach(ddp_model, loss="sum", op="global_mean", noise=True)
+    scale = reducer.loss_scale(local_items)       # multiply this rank's summed loss by it
+    reducer.last_step                             # c, exact, global_items, the noise scale
+    ddp_reduce.convert(ddp_reduce.Setting(...), to="mean/mean")   # per-knob rows, as data
+
+Names are imported on first use, so ``ddp-reduce convert`` never loads torch.
+"""
 
 __version__ = "0.1.0"
+
+_API = {
+    "attach": "ddp_reduce.reducer",
+    "Reducer": "ddp_reduce.reducer",
+    "StepReport": "ddp_reduce.reducer",
+    "convert": "ddp_reduce.analysis.convert",
+    "Setting": "ddp_reduce.analysis.convert",
+    "Conversion": "ddp_reduce.analysis.convert",
+}
+__all__ = ["__version__", *_API]
+
+
+def __getattr__(name: str):
+    if name in _API:
+        import importlib
+
+        return getattr(importlib.import_module(_API[name]), name)
+    raise AttributeError(f"module 'ddp_reduce' has no attribute {name!r}")

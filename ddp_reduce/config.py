@@ -14,7 +14,15 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from ddp_reduce.reduction import LossReduction, ReduceImpl, ReduceOp, check_combination
+from ddp_reduce.reduction import (
+    CommDtype,
+    LossReduction,
+    ReduceImpl,
+    ReduceOp,
+    check_combination,
+    parse_predivide,
+)
+from ddp_reduce.scaling import LrScaling
 
 
 class ConfigError(ValueError):
@@ -40,22 +48,9 @@ def _non_negative(key: str, value: float | int) -> None:
 
 
 # OmegaConf matches an Enum by member *name*: the names are the values users type.
-class DataName(Enum):
-    digits = "digits"
-    linear = "linear"
-    sequences = "sequences"
-
-
 class LastBatch(Enum):
     drop = "drop"  # an epoch's final partial global batch is skipped
     keep = "keep"  # ... or used as it is, smaller (ragged); never padded with duplicated items
-
-
-class ModelName(Enum):
-    linear = "linear"
-    mlp = "mlp"
-    cnn = "cnn"
-    seq = "seq"
 
 
 class SeqArch(Enum):
@@ -67,15 +62,6 @@ class OptimName(Enum):
     sgd = "sgd"
     adam = "adam"
     adamw = "adamw"
-
-
-class LrScaling(Enum):
-    """How lr (and Adam's betas, eps) follow the global batch N, from optim.base_batch_size."""
-
-    none = "none"
-    linear = "linear"  # lr x k (Goyal et al. 2017), k = N / base_batch_size
-    sqrt = "sqrt"  # lr x sqrt(k) (Krizhevsky 2014; Hoffer et al. 2017)
-    adam_sqrt = "adam_sqrt"  # lr x sqrt(k), beta -> 1 - k(1 - beta), eps -> eps / sqrt(k)
 
 
 class Schedule(Enum):
@@ -98,7 +84,7 @@ class Backend(Enum):
 
 @dataclass
 class DataConfig:
-    name: DataName = DataName.digits
+    name: str = "digits"  # a key of ddp_reduce.data.DATASETS
     # b: items (samples, or sequences for `sequences`) per rank per micro-step.
     batch_size: int = 32
     # N: when set, b is derived as N / (W·A), which must divide exactly.
@@ -147,7 +133,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: ModelName = ModelName.mlp
+    name: str = "mlp"  # a key of ddp_reduce.models.MODELS
     hidden: list[int] = field(default_factory=lambda: [64])  # mlp; cnn's classifier
     channels: list[int] = field(default_factory=lambda: [16, 32])  # cnn
     batch_norm: bool = False  # mlp, cnn
@@ -183,7 +169,7 @@ class ModelConfig:
 class OptimConfig:
     name: OptimName = OptimName.sgd
     lr: float = 0.1
-    momentum: float = 0.0  # sgd (PyTorch's heavy-ball convention)
+    momentum: float = 0.9  # sgd (PyTorch's heavy-ball convention)
     nesterov: bool = False  # sgd
     # Added to the gradient by the optimizer, *after* the reduction: under c·G it acts as λ/c.
     weight_decay: float = 0.0
@@ -241,17 +227,39 @@ class ReduceConfig:
     loss: LossReduction = LossReduction.mean  # inside a rank, over its items of the whole step
     op: ReduceOp = ReduceOp.mean  # across ranks
     impl: ReduceImpl = ReduceImpl.hook
+    # What the gradients travel in during the all-reduce (cast back for the optimizer).
+    dtype: CommDtype = CommDtype.fp32
+    # Where the division by the op's divisor happens: before the all-reduce (full), split
+    # (sqrt), after (none), or a number: divide by it before and by divisor/it after.
+    predivide: str = "full"
 
     def __post_init__(self) -> None:
         why = check_combination(self.loss, self.op, self.impl)
         require(why is None, "reduce.op", self.op, why or "")
+        try:
+            parse_predivide(self.predivide)
+        except ValueError as exc:
+            raise ConfigError("reduce.predivide", self.predivide, str(exc)) from None
+        require(
+            self.impl is not ReduceImpl.builtin or self.dtype is CommDtype.fp32,
+            "reduce.dtype",
+            self.dtype,
+            "fp32 with reduce.impl=builtin (DDP's own path casts nothing); bf16 and fp16 "
+            "need reduce.impl=hook",
+        )
+        require(
+            self.impl is not ReduceImpl.builtin or self.predivide == "full",
+            "reduce.predivide",
+            self.predivide,
+            "full with reduce.impl=builtin (DDP divides before its all-reduce)",
+        )
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 200  # optimizer steps
+    steps: int = 300  # optimizer steps
     accum_steps: int = 1  # A: micro-steps per optimizer step
-    eval_every: int = 50  # steps between evaluations (0: only at the end)
+    eval_every: int = 100  # steps between evaluations (0: only at the end)
     log_every: int = 10  # steps between logged metrics
     overwrite: bool = False  # allow a run directory that already holds a completed run
     progress: bool = True  # progress bar on rank 0 when attached to a terminal
@@ -276,7 +284,7 @@ class TrainConfig:
 @dataclass
 class DistConfig:
     nproc: int = 2  # ranks started by `ddp-reduce` (torchrun's --nproc-per-node decides there)
-    device: Device = Device.auto
+    device: Device = Device.cpu  # the backend follows: gloo on cpu, nccl on cuda
     backend: Backend = Backend.auto  # auto: nccl on cuda, gloo on cpu
     timeout_s: float = 300.0  # collective timeout: how long a rank waits for a lost peer
     threads_per_rank: int | None = None  # cpu: default cores / local ranks
@@ -331,13 +339,6 @@ class FaultConfig:
             require(getattr(self, key) >= 0, f"fault.{key}", getattr(self, key), "a rank >= 0")
 
 
-_MODELS_FOR_DATA = {
-    DataName.digits: (ModelName.linear, ModelName.mlp, ModelName.cnn),
-    DataName.linear: (ModelName.linear, ModelName.mlp),
-    DataName.sequences: (ModelName.seq,),
-}
-
-
 @dataclass
 class RunConfig:
     seed: int = 0
@@ -349,15 +350,6 @@ class RunConfig:
     dist: DistConfig = field(default_factory=DistConfig)
     noise: NoiseConfig = field(default_factory=NoiseConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
-
-    def __post_init__(self) -> None:
-        allowed = _MODELS_FOR_DATA[self.data.name]
-        require(
-            self.model.name in allowed,
-            "model",
-            self.model.name,
-            f"with data={self.data.name.name} one of {[m.name for m in allowed]}",
-        )
 
 
 def load_config(cfg: DictConfig | dict) -> RunConfig:

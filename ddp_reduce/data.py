@@ -1,14 +1,19 @@
-"""Datasets (all in memory, generated or shipped with a package) and the global-batch sampler."""
+"""Datasets (all in memory, generated or shipped with a package) and the global-batch sampler.
+
+A data set is one entry of :data:`DATASETS`: its loader and the task it poses (which decides the
+models that fit it, see :data:`ddp_reduce.models.MODELS`), plus a YAML in ``conf/data/``.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
 import numpy as np
 import torch
 
-from ddp_reduce.config import DataConfig, DataName, LastBatch
+from ddp_reduce.config import ConfigError, DataConfig, LastBatch
 
 
 class Task(Enum):
@@ -62,20 +67,29 @@ class Batch:
 
 @dataclass
 class Dataset:
-    name: DataName
+    name: str
     task: Task
     train: Split
     test: Split
     input_shape: tuple[int, ...]  # of one sample (lm: the vocabulary size, as (V,))
     num_outputs: int
+    max_len: int = 0  # lm: the longest sequence
+
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    load: Callable[[DataConfig], Dataset]
+    task: Task
 
 
 def load_dataset(cfg: DataConfig) -> Dataset:
-    if cfg.name is DataName.digits:
-        return _digits(cfg)
-    if cfg.name is DataName.linear:
-        return _linear(cfg).dataset
-    return _sequences(cfg)
+    return dataset_entry(cfg.name).load(cfg)
+
+
+def dataset_entry(name: str) -> DatasetEntry:
+    if name not in DATASETS:
+        raise ConfigError("data.name", name, f"one of {sorted(DATASETS)}")
+    return DATASETS[name]
 
 
 def _digits(cfg: DataConfig) -> Dataset:
@@ -88,7 +102,7 @@ def _digits(cfg: DataConfig) -> Dataset:
     n_test = int(round(len(x) * cfg.test_fraction))
     test, train = order[:n_test], order[n_test:]
     return Dataset(
-        DataName.digits,
+        "digits",
         Task.classification,
         Split(x[train], y[train]),
         Split(x[test], y[test]),
@@ -139,7 +153,7 @@ def _linear(cfg: DataConfig) -> LinearProblem:
         return Split(torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.float32))
 
     train, test = draw(cfg.n_train), draw(cfg.n_test)
-    ds = Dataset(DataName.linear, Task.regression, train, test, input_shape=(d,), num_outputs=1)
+    ds = Dataset("linear", Task.regression, train, test, input_shape=(d,), num_outputs=1)
     return LinearProblem(ds, eig, q, w_star, cfg.noise_std)
 
 
@@ -162,7 +176,17 @@ def _sequences(cfg: DataConfig) -> Dataset:
         return Split(torch.from_numpy(tokens), torch.from_numpy(tokens), torch.from_numpy(lengths))
 
     train, test = draw(cfg.n_train), draw(cfg.n_test)
-    return Dataset(DataName.sequences, Task.lm, train, test, input_shape=(v,), num_outputs=v)
+    return Dataset(
+        "sequences", Task.lm, train, test, input_shape=(v,), num_outputs=v, max_len=cfg.max_len
+    )
+
+
+# The built-in data sets: name -> (loader, task). A new one: an entry here and conf/data/NAME.yaml.
+DATASETS: dict[str, DatasetEntry] = {
+    "digits": DatasetEntry(_digits, Task.classification),
+    "linear": DatasetEntry(lambda cfg: _linear(cfg).dataset, Task.regression),
+    "sequences": DatasetEntry(_sequences, Task.lm),
+}
 
 
 class GlobalBatchSampler:

@@ -1,8 +1,14 @@
-"""Models, the per-item objective, and a batch norm whose statistics span all ranks."""
+"""Models, the per-item objective, and a batch norm whose statistics span all ranks.
+
+A model is one entry of :data:`MODELS`: its builder and the tasks it fits (so the models allowed
+with a data set are derived, not listed), plus a YAML in ``conf/model/``.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -10,8 +16,8 @@ import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
 from torch import nn
 
-from ddp_reduce.config import ModelConfig, ModelName, SeqArch
-from ddp_reduce.data import Batch, Dataset, Task
+from ddp_reduce.config import ConfigError, ModelConfig, SeqArch
+from ddp_reduce.data import Batch, Dataset, Task, dataset_entry
 
 
 class GlobalBatchNorm(nn.Module):
@@ -125,15 +131,42 @@ class SeqModel(nn.Module):
         return self.head(h)
 
 
-def build_model(cfg: ModelConfig, data: Dataset, max_len: int = 0) -> nn.Module:
-    n_in, n_out = data.input_shape[0], data.num_outputs
-    if cfg.name is ModelName.linear:
-        return nn.Linear(n_in, n_out)
-    if cfg.name is ModelName.mlp:
-        return _mlp(cfg, n_in, n_out)
-    if cfg.name is ModelName.cnn:
-        return DigitsCNN(cfg, n_out)
-    return SeqModel(cfg, n_out, max_len)
+@dataclass(frozen=True)
+class ModelEntry:
+    build: Callable[[ModelConfig, Dataset], nn.Module]
+    tasks: frozenset[Task]  # the data it fits
+
+
+# The built-in models: name -> (builder, tasks). A new one: an entry here and
+# conf/model/NAME.yaml; the data sets it may train on follow from its tasks.
+MODELS: dict[str, ModelEntry] = {
+    "linear": ModelEntry(
+        lambda cfg, data: nn.Linear(data.input_shape[0], data.num_outputs),
+        frozenset({Task.classification, Task.regression}),
+    ),
+    "mlp": ModelEntry(
+        lambda cfg, data: _mlp(cfg, data.input_shape[0], data.num_outputs),
+        frozenset({Task.classification, Task.regression}),
+    ),
+    "cnn": ModelEntry(
+        lambda cfg, data: DigitsCNN(cfg, data.num_outputs), frozenset({Task.classification})
+    ),
+    "seq": ModelEntry(
+        lambda cfg, data: SeqModel(cfg, data.num_outputs, data.max_len), frozenset({Task.lm})
+    ),
+}
+
+
+def check_model_for_data(model: str, data: str) -> None:
+    """Refuse a model that is unknown or does not fit the data set's task."""
+    task = dataset_entry(data).task
+    allowed = [name for name, entry in MODELS.items() if task in entry.tasks]
+    if model not in MODELS or model not in allowed:
+        raise ConfigError("model", model, f"with data={data} one of {allowed}")
+
+
+def build_model(cfg: ModelConfig, data: Dataset) -> nn.Module:
+    return MODELS[cfg.name].build(cfg, data)
 
 
 def loss_sums(task: Task, out: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:

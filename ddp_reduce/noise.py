@@ -1,6 +1,6 @@
 """The gradient noise scale B_simple = tr(Σ) / |G|², estimated online, and its exact values.
 
-Data parallelism measures the gradient at two batch sizes every step for free (DESIGN §3):
+Data parallelism measures the gradient at two batch sizes every step for free (docs/design.md §3):
 B_small items in one rank's own gradient, read in the communication hook before the all-reduce,
 and B_big = N items in the reduced gradient. In c = 1 units (mean gradients):
 
@@ -21,6 +21,7 @@ by tr(Σ)/(n − 1), which is B_simple/(n − 1) of it (7% for B_simple = 100 on
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 
 import numpy as np
 import torch
@@ -28,6 +29,31 @@ from torch import nn
 
 from ddp_reduce.data import Batch, Split, Task
 from ddp_reduce.models import loss_sums
+
+
+class NoiseSource(Enum):
+    """Where a step's smaller batch comes from."""
+
+    ranks = "ranks"  # each rank's own gradient (W >= 2), read in the communication hook
+    micro = "micro"  # the first micro-batch's gradient (one rank, A >= 2)
+
+
+def noise_source(
+    enabled: bool, world_size: int, accum_steps: int, ranks_visible: bool
+) -> tuple[NoiseSource | None, str | None]:
+    """The smaller batch of the noise-scale estimate, or why there is none.
+
+    ``ranks_visible``: the reduction sees each rank's own gradient (not DDP's own path).
+    """
+    if not enabled:
+        return None, "noise.enabled=false"
+    if world_size >= 2 and ranks_visible:
+        return NoiseSource.ranks, None
+    if accum_steps >= 2:
+        return NoiseSource.micro, None
+    if world_size >= 2:
+        return None, "reduce.impl=builtin hides the per-rank gradient, and A = 1"
+    return None, "one batch size only: needs W >= 2 or train.accum_steps >= 2"
 
 
 @dataclass

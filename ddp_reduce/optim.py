@@ -1,50 +1,27 @@
-"""Optimizer and learning-rate schedule from their config, with batch-size scaling rules."""
+"""Optimizer and learning-rate schedule from their config (scaling rules: ``scaling.py``)."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ddp_reduce.config import ConfigError, LrScaling, OptimConfig, OptimName, Schedule
+from ddp_reduce.config import ConfigError, OptimConfig, OptimName, Schedule
+from ddp_reduce.scaling import Scaled, ScalingError, scale
 
 
-@dataclass(frozen=True)
-class EffectiveOptim:
-    """The hyperparameters a run uses once optim.lr_scaling has met its global batch."""
-
-    rule: str
-    kappa: float  # N / base_batch_size (1 without a rule)
-    lr: float
-    betas: tuple[float, float]
-    eps: float
-
-
-def effective_optim(cfg: OptimConfig, global_batch_size: int) -> EffectiveOptim:
-    """Apply optim.lr_scaling for a global batch of N items.
-
-    linear: lr·k; sqrt: lr·√k; adam_sqrt (Malladi et al. 2022): lr·√k, each β → 1 − k(1 − β),
-    ε → ε/√k; with k = N / optim.base_batch_size.
-    """
-    b1, b2 = cfg.betas
-    if cfg.lr_scaling is LrScaling.none:
-        return EffectiveOptim("none", 1.0, cfg.lr, (b1, b2), cfg.eps)
-    k = global_batch_size / cfg.base_batch_size
-    if cfg.lr_scaling is LrScaling.linear:
-        return EffectiveOptim("linear", k, cfg.lr * k, (b1, b2), cfg.eps)
-    if cfg.lr_scaling is LrScaling.sqrt:
-        return EffectiveOptim("sqrt", k, cfg.lr * math.sqrt(k), (b1, b2), cfg.eps)
-    betas = (1 - k * (1 - b1), 1 - k * (1 - b2))
-    if min(betas) < 0:
+def effective_optim(cfg: OptimConfig, global_batch_size: int) -> Scaled:
+    """lr, betas and eps once optim.lr_scaling has met a global batch of N items."""
+    kappa = global_batch_size / cfg.base_batch_size if cfg.base_batch_size else 1.0
+    try:
+        return scale(cfg.lr_scaling, kappa, cfg.lr, tuple(cfg.betas), cfg.eps)
+    except ScalingError as exc:
         raise ConfigError(
             "optim.lr_scaling",
-            "adam_sqrt",
-            f"a batch ratio k = N/base = {global_batch_size}/{cfg.base_batch_size} = {k:g} "
-            f"that keeps 1 - k(1 - beta) >= 0 for betas {list(cfg.betas)} (here {list(betas)})",
-        )
-    return EffectiveOptim("adam_sqrt", k, cfg.lr * math.sqrt(k), betas, cfg.eps / math.sqrt(k))
+            cfg.lr_scaling,
+            f"{exc}; k = N/base = {global_batch_size}/{cfg.base_batch_size}",
+        ) from None
 
 
 def build_optimizer(

@@ -1,45 +1,52 @@
 """The reduction arithmetic: how per-item gradients become the gradient the optimizer receives.
 
-Everything that depends on the choice "sum or mean" lives in this module, and nowhere else.
+This module is the one statement of the factor c. It imports no torch: the run, the
+communication hook (:mod:`ddp_reduce.reducer`), ``ddp-reduce convert`` and the studies all ask it.
 
-Notation (DESIGN §1): W ranks, b items per rank per micro-step, A micro-steps per optimizer step,
-N = W·b·A items in the global batch. g_i is one item's gradient and G = (1/N)·Σ g_i the true mean
-gradient of the global batch. An "item" is whatever the loss is a sum over: a sample, or a token.
+Notation (docs/design.md §1): W ranks, b items per rank per micro-step, A micro-steps per
+optimizer step, N = W·b·A items in the global batch; N_t is the number of items the step really
+holds (ragged batches). g_i is one item's gradient, G = (1/N_t)·Σ g_i the true mean gradient of
+the global batch. An "item" is whatever the loss is a sum over: a sample, or a token.
 
-Two independent switches decide what the optimizer receives:
+Two switches decide what the optimizer receives:
 
 * ``reduce.loss`` (inside a rank): the rank's objective for one optimizer step is the *sum* of its
-  items' losses over all its micro-batches, multiplied by ``loss_scale``:
-    - ``sum``:  loss_scale = 1                      -> the rank's gradient is Σ_local g_i
-    - ``mean``: loss_scale = 1 / local_items_step   -> the rank's gradient is the local mean
-  The divisor is the rank's item count of the *whole step* (all A micro-batches), never each
-  micro-batch's own count: averaging each micro-batch and then dividing by A weights items of short
-  micro-batches more (the 2024 accumulation bug).
+  items' losses over all its micro-batches, times a loss scale: 1 for ``sum``, 1/(the rank's item
+  count of the *whole step*) for ``mean``. Never each micro-batch by its own count: that weights
+  the items of short micro-batches more (the 2024 accumulation bug). The ranks then hold Σ_local
+  g_i (sum) or their local mean gradients (mean); summed over ranks that is N_t·G (sum) or the sum
+  of W local means, W·G when counts are equal (mean).
 
-* ``reduce.op`` (across ranks, in the DDP communication hook): all-reduce with SUM, then divide by
-    - ``sum``:          1
-    - ``mean``:         W                    (what DDP does when no hook is registered)
-    - ``global_mean``:  global_items_step    (all-reduced item count; exact with unequal counts)
+* ``reduce.op`` (across ranks): the all-reduce SUMs the ranks' gradients and divides by the
+  op's **divisor** (:data:`DIVISORS`, the only place it is written):
 
-The optimizer receives c·G, where c follows from the two switches:
+    sum          1
+    mean         W        (what DDP does when no hook is registered)
+    global_mean  N_t      (all ranks' item count of the step; exact with unequal counts)
+
+So c = (N_t if loss is sum else W) / divisor, and c is *exact* (the optimizer received exactly
+c·G) when the loss is a sum or every rank held the same count; a mean of means over unequal
+counts weights items unequally and has no single c.
 
     loss  op            c (equal counts)    c (unequal counts)
-    mean  mean          1                   none: a mean of means weights items unequally
+    mean  mean          1                   none: a mean of means
     mean  sum           W                   none, for the same reason
-    sum   mean          b·A                 N_t / W    (exact: a sum of sums divided by W)
-    sum   sum           N                   N_t        (exact)
-    sum   global_mean   1                   1          (exact)
+    sum   mean          N/W = b·A           N_t/W  (exact)
+    sum   sum           N                   N_t    (exact)
+    sum   global_mean   1                   1      (exact)
 
-``mean`` + ``global_mean`` is refused: dividing a sum of W local means by the global item count
-gives W/N_t times a mean of means, a factor that nobody means to ask for.
+``mean`` + ``global_mean`` is refused: it divides a sum of W local means by the global item
+count, W/N_t times a mean of means, a factor nobody asks for.
+
+Adding a reduce op: a member of :class:`ReduceOp` and its line in :data:`DIVISORS`. Everything
+else (c, exactness, the hook's division, the summary's rule, ``convert``) follows.
 """
 
-# No `from __future__ import annotations`: DDP checks the hook's annotations at run time.
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
-
-import torch
-import torch.distributed as dist
 
 
 # OmegaConf matches an Enum by member *name*, so the names are the user-facing values.
@@ -57,9 +64,69 @@ class ReduceOp(Enum):
 class ReduceImpl(Enum):
     """Where the all-reduce happens."""
 
-    hook = "hook"  # a DDP communication hook: keeps DDP's buckets and its overlap with backward
+    hook = "hook"  # the reduction layer: a DDP communication hook (or DDP's own path when the
+    # arithmetic is DDP's own), keeping DDP's buckets and its overlap with backward
     manual = "manual"  # all-reduce each gradient after backward (a reference for tests)
-    builtin = "builtin"  # DDP with no hook: its own mean (op=mean only; a baseline for benchmarks)
+    builtin = "builtin"  # DDP with no hook: its own mean (op=mean only; a baseline)
+
+
+class CommDtype(Enum):
+    """The dtype the gradients travel in during the all-reduce (cast back for the optimizer)."""
+
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+# Where the division by the op's divisor d happens: all before the all-reduce (d^1), split
+# (d^0.5 before, the rest after), or all after (d^0); a number f divides by f before, d/f after.
+PREDIVIDE = {"none": 0.0, "sqrt": 0.5, "full": 1.0}
+PREDIVIDE_ALLOWED = "none, sqrt, full, or a number > 0 (divide by it before, by divisor/it after)"
+
+
+def parse_predivide(value: object) -> str | float:
+    """``none|sqrt|full`` or a positive finite factor; ValueError naming what is allowed."""
+    if isinstance(value, str) and value in PREDIVIDE:
+        return value
+    try:
+        factor = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ValueError(PREDIVIDE_ALLOWED) from None
+    if not (factor > 0 and factor < float("inf")):
+        raise ValueError(PREDIVIDE_ALLOWED)
+    return factor
+
+
+def division_split(divisor, predivide: str | float):
+    """(before, after) with before·after = divisor: the two divisions around the all-reduce.
+
+    ``divisor`` may be a number or a 0-dim tensor (an item count all-reduced this step).
+    """
+    before = divisor ** PREDIVIDE[predivide] if isinstance(predivide, str) else predivide
+    return before, divisor / before
+
+
+@dataclass(frozen=True)
+class Divisor:
+    symbol: str  # in the notation above, for summaries and reports
+    of: Callable[[int, int], float]  # (world_size, global_items) -> the divisor
+
+
+# What the all-reduced SUM of the ranks' gradients is divided by: the one statement of c.
+DIVISORS: dict[ReduceOp, Divisor] = {
+    ReduceOp.sum: Divisor("1", lambda world_size, global_items: 1.0),
+    ReduceOp.mean: Divisor("W", lambda world_size, global_items: float(world_size)),
+    ReduceOp.global_mean: Divisor("N", lambda world_size, global_items: float(global_items)),
+}
+
+
+def divisor(op: ReduceOp, world_size: int, global_items: int) -> float:
+    return DIVISORS[op].of(world_size, global_items)
+
+
+def _numerator_symbol(loss: LossReduction) -> str:
+    """What the sum over ranks of their gradients is, in units of G (equal counts)."""
+    return "N" if loss is LossReduction.sum else "W"
 
 
 def check_combination(loss: LossReduction, op: ReduceOp, impl: ReduceImpl) -> str | None:
@@ -78,186 +145,105 @@ def check_combination(loss: LossReduction, op: ReduceOp, impl: ReduceImpl) -> st
     return None
 
 
-def loss_scale(loss: LossReduction, local_items_step: int) -> float:
-    """Factor applied to the rank's summed item losses (every micro-batch of the step).
-
-    A rank with no items in the step (possible only for ragged batches) contributes nothing.
-    """
-    if loss is LossReduction.sum:
-        return 1.0
-    return 1.0 / local_items_step if local_items_step > 0 else 0.0
-
-
-def reduce_divisor(op: ReduceOp, world_size: int, global_items_step: int) -> float:
-    """What the all-reduced SUM of rank gradients is divided by."""
-    if op is ReduceOp.sum:
-        return 1.0
-    if op is ReduceOp.mean:
-        return float(world_size)
-    return float(global_items_step)
-
-
 @dataclass(frozen=True)
-class StepScale:
-    """The factor c of one step: the optimizer received c·G.
+class StepPlan:
+    """One optimizer step's arithmetic, planned before the forward from the item counts.
 
-    ``exact`` is False when no single c exists (a mean of means over unequal counts); ``c`` is then
-    the equal-count value, and the received gradient is a biased estimate of c·G.
+    ``global_items`` is None when only this rank's count is known before the reduction (a user's
+    loop without a global sampler); the divisor of ``global_mean`` is then not known yet.
     """
 
-    c: float
-    exact: bool
+    loss: LossReduction
+    op: ReduceOp
+    world_size: int
+    local_items: int  # this rank's items over the whole step (all micro-batches)
+    global_items: int | None  # all ranks' items of the step
+    equal_counts: bool | None  # every rank held the same count (None: not known)
+
+    @property
+    def loss_scale(self) -> float:
+        """Factor on the rank's summed item losses, the same for every micro-batch of the step.
+
+        A rank with no items in the step (possible only for ragged batches) contributes nothing.
+        """
+        if self.loss is LossReduction.sum:
+            return 1.0
+        return 1.0 / self.local_items if self.local_items > 0 else 0.0
+
+    @property
+    def to_local_mean(self) -> float:
+        """Factor turning the rank's own (pre-reduction) gradient into its local mean gradient."""
+        if self.loss is LossReduction.mean:
+            return 1.0
+        return 1.0 / self.local_items if self.local_items > 0 else 0.0
+
+    @property
+    def divisor(self) -> float | None:
+        if self.op is ReduceOp.global_mean and self.global_items is None:
+            return None
+        return divisor(self.op, self.world_size, self.global_items or 0)
+
+    def with_counts(self, global_items: int, equal_counts: bool) -> StepPlan:
+        """The same step once the all-ranks count is known (learned during the reduction)."""
+        return StepPlan(
+            self.loss, self.op, self.world_size, self.local_items, global_items, equal_counts
+        )
+
+    @property
+    def c(self) -> float:
+        """The optimizer receives c·G (for a mean of means over unequal counts: nominally)."""
+        if self.loss is LossReduction.sum:
+            numerator = float(self.global_items) if self.global_items is not None else None
+        else:
+            numerator = float(self.world_size)
+        d = self.divisor
+        if numerator is None or d is None:
+            raise ValueError("c needs every rank's item count: plan the step with global_items")
+        return numerator / d
+
+    @property
+    def exact(self) -> bool:
+        """The optimizer received exactly c·G (a sum loss, or equal counts)."""
+        return self.loss is LossReduction.sum or bool(self.equal_counts)
 
 
-def step_scale(
-    loss: LossReduction, op: ReduceOp, world_size: int, local_items: list[int]
-) -> StepScale:
-    """c for one step, given every rank's item count of the step (all micro-batches)."""
-    global_items = sum(local_items)
-    equal = min(local_items) == max(local_items)
-    if loss is LossReduction.sum:
-        if op is ReduceOp.sum:
-            return StepScale(float(global_items), True)
-        if op is ReduceOp.mean:
-            return StepScale(global_items / world_size, True)
-        return StepScale(1.0, True)
-    # loss=mean: each rank contributes its local mean, whatever its count.
-    if op is ReduceOp.mean:
-        return StepScale(1.0, equal)
-    if op is ReduceOp.sum:
-        return StepScale(float(world_size), equal)
-    raise ValueError("reduce.loss=mean with reduce.op=global_mean is refused")
+def plan_step(
+    loss: LossReduction,
+    op: ReduceOp,
+    world_size: int,
+    local_items: int,
+    counts: Sequence[int] | None = None,
+    global_items: int | None = None,
+) -> StepPlan:
+    """Plan a step from this rank's count and, where known, every rank's (``counts``) or their
+    total (``global_items``)."""
+    if counts is not None:
+        if len(counts) != world_size:
+            raise ValueError(f"counts of {len(counts)} ranks for a world of {world_size}")
+        global_items = sum(counts)
+        equal = min(counts) == max(counts)
+    else:
+        equal = None
+    return StepPlan(loss, op, world_size, local_items, global_items, equal)
 
 
 def nominal_scale(
     loss: LossReduction, op: ReduceOp, world_size: int, local_batch: int, accum_steps: int
 ) -> float:
-    """c with equal counts of b·A items per rank (DESIGN §1's table)."""
-    items = [local_batch * accum_steps] * world_size
-    return step_scale(loss, op, world_size, items).c
+    """c with equal counts of b·A items per rank (the table above)."""
+    items = local_batch * accum_steps
+    return StepPlan(loss, op, world_size, items, world_size * items, True).c
+
+
+_SYMBOL_MEANING = {
+    "N": "N (items in the global batch of the step)",
+    "W": "W (world size)",
+    "N/W": "N/W = b*A (items per rank per step; N_t/W when ragged)",
+}
 
 
 def scale_rule(loss: LossReduction, op: ReduceOp) -> str:
-    """c in words, for summaries and reports."""
-    return {
-        (LossReduction.mean, ReduceOp.mean): "1",
-        (LossReduction.mean, ReduceOp.sum): "W (world size)",
-        (LossReduction.sum, ReduceOp.mean): "b*A (items per rank per step; N_t/W when ragged)",
-        (LossReduction.sum, ReduceOp.sum): "N (items in the global batch of the step)",
-        (LossReduction.sum, ReduceOp.global_mean): "1",
-    }[(loss, op)]
-
-
-def local_to_mean_factor(loss: LossReduction, local_items_step: int) -> float:
-    """Factor turning a rank's own (pre-reduction) gradient into its local mean gradient."""
-    if loss is LossReduction.mean:
-        return 1.0
-    return 1.0 / local_items_step if local_items_step > 0 else 0.0
-
-
-class ReduceState:
-    """What the communication hook needs for a step (set before the last backward) and what it
-    learns there (read after backward)."""
-
-    def __init__(
-        self,
-        op: ReduceOp,
-        device: torch.device,
-        process_group: dist.ProcessGroup | None = None,
-    ):
-        self.op = op
-        self.process_group = process_group
-        self.world_size = dist.get_world_size(process_group)
-        self.local_items = 0
-        self.to_mean_sq = 1.0  # squared factor from this rank's gradient to its local mean
-        self.collect_local_sq = False
-        self.count = torch.zeros(1, device=device)  # this rank's item count, to ride along
-        zero = torch.zeros((), dtype=torch.float64, device=device)
-        self.local_sq = zero.clone()  # |this rank's local mean gradient|², read before reducing
-        self.ranks_sq = zero.clone()  # the same, summed over ranks
-        self.global_items = zero.clone()  # the all-reduced item count (global_mean)
-
-    def start_step(self, local_items: int, to_mean: float, collect_local_sq: bool) -> None:
-        self.local_items = local_items
-        self.to_mean_sq = to_mean * to_mean
-        self.collect_local_sq = collect_local_sq
-        for t in (self.local_sq, self.ranks_sq, self.global_items):
-            t.zero_()
-        if self.op is ReduceOp.global_mean:
-            self.count.fill_(float(local_items))
-
-
-def _use_avg(state: ReduceState, buffer: torch.Tensor) -> bool:
-    # NCCL averages in one pass; gloo's AVG is missing on older torch, so there we pre-divide.
-    return state.op is ReduceOp.mean and buffer.is_cuda
-
-
-def reduce_hook(state: ReduceState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    """DDP communication hook: all-reduce one bucket with the configured op.
-
-    Once a hook is registered DDP no longer divides by W: the division here is the only one.
-    Scalars that must be summed over ranks this step (the item count for ``global_mean``, the
-    squared norm of the rank's own gradient for the noise scale) ride along at the end of every
-    bucket's all-reduce: no collective of their own, and the count is known in the same callback
-    that divides by it.
-    """
-    buffer = bucket.buffer()
-    n = buffer.numel()
-    parts = [buffer]
-    if state.collect_local_sq:
-        sq = torch.dot(buffer, buffer).mul_(state.to_mean_sq)  # before any division
-        state.local_sq += sq
-        parts.append(sq.view(1))
-    if state.op is ReduceOp.global_mean:
-        parts.append(state.count.to(buffer.dtype))
-    if len(parts) == 1:
-        if _use_avg(state, buffer):
-            op = dist.ReduceOp.AVG
-        else:
-            op = dist.ReduceOp.SUM
-            divisor = reduce_divisor(state.op, state.world_size, 0)
-            if divisor != 1.0:
-                buffer.div_(divisor)  # pre-divide, as DDP's own hook does
-        work = dist.all_reduce(buffer, op=op, group=state.process_group, async_op=True)
-        return work.get_future().then(lambda fut: fut.value()[0])
-
-    if state.op is ReduceOp.mean:
-        buffer.div_(state.world_size)
-    packed = torch.cat(parts)
-    work = dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=state.process_group, async_op=True)
-    collect, global_mean = state.collect_local_sq, state.op is ReduceOp.global_mean
-
-    def finish(fut: torch.futures.Future) -> torch.Tensor:
-        out = fut.value()[0]
-        if collect:
-            state.ranks_sq += out[n]
-        if global_mean:
-            count = out[-1:]
-            state.global_items.copy_(count[0])
-            out[:n].div_(count)
-        return out[:n]
-
-    return work.get_future().then(finish)
-
-
-def reduce_gradients_manually(params: list[torch.Tensor], state: ReduceState) -> None:
-    """Reference implementation of the hook's arithmetic: one all-reduce per gradient, the
-    scalars in float64 in a collective of their own."""
-    grads = [p.grad for p in params if p.grad is not None]
-    local_sq = sum(torch.dot(g.flatten(), g.flatten()).double() for g in grads) * state.to_mean_sq
-    scalars = torch.stack(
-        [
-            local_sq,
-            torch.tensor(float(state.local_items), dtype=torch.float64, device=local_sq.device),
-        ]
-    )
-    dist.all_reduce(scalars, group=state.process_group)
-    if state.collect_local_sq:
-        state.local_sq += local_sq
-        state.ranks_sq += scalars[0]
-    state.global_items.copy_(scalars[1])
-    divisor = reduce_divisor(state.op, state.world_size, int(scalars[1].item()))
-    for g in grads:
-        dist.all_reduce(g, op=dist.ReduceOp.SUM, group=state.process_group)
-        if divisor != 1.0:
-            g.div_(divisor)
+    """c in words, for summaries and reports: numerator over the op's divisor, simplified."""
+    num, den = _numerator_symbol(loss), DIVISORS[op].symbol
+    ratio = "1" if num == den else (num if den == "1" else f"{num}/{den}")
+    return _SYMBOL_MEANING.get(ratio, ratio)

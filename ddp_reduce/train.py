@@ -3,8 +3,7 @@
     torchrun --nproc-per-node 2 -m ddp_reduce.train [key=value ...]
     python -m ddp_reduce.train [key=value ...]
 
-Every rank composes the same config from the same overrides with Hydra's compose API (no
-``@hydra.main``, which would make one timestamped directory per rank); rank 0's run directory is
+Every rank composes the same config from the same overrides; rank 0's run directory is
 broadcast to the others.
 """
 
@@ -13,12 +12,11 @@ from __future__ import annotations
 import os
 import sys
 
-from hydra import compose, initialize_config_module
 from hydra.errors import HydraException
-from omegaconf import OmegaConf
 
-from ddp_reduce.config import ConfigError, register_schema
-from ddp_reduce.launch import (
+from ddp_reduce.config import ConfigError
+from ddp_reduce.run.compose import compose_config
+from ddp_reduce.run.launch import (
     check_run_dir,
     error_message,
     fail,
@@ -26,17 +24,6 @@ from ddp_reduce.launch import (
     rank_main,
     validate,
 )
-
-
-def compose_config(overrides: list[str]) -> tuple[dict, str]:
-    """The resolved config (without Hydra's own node) and its run directory."""
-    register_schema()
-    with initialize_config_module("ddp_reduce.conf", version_base="1.3"):
-        cfg = compose("config", overrides=overrides, return_hydra_config=True)
-    run_dir = os.path.abspath(OmegaConf.select(cfg, "hydra.run.dir"))
-    container = OmegaConf.to_container(cfg, resolve=False, enum_to_str=True)
-    container.pop("hydra")
-    return container, run_dir
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,7 +14,7 @@ import torch
 import torch.multiprocessing as mp
 
 from ddp_reduce.config import RunConfig, load_config
-from ddp_reduce.train import compose_config
+from ddp_reduce.run.compose import compose_config
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ddp_reduce.bench import (
+from ddp_reduce.analysis.bench import (
     BARE,
     _cfg,
     _interleaved_job,
@@ -13,7 +13,7 @@ from ddp_reduce.bench import (
     verdict,
 )
 from ddp_reduce.config import DistConfig
-from ddp_reduce.pool import RankPool
+from ddp_reduce.run.pool import RankPool
 
 
 def test_paired_ratio_and_verdict():
@@ -100,7 +100,7 @@ def test_report_renders_every_section():
 
 @pytest.mark.parametrize("what", ["nonsense"])
 def test_bench_refuses_unknown_benchmarks(what, capsys):
-    from ddp_reduce.bench import main
+    from ddp_reduce.analysis.bench import main
 
     with pytest.raises(SystemExit) as exit_info:
         main([what])

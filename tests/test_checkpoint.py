@@ -8,8 +8,8 @@ import time
 import pytest
 import torch
 
-from ddp_reduce import checkpoint
-from ddp_reduce.launch import rank_main
+from ddp_reduce.run import checkpoint
+from ddp_reduce.run.launch import rank_main
 from tests.helpers import config_dict, torchrun
 
 RESTART_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}

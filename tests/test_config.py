@@ -9,7 +9,7 @@ import pytest
 from hydra.errors import HydraException
 
 from ddp_reduce.config import ConfigError
-from ddp_reduce.launch import check_run_dir, error_message, validate
+from ddp_reduce.run.launch import check_run_dir, error_message, validate
 from tests.helpers import REPO, config_dict, ddp_reduce, torchrun
 
 CONF = REPO / "conf"
@@ -24,7 +24,7 @@ def _options(group: str) -> list[str]:
 def test_every_data_and_optim_option_composes(data, optim):
     model = {"digits": "mlp", "linear": "linear", "sequences": "seq"}[data]
     cfg = validate(config_dict(f"data={data}", f"model={model}", f"optim={optim}"), 2)
-    assert cfg.data.name.name == data and cfg.optim.name.name == optim
+    assert cfg.data.name == data and cfg.optim.name.name == optim
 
 
 @pytest.mark.parametrize("model", ["linear", "mlp", "cnn"])

@@ -5,11 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ddp_reduce.convert import APPROX, EXACT, Setting, convert, main
-from ddp_reduce.launch import rank_main
+from ddp_reduce.analysis.convert import APPROX, EXACT, ConvertError, Setting, convert, main
+from ddp_reduce.run.launch import rank_main
 from tests.helpers import config_dict
 
 STEPS = ("train.steps=25", "train.eval_every=0", "train.log_every=5", "noise.enabled=false")
+
+
+def _convert(src, to, **kw):
+    result = convert(src, to, **kw)
+    return result.target, result.knobs
 
 
 def _knobs(knobs):
@@ -20,7 +25,7 @@ def test_sgd_sum_to_mean_values_and_verdicts():
     src = Setting(
         "sum", "sum", 2, 16, 1, "sgd", lr=0.1, momentum=0.9, weight_decay=1e-3, clip_norm=5.0
     )
-    dst, knobs = convert(src, "mean", "mean")
+    dst, knobs = _convert(src, "mean/mean")
     k = _knobs(knobs)
     assert (src.c, dst.c) == (32, 1)
     assert dst.lr == pytest.approx(3.2) and dst.weight_decay == pytest.approx(3.125e-5)
@@ -31,26 +36,26 @@ def test_sgd_sum_to_mean_values_and_verdicts():
 
 def test_adam_and_adamw():
     src = Setting("mean", "mean", 2, 16, 1, "adam", lr=1e-3, eps=1e-8, weight_decay=0.01)
-    dst, knobs = convert(src, "sum", "sum")
+    dst, knobs = _convert(src, "sum/sum")
     assert dst.lr == 1e-3 and dst.eps == pytest.approx(32e-8)
     assert dst.weight_decay == pytest.approx(0.32)  # coupled: scaled
     assert "eps/k" in _knobs(knobs)["eps"].why
     srcw = Setting("mean", "mean", 2, 16, 1, "adamw", lr=1e-3, weight_decay=0.01)
-    dstw, _ = convert(srcw, "sum", "sum")
+    dstw, _ = _convert(srcw, "sum/sum")
     assert dstw.weight_decay == 0.01  # decoupled: untouched
 
 
 def test_a_batch_change_needs_a_rule_and_is_approximate():
     src = Setting("mean", "mean", 8, 32, 1, "sgd", lr=0.1, momentum=0.9, weight_decay=1e-4)
-    with pytest.raises(ValueError, match="name a scaling rule"):
-        convert(src, "mean", "mean", world_size=256)
-    dst, knobs = convert(src, "mean", "mean", world_size=256, rule="linear")  # Goyal et al.
+    with pytest.raises(ConvertError, match="name a scaling rule"):
+        _convert(src, "mean/mean", world_size=256)
+    dst, knobs = _convert(src, "mean/mean", world_size=256, rule="linear")  # Goyal et al.
     assert dst.global_batch == 8192 and dst.lr == pytest.approx(3.2)
     assert {kn.verdict for kn in knobs} == {APPROX}
-    dst, _ = convert(src, "mean", "mean", world_size=256, rule="sqrt")
+    dst, _ = _convert(src, "mean/mean", world_size=256, rule="sqrt")
     assert dst.lr == pytest.approx(0.1 * 32**0.5)
     adam = Setting("mean", "mean", 1, 64, 1, "adam", lr=1e-3, eps=1e-8, betas=(0.9, 0.999))
-    dst, _ = convert(adam, "mean", "mean", batch_size=256, rule="adam_sqrt")  # Malladi et al.
+    dst, _ = _convert(adam, "mean/mean", batch_size=256, rule="adam_sqrt")  # Malladi et al.
     assert dst.lr == pytest.approx(2e-3) and dst.eps == pytest.approx(5e-9)
     assert dst.betas == pytest.approx((0.6, 0.996))
 
@@ -116,7 +121,7 @@ def _run(setting: Setting, tmp_path, name: str) -> dict[str, torch.Tensor]:
     ids=["sgd", "adam", "adamw"],
 )
 def test_exact_verdicts_hold_when_both_settings_run(tmp_path, src, target):
-    dst, knobs = convert(src, *target)
+    dst, knobs = _convert(src, "/".join(target))
     assert all(k.verdict == EXACT for k in knobs)
     a, b = _run(src, tmp_path, "src"), _run(dst, tmp_path, "dst")
     for key in a:
@@ -130,7 +135,7 @@ def test_exact_verdicts_hold_when_both_settings_run(tmp_path, src, target):
 def test_approximate_batch_rule_lands_near(tmp_path):
     """Linear scaling from N=32 to 64 at the same number of epochs: close, not equal."""
     src = Setting("mean", "mean", 1, 32, 1, "sgd", lr=0.05, momentum=0.9)
-    dst, _ = convert(src, "mean", "mean", batch_size=64, rule="linear")
+    dst, _ = _convert(src, "mean/mean", batch_size=64, rule="linear")
     ref = rank_main(
         config_dict(*src.overrides(), "train.steps=200", "train.eval_every=0"),
         str(tmp_path / "src"),

@@ -14,8 +14,8 @@ import torch
 from ddp_reduce.config import load_config
 from ddp_reduce.data import GlobalBatchSampler, load_dataset
 from ddp_reduce.distributed import distributed
-from ddp_reduce.launch import rank_main
 from ddp_reduce.models import build_model, loss_sums
+from ddp_reduce.run.launch import rank_main
 from ddp_reduce.trainer import Trainer
 from tests.helpers import config_dict, ddp_reduce, torchrun
 
@@ -36,7 +36,7 @@ def _reference(cfg_dict: dict) -> torch.Tensor:
     cfg = load_config(cfg_dict)
     data = load_dataset(cfg.data)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, data, cfg.data.max_len)
+    model = build_model(cfg.model, data)
     idx = GlobalBatchSampler(len(data.train), B, cfg.seed, cfg.data.last_batch).global_batch(0)
     batch = data.train.batch(idx)
     loss, _ = loss_sums(data.task, model(batch.x), batch)
@@ -61,7 +61,7 @@ def test_received_gradient_on_cuda_is_c_times_G(loss, op, c, noise):
         out = trainer.forward_backward(1, log=True)
         grad = torch.cat([p.grad.flatten() for p in trainer.params]).cpu()
         trainer.close()
-    assert out.scale.c == c
+    assert out.report.c == c
     g = _reference(cfg)
     err = ((grad - c * g).norm() / (c * g).norm()).item()
     assert err < 1e-5, err

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ddp_reduce.launch import rank_main
+from ddp_reduce.run.launch import rank_main
 from tests.helpers import config_dict, spawn
 
 STEPS = 20

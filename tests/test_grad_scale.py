@@ -31,28 +31,32 @@ PAIRS = [
 ]
 
 
+def _float(t) -> float:
+    """A statistic of the reduction, 0 where the route has none (DDP's own mean)."""
+    return 0.0 if t is None else float(t)
+
+
 def received_gradients(init_method: str, cfg_dicts: list[dict]) -> list[dict]:
     """On every rank: for each config, the flat gradient the optimizer receives at step 1."""
     out = []
     with distributed(load_config(cfg_dicts[0]).dist, init_method) as ctx:
         for cfg_dict in cfg_dicts:
             trainer = Trainer(load_config(cfg_dict), ctx)
-            step = trainer.forward_backward(1, log=True)
+            report = trainer.forward_backward(1, log=True).report
             flat = torch.cat([p.grad.flatten() for p in trainer.params])
             micro = trainer.sampler.micro_batches(
                 0, ctx.rank, ctx.world_size, trainer.geom.accum_steps
             )
             items = sum(trainer.train_split.items(idx) for idx in micro)
-            state = trainer.reduce_state
             out.append(
                 {
                     "grad": flat,
-                    "c": step.scale.c,
-                    "exact": step.scale.exact,
+                    "c": report.c,
+                    "exact": report.exact,
                     "items": items,
-                    "global_items": state.global_items.item(),
-                    "local_sq": state.local_sq.item(),
-                    "ranks_sq": state.ranks_sq.item(),
+                    "global_items": report.global_items,
+                    "local_sq": _float(report.local_sq),
+                    "ranks_sq": _float(report.ranks_sq_mean) * report.world_size,
                 }
             )
             trainer.close()
@@ -64,7 +68,7 @@ def reference_gradient(cfg_dict: dict) -> tuple[torch.Tensor, list[torch.Tensor]
     cfg = load_config(cfg_dict)
     data = load_dataset(cfg.data)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, data, cfg.data.max_len)
+    model = build_model(cfg.model, data)
     n = W * cfg.data.batch_size * cfg.train.accum_steps
     sampler = GlobalBatchSampler(len(data.train), n, cfg.seed, cfg.data.last_batch)
     idx = sampler.global_batch(0)

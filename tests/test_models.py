@@ -45,7 +45,7 @@ def test_global_batch_norm_alone_is_batch_norm(shape, ref_cls):
 def test_models_run_and_loss_is_a_sum_over_items(overrides):
     cfg = config(*overrides)
     data = load_dataset(cfg.data)
-    model = build_model(cfg.model, data, cfg.data.max_len)
+    model = build_model(cfg.model, data)
     idx = torch.arange(6)
     batch = data.train.batch(idx)
     loss, _ = loss_sums(data.task, model(batch.x), batch)

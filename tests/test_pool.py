@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ddp_reduce.config import DistConfig
-from ddp_reduce.pool import PoolError, RankPool
+from ddp_reduce.run.pool import PoolError, RankPool
 from tests.helpers import ddp_reduce
 
 POINT = ("train.steps=20", "train.eval_every=0", "train.log_every=5")

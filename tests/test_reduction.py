@@ -1,24 +1,22 @@
-"""The arithmetic of DESIGN §1, checked against the table written out by hand."""
+"""The arithmetic of docs/design.md §1, checked against the table written out by hand."""
 
 import pytest
 
-from ddp_reduce.reduction import (
-    LossReduction as L,
-)
-from ddp_reduce.reduction import (
-    ReduceImpl,
-    check_combination,
-    loss_scale,
-    nominal_scale,
-    reduce_divisor,
-    step_scale,
-)
-from ddp_reduce.reduction import (
-    ReduceOp as O,
-)
+from ddp_reduce.reduction import LossReduction as L
+from ddp_reduce.reduction import ReduceImpl, check_combination, divisor, nominal_scale, plan_step
+from ddp_reduce.reduction import ReduceOp as O
 
 W, B, A = 4, 8, 3
 N = W * B * A
+
+
+def step_scale(loss, op, world_size, counts):
+    """c and exactness of a step whose ranks hold ``counts`` items."""
+    return plan_step(loss, op, world_size, counts[0], counts)
+
+
+def loss_scale(loss, local_items):
+    return plan_step(loss, O.sum, 1, local_items, [local_items]).loss_scale
 
 
 @pytest.mark.parametrize(
@@ -56,9 +54,9 @@ def test_refused_combinations():
 
 
 def test_divisors_and_loss_scale():
-    assert reduce_divisor(O.sum, 4, 100) == 1
-    assert reduce_divisor(O.mean, 4, 100) == 4
-    assert reduce_divisor(O.global_mean, 4, 100) == 100
+    assert divisor(O.sum, 4, 100) == 1
+    assert divisor(O.mean, 4, 100) == 4
+    assert divisor(O.global_mean, 4, 100) == 100
     assert loss_scale(L.sum, 17) == 1
     assert loss_scale(L.mean, 16) == 1 / 16
     assert loss_scale(L.mean, 0) == 0

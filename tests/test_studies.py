@@ -7,9 +7,9 @@ import math
 
 import pytest
 
-from ddp_reduce.report import write_report
-from ddp_reduce.studies import relative_weight_difference
-from ddp_reduce.study import load_spec, read_records, run_study
+from ddp_reduce.analysis.report import read_records, write_report
+from ddp_reduce.analysis.studies import relative_weight_difference
+from ddp_reduce.analysis.study import load_spec, run_study
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def test_stability_thresholds_match_theory(studies):
         groups.setdefault((r["labels"]["mode"], r["labels"]["momentum"]), []).append(r)
     assert len(groups) == 6
     for (mode, mu), group in groups.items():
-        from ddp_reduce.studies import blew_up
+        from ddp_reduce.analysis.studies import blew_up
 
         stable = [r["labels"]["lr"] for r in group if not blew_up(r["summary"])]
         unstable = [r["labels"]["lr"] for r in group if blew_up(r["summary"])]
@@ -96,8 +96,8 @@ def test_report_regenerates_from_the_directory(studies):
 
 
 def test_analysis_fits_recover_known_curves():
-    from ddp_reduce.studies.lr_batch import fit_knee, interpolated_optimum
-    from ddp_reduce.studies.noise_scale import fit_critical_batch
+    from ddp_reduce.analysis.studies.lr_batch import fit_knee, interpolated_optimum
+    from ddp_reduce.analysis.studies.noise_scale import fit_critical_batch
 
     # a parabola in log-log sampled on a decade grid: the vertex is found between grid points
     pts = [(lr, math.exp((math.log(lr) - math.log(0.3)) ** 2)) for lr in (0.01, 0.1, 1.0, 10.0)]

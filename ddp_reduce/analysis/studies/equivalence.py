@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ddp_reduce.studies import finite, relative_weight_difference
+from ddp_reduce.analysis.studies import finite, relative_weight_difference
+from ddp_reduce.analysis.tables import table
 
 
 def _key(overrides: list[str]) -> str:
@@ -35,8 +36,6 @@ def _measured(r: float | None, spec: dict) -> str:
 
 
 def analyze(study_dir: Path, spec: dict[str, Any], runs: list[dict[str, Any]]) -> str:
-    from ddp_reduce.report import table
-
     by_key = {r["labels"]["key"]: r for r in runs}
     steps = f"train.steps={spec['steps']}"
     rows, agree = [], 0

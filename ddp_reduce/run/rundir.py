@@ -71,6 +71,13 @@ def read_summary(run_dir: Path) -> dict | None:
     return json.loads(path.read_text())
 
 
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / METRICS
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def clear_results(run_dir: Path) -> None:
     """Remove a previous run's results (asked for with train.overwrite=true)."""
     import shutil

@@ -25,15 +25,20 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from ddp_reduce.analysis.report import INDEX, SPEC, write_report
 from ddp_reduce.config import ConfigError
-from ddp_reduce.launch import error_message, run_job, validate
-from ddp_reduce.pool import RankPool
-from ddp_reduce.rundir import write_json
-from ddp_reduce.train import compose_config
+from ddp_reduce.run.compose import compose_config
+from ddp_reduce.run.launch import error_message, run_job, validate
+from ddp_reduce.run.pool import RankPool
+from ddp_reduce.run.rundir import write_json
 
-STUDIES = ("equivalence", "lr_batch", "stability", "ragged", "noise_scale")
-SPEC = "study.json"
-INDEX = "runs.jsonl"
+
+def studies() -> list[str]:
+    """The studies: one per ``conf/study/<name>.yaml`` (its analysis in ``studies/<name>.py``)."""
+    folder = resources.files("ddp_reduce.conf") / "study"
+    return sorted(
+        p.name.removesuffix(".yaml") for p in folder.iterdir() if p.name.endswith(".yaml")
+    )
 
 
 def load_spec(name: str, quick: bool) -> DictConfig:
@@ -96,16 +101,9 @@ class Runner:
         self._drop_pools()
 
 
-def read_records(study_dir: Path) -> list[dict[str, Any]]:
-    path = Path(study_dir) / INDEX
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def run_study(name: str, quick: bool, out: Path, common: list[str]) -> Path:
     spec = load_spec(name, quick)
-    module = importlib.import_module(f"ddp_reduce.studies.{name}")
+    module = importlib.import_module(f"ddp_reduce.analysis.studies.{name}")
     out.mkdir(parents=True, exist_ok=True)
     if (out / INDEX).exists():
         raise ConfigError("--out", str(out), "a folder without an earlier study in it")
@@ -121,14 +119,12 @@ def run_study(name: str, quick: bool, out: Path, common: list[str]) -> Path:
         runner.close()
     elapsed = time.perf_counter() - start
     print(f"ddp-reduce: study {name}: {len(runner.records)} runs in {elapsed:.0f} s")
-    from ddp_reduce.report import write_report
-
     return write_report(out)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="ddp-reduce study", description=__doc__.split("\n\n")[0])
-    p.add_argument("name", choices=STUDIES)
+    p.add_argument("name", choices=studies())
     p.add_argument("--quick", action="store_true", help="the quick variant")
     p.add_argument("--out", type=Path, help="default: studies/<name>/<date>_<time>")
     p.add_argument("overrides", nargs="*", help="Hydra overrides for every run (key=value)")

@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ddp_reduce.studies import finite
+from ddp_reduce.analysis.studies import finite
+from ddp_reduce.analysis.tables import table
+from ddp_reduce.run.rundir import read_metrics
 
 
 def run(spec, runner) -> None:
@@ -47,8 +49,6 @@ def fit_critical_batch(points: list[tuple[float, float]]) -> tuple[float, float]
 
 def analyze(study_dir: Path, spec: dict[str, Any], runs: list[dict[str, Any]]) -> str:
     import matplotlib.pyplot as plt
-
-    from ddp_reduce.report import read_metrics, table
 
     trace = next((r for r in runs if r["labels"]["role"] == "trace"), None)
     curve = []

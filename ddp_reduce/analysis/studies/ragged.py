@@ -12,8 +12,9 @@ from omegaconf import OmegaConf
 from ddp_reduce.config import load_config
 from ddp_reduce.data import GlobalBatchSampler, load_dataset
 from ddp_reduce.models import build_model, loss_sums
-from ddp_reduce.studies import relative_weight_difference
-from ddp_reduce.train import compose_config
+from ddp_reduce.analysis.studies import relative_weight_difference
+from ddp_reduce.run.compose import compose_config
+from ddp_reduce.analysis.tables import table
 
 
 def run(spec, runner) -> None:
@@ -42,7 +43,7 @@ def gradient_bias(spec: dict[str, Any]) -> list[list[Any]]:
     cfg = load_config(compose_config(list(spec["common"]))[0])
     data = load_dataset(cfg.data)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, data, cfg.data.max_len)
+    model = build_model(cfg.model, data)
     b, steps, a = (spec["bias"][k] for k in ("sequences_per_rank", "steps", "accum_steps"))
     layouts = [
         (w, f"mean of {w} ranks' means ({b} sequences each)") for w in spec["bias"]["world_sizes"]
@@ -67,8 +68,6 @@ def gradient_bias(spec: dict[str, Any]) -> list[list[Any]]:
 
 
 def analyze(study_dir: Path, spec: dict[str, Any], runs: list[dict[str, Any]]) -> str:
-    from ddp_reduce.report import table
-
     by_role = {r["labels"]["role"]: r for r in runs}
     ref = by_role.get("reference")
     rows = []

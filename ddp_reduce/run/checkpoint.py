@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ddp_reduce.rundir import atomic_write, write_json
+from ddp_reduce.run.rundir import atomic_write, write_json
 
 DIR = "checkpoints"
 MANIFEST = "manifest.json"

@@ -7,7 +7,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from ddp_reduce.studies import blew_up, finite, overrides_for
+from ddp_reduce.analysis.studies import blew_up, finite, overrides_for
+from ddp_reduce.analysis.tables import table
 
 
 def lr_grid(low: float, high: float, per_decade: int) -> list[float]:
@@ -94,8 +95,6 @@ def _best(group: list[dict]) -> dict[str, Any]:
 
 def analyze(study_dir: Path, spec: dict[str, Any], runs: list[dict[str, Any]]) -> str:
     import matplotlib.pyplot as plt
-
-    from ddp_reduce.report import table
 
     groups: dict[tuple[str, int], list[dict]] = {}
     for r in runs:

@@ -21,9 +21,10 @@ import torch.distributed as dist
 
 from ddp_reduce.config import ConfigError, RunConfig, load_config
 from ddp_reduce.distributed import DistContext, distributed, resolve_device
-from ddp_reduce.pool import shared_pool
-from ddp_reduce.rundir import SUMMARY, read_summary, versions, write_json
-from ddp_reduce.trainer import prepare, train
+from ddp_reduce.run.job import train
+from ddp_reduce.run.pool import shared_pool
+from ddp_reduce.run.rundir import SUMMARY, read_summary, versions, write_json
+from ddp_reduce.trainer import prepare
 
 
 def check_run_dir(run_dir: Path, overwrite: bool) -> None:
@@ -46,29 +47,49 @@ def validate(cfg_dict: dict, world_size: int, local_world_size: int | None = Non
     return cfg
 
 
-class Terminated(RuntimeError):
-    """The launcher stopped this rank (SIGTERM), usually because another rank failed."""
+class Stopped(RuntimeError):
+    """A signal stopped this rank: SIGTERM (the launcher stops every rank when one fails) or
+    SIGINT (Ctrl-C)."""
+
+    def __init__(self, signum: int):
+        self.status = "interrupted" if signum == signal.SIGINT else "failed"
+        what = (
+            "interrupted (SIGINT, Ctrl-C)"
+            if signum == signal.SIGINT
+            else ("stopped by SIGTERM (the launcher stops every rank when one fails)")
+        )
+        super().__init__(what)
 
 
 @contextmanager
-def _sigterm_as_error() -> Iterator[None]:
-    """Turn SIGTERM into an exception, so a stopped run still records ``status: failed``.
+def _signals_as_errors() -> Iterator[dict[str, bool]]:
+    """SIGTERM and SIGINT become :class:`Stopped`, so a stopped run still records its status.
 
     torchrun and the elastic agent stop the surviving ranks with SIGTERM when one dies; by
-    default Python would exit at once, leaving no summary behind.
+    default Python would exit at once (and Ctrl-C raises KeyboardInterrupt, which ``except
+    Exception`` misses), leaving no summary behind. While the status is being written
+    (``recording``) a further signal waits: the write is what the signal would have lost.
     """
+    state = {"recording": False}
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield state
         return
 
     def stop(signum: int, frame: Any) -> None:
-        raise Terminated("stopped by SIGTERM (the launcher stops every rank when one fails)")
+        if not state["recording"]:
+            raise Stopped(signum)
 
-    previous = signal.signal(signal.SIGTERM, stop)
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        yield
+        yield state
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+# A run directory whose summary says this holds a result: nothing may replace it but a run
+# asked to (train.overwrite=true), which clears it first.
+FINISHED = ("completed", "diverged")
 
 
 def run_job(ctx: DistContext, cfg_dict: dict, run_dir: str) -> dict[str, Any] | None:
@@ -77,22 +98,24 @@ def run_job(ctx: DistContext, cfg_dict: dict, run_dir: str) -> dict[str, Any] | 
     agreed = [run_dir]
     dist.broadcast_object_list(agreed, src=0)  # the run directory is rank 0's
     path = Path(agreed[0])
-    try:
-        with _sigterm_as_error():
+    with _signals_as_errors() as signals:
+        try:
             summary = train(cfg, path, ctx)
-    except Exception as exc:
-        if ctx.is_main:
-            write_json(
-                path / SUMMARY,
-                {
-                    "status": "failed",
-                    "error": f"{type(exc).__name__}: {exc}",
-                    "traceback": traceback.format_exc(),
-                    "world_size": ctx.world_size,
-                    "versions": versions(),
-                },
-            )
-        raise
+        except BaseException as exc:
+            signals["recording"] = True
+            previous = read_summary(path) if ctx.is_main else None
+            if ctx.is_main and (previous or {}).get("status") not in FINISHED:
+                write_json(
+                    path / SUMMARY,
+                    {
+                        "status": getattr(exc, "status", "failed"),
+                        "error": f"{type(exc).__name__}: {exc}",
+                        "traceback": traceback.format_exc(),
+                        "world_size": ctx.world_size,
+                        "versions": versions(),
+                    },
+                )
+            raise
     return summary if ctx.is_main else None
 
 

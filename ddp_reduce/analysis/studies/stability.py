@@ -9,8 +9,9 @@ from typing import Any
 from ddp_reduce.config import load_config
 from ddp_reduce.data import linear_problem
 from ddp_reduce.reduction import LossReduction, ReduceOp, nominal_scale
-from ddp_reduce.studies import blew_up, overrides_for
-from ddp_reduce.train import compose_config
+from ddp_reduce.analysis.studies import blew_up, overrides_for
+from ddp_reduce.run.compose import compose_config
+from ddp_reduce.analysis.tables import table
 
 
 def _setting(spec, mode: str) -> tuple[float, float]:
@@ -64,8 +65,6 @@ def run(spec, runner) -> None:
 
 
 def analyze(study_dir: Path, spec: dict[str, Any], runs: list[dict[str, Any]]) -> str:
-    from ddp_reduce.report import table
-
     rows = []
     groups: dict[tuple[str, float], list[dict]] = {}
     for r in runs:

@@ -21,10 +21,13 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from ddp_reduce.rundir import METRICS, SUMMARY  # noqa: E402
+from ddp_reduce.analysis.tables import table  # noqa: E402
+from ddp_reduce.run.rundir import SUMMARY, read_metrics  # noqa: E402
 
 REPORT = "report.md"
 CSV = "runs.csv"
+SPEC = "study.json"  # a study directory: its name, variant and sweep ...
+INDEX = "runs.jsonl"  # ... and one record per run (name, overrides, labels, summary)
 CSV_FIELDS = (
     "status",
     "reduce_loss",
@@ -46,8 +49,8 @@ CSV_FIELDS = (
 )
 
 
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / METRICS
+def read_records(study_dir: Path) -> list[dict[str, Any]]:
+    path = Path(study_dir) / INDEX
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -55,8 +58,6 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 
 def _runs_of(path: Path) -> list[dict[str, Any]]:
     """Each run under ``path``: name, directory, config overrides (if known), summary."""
-    from ddp_reduce.study import read_records
-
     records = read_records(path)
     if records:
         return [{**r, "dir": path / "runs" / r["name"]} for r in records]
@@ -86,31 +87,6 @@ def _hydra_overrides(run_dir: Path) -> list[str]:
     import yaml
 
     return list(yaml.safe_load(path.read_text()) or [])
-
-
-def fmt(x: Any, digits: int = 4) -> str:
-    if x is None:
-        return "-"
-    if isinstance(x, bool):
-        return "yes" if x else "no"
-    if isinstance(x, float):
-        if not math.isfinite(x):
-            return str(x)
-        return f"{x:.{digits}g}"
-    if isinstance(x, str) and x in ("nan", "inf", "-inf"):
-        return x
-    return str(x)
-
-
-def table(header: list[str], rows: list[list[Any]]) -> str:
-    """A Markdown table; a '|' inside a cell is escaped."""
-
-    def cell(v: Any) -> str:
-        return fmt(v).replace("|", "\\|")
-
-    lines = ["| " + " | ".join(cell(h) for h in header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def _write_csv(path: Path, runs: list[dict[str, Any]]) -> None:
@@ -157,11 +133,11 @@ def write_report(path: Path) -> Path:
         raise FileNotFoundError(f"{path} holds no run (no {SUMMARY} in it or its sub-folders)")
     _write_csv(path, runs)
     parts = []
-    spec_path = path / "study.json"
+    spec_path = path / SPEC
     if spec_path.exists():
         spec = json.loads(spec_path.read_text())
         title = f"# Study: {spec['study']}" + (" (quick variant)" if spec["quick"] else "")
-        module = importlib.import_module(f"ddp_reduce.studies.{spec['study']}")
+        module = importlib.import_module(f"ddp_reduce.analysis.studies.{spec['study']}")
         parts += [title, "", module.analyze(path, spec["spec"], runs)]
     else:
         parts.append(f"# Runs in {path}")

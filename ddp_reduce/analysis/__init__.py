@@ -1,0 +1,1 @@
+"""Analysis: converting settings between conventions, studies and their reports, benchmarks."""

@@ -1,0 +1,418 @@
+"""Benchmarks: every figure is a ratio or a median measured in one run, never a timed unit test.
+
+    python -m ddp_reduce.bench reduce     # reduction layer vs DDP's built-in mean, interleaved
+    python -m ddp_reduce.bench scaling    # items/s: W=1 vs W=2 vs one process with 2 threads
+    python -m ddp_reduce.bench sweep      # start-up cost per point of a 16-point multirun
+    python -m ddp_reduce.bench memory     # peak RSS per rank, growth over a 2,000-step run
+    python -m ddp_reduce.bench all [--quick] [--device cuda] [--json results.json]
+
+The machine is shared and noisy: variants are interleaved step by step in a shuffled order
+(the same on every rank), each step timed between barriers, and medians compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from ddp_reduce.config import Device, DistConfig, load_config
+from ddp_reduce.distributed import DistContext, available_cores
+from ddp_reduce.models import build_model, loss_sums
+from ddp_reduce.run.compose import compose_config
+from ddp_reduce.run.pool import RankPool
+from ddp_reduce.sysinfo import peak_rss_mb, rss_mb
+from ddp_reduce.trainer import Trainer
+
+MODELS = {
+    "small MLP (communication-bound)": ("model=mlp", "model.hidden=[64]", "data.batch_size=32"),
+    "CNN (compute-bound)": (
+        "model=cnn",
+        "model.channels=[32,64]",
+        "model.hidden=[256]",
+        "data.batch_size=256",
+    ),
+}
+NO_NOISE = "noise.enabled=false"
+VARIANTS = {
+    "builtin": ("reduce.impl=builtin", NO_NOISE),
+    "mean": ("reduce.op=mean", NO_NOISE),
+    "sum": ("reduce.op=sum", NO_NOISE),
+    "global_mean": ("reduce.loss=sum", "reduce.op=global_mean", NO_NOISE),
+    "mean + noise": ("reduce.op=mean", "noise.enabled=true"),
+    "sum + noise": ("reduce.op=sum", "noise.enabled=true"),
+    "global_mean + noise": ("reduce.loss=sum", "reduce.op=global_mean", "noise.enabled=true"),
+}
+TARGETS = {"mean": 1.02, "sum": 1.02, "global_mean": 1.05}
+NOISE_TARGET = 1.05
+BARE = "bare DDP loop"  # no bookkeeping at all: a reference, not a target
+
+
+def _cfg(device: str, *overrides: str) -> dict:
+    return compose_config([f"dist.device={device}", "train.eval_every=0", *overrides])[0]
+
+
+def _sync(ctx: DistContext) -> None:
+    dist.barrier()
+    if ctx.device.type == "cuda":
+        torch.cuda.synchronize(ctx.device)
+
+
+class _Stepper:
+    """One optimizer step of a configured trainer, noise-scale update included."""
+
+    def __init__(self, cfg_dict: dict, ctx: DistContext):
+        self.trainer = Trainer(load_config(cfg_dict), ctx)
+
+    def __call__(self) -> None:
+        self.trainer.train_step().report.noise  # noqa: B018 (the estimate's update)
+
+    def close(self) -> None:
+        self.trainer.close()
+
+
+class _BareStepper:
+    """A plain DDP step: forward, mean loss, backward, optimizer step. Nothing else."""
+
+    def __init__(self, cfg_dict: dict, ctx: DistContext):
+        t = Trainer(load_config(cfg_dict), ctx)  # for the same data, model and sampler
+        self.data, self.sampler, self.geom, self.ctx = t.train_split, t.sampler, t.geom, ctx
+        self.task = t.data.task
+        t.close()
+        cfg = load_config(cfg_dict)
+        model = build_model(cfg.model, t.data).to(ctx.device)
+        ids = [ctx.device] if ctx.device.type == "cuda" else None
+        self.ddp = DDP(model, device_ids=ids)
+        self.opt = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=0.9)
+        self.step = 0
+
+    def __call__(self) -> None:
+        idx = self.sampler.micro_batches(self.step, self.ctx.rank, self.ctx.world_size, 1)[0]
+        self.step += 1
+        batch = self.data.batch(idx)
+        loss, _ = loss_sums(self.task, self.ddp(batch.x), batch)
+        (loss / len(idx)).backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def close(self) -> None:
+        del self.ddp
+
+
+def _interleaved_job(
+    ctx: DistContext, cfgs: dict[str, dict], warmup: int, rounds: int, block: int
+) -> dict[str, list[float]]:
+    """Per variant, ``rounds`` samples of the mean step time over ``block`` consecutive steps;
+    the variants' blocks interleaved in a shuffled order (the same on every rank)."""
+    steppers = {
+        name: (_BareStepper if name == BARE else _Stepper)(cfg, ctx) for name, cfg in cfgs.items()
+    }
+    order = list(steppers)
+    for _ in range(warmup):
+        for name in order:
+            steppers[name]()
+    wall: dict[str, list[float]] = {name: [] for name in order}
+    cpu: dict[str, list[float]] = {name: [] for name in order}
+    rng = random.Random(0)  # the same order on every rank
+    for _ in range(rounds):
+        rng.shuffle(order)
+        for name in order:
+            _sync(ctx)
+            t0, c0 = time.perf_counter(), time.process_time()
+            for _ in range(block):
+                steppers[name]()
+            _sync(ctx)
+            wall[name].append((time.perf_counter() - t0) / block)
+            cpu[name].append((time.process_time() - c0) / block)
+    for s in steppers.values():
+        s.close()
+    return {"wall": wall, "cpu": cpu}
+
+
+def paired_ratio(samples: list[float], base: list[float], seed: int = 0) -> dict[str, float]:
+    """Median over rounds of sample/base (the two measured in the same round, so slow drift of
+    the machine cancels), with a 95% bootstrap interval."""
+    ratios = [a / b for a, b in zip(samples, base, strict=True)]
+    rng = random.Random(seed)
+    boot = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(1000))
+    return {"ratio": statistics.median(ratios), "low": boot[25], "high": boot[974]}
+
+
+def verdict(interval: dict[str, float], target: float) -> str:
+    if interval["high"] <= target:
+        return "yes"
+    if interval["low"] > target:
+        return "**no**"
+    return "within noise"
+
+
+def bench_reduce(device: str, quick: bool, models: list[str] | None = None) -> dict[str, Any]:
+    """Step time of each reduction variant against DDP's built-in mean, interleaved."""
+    nproc = 2 if device == "cpu" else min(2, torch.cuda.device_count())
+    pool = RankPool(DistConfig(device=Device[device], threads_per_rank=1), nproc)
+    results: dict[str, Any] = {"world_size": nproc, "device": device, "models": {}}
+    try:
+        for model_name, model_overrides in MODELS.items():
+            if models and not any(m.lower() in model_name.lower() for m in models):
+                continue
+            cfgs = {name: _cfg(device, *model_overrides, *v) for name, v in VARIANTS.items()}
+            cfgs[BARE] = _cfg(device, *model_overrides, NO_NOISE)
+            # Blocks of steps smooth the scheduler's noise; many rounds narrow the interval.
+            small = "MLP" in model_name
+            block, rounds = (10, 60 if quick else 600) if small else (3, 20 if quick else 200)
+            times = pool.call(_interleaved_job, cfgs, 10, rounds, block)[0]
+            wall, cpu = times["wall"], times["cpu"]
+            rows = {}
+            for name in cfgs:
+                rows[name] = {
+                    "median_ms": 1e3 * statistics.median(wall[name]),
+                    "steps": block * rounds,
+                    **paired_ratio(wall[name], wall["builtin"]),
+                    "cpu_ratio": paired_ratio(cpu[name], cpu["builtin"])["ratio"],
+                }
+            results["models"][model_name] = rows
+    finally:
+        pool.close()
+    return results
+
+
+_STEPPERS: dict[str, _Stepper] = {}  # kept in a pool's ranks between calls
+
+
+def _throughput_block(ctx: DistContext, cfg: dict, steps: int) -> dict[str, float]:
+    """Median step time over ``steps`` steps of a stepper kept alive between calls."""
+    key = json.dumps(cfg, sort_keys=True)
+    if key not in _STEPPERS:
+        _STEPPERS[key] = _Stepper(cfg, ctx)
+        for _ in range(5):  # warm-up
+            _STEPPERS[key]()
+    stepper = _STEPPERS[key]
+    times = []
+    for _ in range(steps):
+        _sync(ctx)
+        t0 = time.perf_counter()
+        stepper()
+        _sync(ctx)
+        times.append(time.perf_counter() - t0)
+    n = stepper.trainer.geom.global_batch_size
+    return {"median_step_s": statistics.median(times), "items": n}
+
+
+def bench_scaling(quick: bool) -> dict[str, Any]:
+    """Items/s of the CNN: W=1 vs W=2 (one thread each) vs one process with 2 threads, at a
+    per-rank batch where communication weighs (64) and where compute dominates (256).
+
+    The three set-ups stay alive side by side (idle ones block) and take turns, block by
+    block, so that the machine's slow drift hits them alike; ratios are paired per round.
+    """
+    model = [o for o in MODELS["CNN (compute-bound)"] if not o.startswith("data.batch_size")]
+    rounds, steps = (4, 5) if quick else (12, 10)
+    out: dict[str, Any] = {"cores": available_cores(), "batches": {}}
+    for b in (64, 256):
+        cases = {
+            f"W=1, 1 thread, b={b}": (1, 1, b),
+            f"W=2, 1 thread each, b={b} (N={2 * b})": (2, 1, b),
+            f"W=1, 2 threads, b={2 * b} (N={2 * b})": (1, 2, 2 * b),
+        }
+        pools = {
+            name: RankPool(DistConfig(threads_per_rank=t), n) for name, (n, t, _) in cases.items()
+        }
+        cfgs = {
+            name: _cfg("cpu", *model, f"data.batch_size={batch}", NO_NOISE)
+            for name, (_, _, batch) in cases.items()
+        }
+        ips: dict[str, list[float]] = {name: [] for name in cases}
+        try:
+            for _ in range(rounds):
+                for name, pool in pools.items():
+                    r = pool.call(_throughput_block, cfgs[name], steps)[0]
+                    ips[name].append(r["items"] / r["median_step_s"])
+        finally:
+            for pool in pools.values():
+                pool.close()
+        names = list(cases)
+        out["batches"][b] = {
+            "items_per_s": {name: statistics.median(v) for name, v in ips.items()},
+            "speedup_w2_over_w1": paired_ratio(ips[names[1]], ips[names[0]]),
+            "w2_over_one_process_two_threads": paired_ratio(ips[names[1]], ips[names[2]]),
+        }
+    return out
+
+
+def bench_sweep(quick: bool) -> dict[str, Any]:
+    """Wall time of a multirun minus the sum of its runs' training time, per point."""
+    exe = str(Path(sys.executable).parent / "ddp-reduce")
+    out: dict[str, Any] = {}
+    for reuse, points in ((True, 16), (False, 4 if quick else 16)):
+        lrs = ",".join(f"{0.01 * (i + 1):.2f}" for i in range(points))
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            proc = subprocess.run(
+                [
+                    exe,
+                    "--multirun",
+                    f"optim.lr={lrs}",
+                    "train.steps=10",
+                    "train.eval_every=0",
+                    f"dist.reuse_ranks={str(reuse).lower()}",
+                    f"hydra.sweep.dir={tmp}",
+                ],
+                capture_output=True,
+                text=True,
+            )
+            wall = time.perf_counter() - t0
+            if proc.returncode != 0:
+                raise RuntimeError(f"the sweep failed:\n{proc.stderr[-2000:]}")
+            train = sum(
+                json.loads(p.read_text())["wall_time_s"] for p in Path(tmp).glob("*/summary.json")
+            )
+        out["reuse_ranks" if reuse else "fresh ranks per point"] = {
+            "points": points,
+            "wall_s": wall,
+            "training_s": train,
+            "overhead_per_point_s": (wall - train) / points,
+        }
+    return out
+
+
+def _memory_job(ctx: DistContext, cfg: dict, steps: int, warmup: int) -> dict[str, float]:
+    stepper = _Stepper(cfg, ctx)
+    rss_warm = None
+    for step in range(1, steps + 1):
+        stepper()
+        if step == warmup:
+            rss_warm = rss_mb()
+    rss_end = rss_mb()
+    stepper.close()
+    return {"rss_after_warmup_mb": rss_warm, "rss_end_mb": rss_end, "peak_rss_mb": peak_rss_mb()}
+
+
+def bench_memory(quick: bool) -> dict[str, Any]:
+    steps = 600 if quick else 2000
+    cfg = _cfg("cpu", "noise.enabled=true")
+    pool = RankPool(DistConfig(threads_per_rank=1), 2)
+    try:
+        per_rank = pool.call(_memory_job, cfg, steps, steps // 10)
+    finally:
+        pool.close()
+    for r in per_rank:
+        r["growth"] = r["rss_end_mb"] / r["rss_after_warmup_mb"] - 1
+    return {"steps": steps, "warmup_steps": steps // 10, "ranks": per_rank}
+
+
+def report(results: dict[str, Any]) -> str:
+    lines: list[str] = []
+    if "reduce" in results:
+        r = results["reduce"]
+        lines += [
+            f"## Reduction overhead (W={r['world_size']}, {r['device']}, interleaved, medians)",
+            "",
+            "Ratio: median over rounds of the variant's step time over the built-in's in the",
+            "same round, [95% bootstrap interval]; met when the whole interval is under target.",
+            "",
+            "| model | variant | steps | median step (ms) | ratio to built-in | CPU-time ratio "
+            "| target | met |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for model, rows in r["models"].items():
+            for name, row in rows.items():
+                target = TARGETS.get(name) or (NOISE_TARGET if "noise" in name else None)
+                met = verdict(row, target) if target else ""
+                shown = f"<= {target}" if target else ("reference" if name == BARE else "")
+                lines.append(
+                    f"| {model} | {name} | {row['steps']} | {row['median_ms']:.3f} | "
+                    f"{row['ratio']:.3f} [{row['low']:.3f}, {row['high']:.3f}] | "
+                    f"{row['cpu_ratio']:.3f} | {shown} | {met} |"
+                )
+        lines.append("")
+    if "scaling" in results:
+        s = results["scaling"]
+        lines += [
+            f"## Scaling (CNN, {s['cores']} cores; medians, set-ups interleaved)",
+            "",
+            "| case | items/s |",
+            "|---|---|",
+        ]
+        for b in s["batches"].values():
+            for name, value in b["items_per_s"].items():
+                lines.append(f"| {name} | {value:.0f} |")
+        lines.append("")
+        for batch, b in s["batches"].items():
+            sp, alt = b["speedup_w2_over_w1"], b["w2_over_one_process_two_threads"]
+            met = "yes" if sp["low"] >= 1.6 else ("**no**" if sp["high"] < 1.6 else "within noise")
+            lines.append(
+                f"- b={batch}: W=1 -> W=2 speed-up {sp['ratio']:.2f}x [{sp['low']:.2f}, "
+                f"{sp['high']:.2f}] (efficiency {50 * sp['ratio']:.0f}%; target >= 1.6x: {met}); "
+                f"W=2 against one process with 2 threads: {alt['ratio']:.2f}x"
+            )
+        lines.append("")
+    if "sweep" in results:
+        lines += [
+            "## Sweep start-up cost",
+            "",
+            "| ranks | points | wall (s) | training (s) | overhead per point (s) |",
+            "|---|---|---|---|---|",
+        ]
+        for name, w in results["sweep"].items():
+            lines.append(
+                f"| {name} | {w['points']} | {w['wall_s']:.1f} | {w['training_s']:.1f} | "
+                f"{w['overhead_per_point_s']:.2f} |"
+            )
+        lines += ["", "Target: <= 1 s per point (with reuse_ranks).", ""]
+    if "memory" in results:
+        m = results["memory"]
+        lines += [
+            f"## Memory ({m['steps']} steps, W=2; growth measured after {m['warmup_steps']})",
+            "",
+            "| rank | RSS after warm-up (MiB) | RSS at end (MiB) | growth | peak RSS (MiB) |",
+            "|---|---|---|---|---|",
+        ]
+        for i, r in enumerate(m["ranks"]):
+            lines.append(
+                f"| {i} | {r['rss_after_warmup_mb']:.1f} | {r['rss_end_mb']:.1f} | "
+                f"{100 * r['growth']:+.2f}% | {r['peak_rss_mb']:.1f} |"
+            )
+        lines += ["", "Target: growth < 5% after warm-up.", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ddp_reduce.bench", description=__doc__)
+    parser.add_argument("what", choices=["reduce", "scaling", "sweep", "memory", "all"])
+    parser.add_argument("--quick", action="store_true", help="fewer steps (a smoke run)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--json", type=Path, help="also write the raw results here")
+    parser.add_argument(
+        "--model", action="append", help="reduce: only the models whose name holds this (mlp, cnn)"
+    )
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    what = ["reduce", "scaling", "sweep", "memory"] if args.what == "all" else [args.what]
+    if args.device == "cuda":
+        what = [w for w in what if w == "reduce"]  # the others are CPU figures
+    results: dict[str, Any] = {}
+    for w in what:
+        if w == "reduce":
+            results[w] = bench_reduce(args.device, args.quick, args.model)
+        else:
+            results[w] = globals()[f"bench_{w}"](args.quick)
+        print(report({w: results[w]}), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,456 @@
+"""The reduction layer on a model: ``attach`` it, ask it for the loss scale, read what it did.
+
+    reducer = ddp_reduce.attach(ddp_model, loss="sum", op="global_mean", noise=True)
+    for batch in loader:
+        scale = reducer.loss_scale(local_items)   # before the forward: this rank's items
+        (loss_fn(ddp_model(x), y, reduction="sum") * scale).backward()
+        step = reducer.last_step                  # c, exact, global_items, the noise scale
+        optimizer.step()
+
+The arithmetic (the divisor of each op, c, exactness) is :mod:`ddp_reduce.reduction`'s; this
+module carries it out: a DDP communication hook (as PyTorch's own ``default_hooks`` are: one
+helper behind a thin hook), or DDP's own C++ path where the arithmetic is DDP's own, or a
+post-backward reference. Once a hook is registered DDP no longer divides by W: the division here
+is the only one.
+
+What the hook learns comes back as a value, :class:`StepReport`, built from tensors that stay on
+the device until read (no synchronization on the hot path).
+"""
+
+# No `from __future__ import annotations`: DDP checks the hook's annotations at run time.
+import contextlib
+import functools
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from ddp_reduce import reduction as R
+from ddp_reduce.noise import NoiseEstimate, NoiseScaleEstimator
+
+TORCH_DTYPES = {
+    R.CommDtype.fp32: torch.float32,
+    R.CommDtype.bf16: torch.bfloat16,
+    R.CommDtype.fp16: torch.float16,
+}
+
+
+class Route(Enum):
+    """How the reduction is carried out (the summary names it; c is the same on every route)."""
+
+    ddp_builtin = "ddp_builtin"  # no hook: DDP's own C++ mean; any other divisor is folded into
+    # the loss scale (gradients are linear in the loss), so the optimizer gets the same c·G
+    hook = "hook"  # a Python communication hook: noise norms, comm dtype, pre-division
+    manual = "manual"  # every micro-batch under no_sync, then one all-reduce per gradient
+
+
+def _enum(cls, value):
+    if isinstance(value, cls):
+        return value
+    try:
+        return cls[value]
+    except KeyError:
+        raise ValueError(f"{value!r} is not one of {[m.name for m in cls]}") from None
+
+
+def _sq(t: torch.Tensor) -> torch.Tensor:
+    """|t|² in float64 whatever t's dtype (a bf16 or fp16 square would round or overflow)."""
+    if t.dtype in (torch.float32, torch.float64):
+        return torch.dot(t, t).double()
+    return torch.linalg.vector_norm(t, dtype=torch.float32).double() ** 2
+
+
+@dataclass
+class _Step:
+    """The step being reduced: planned before the forward, filled in by the hook."""
+
+    plan: R.StepPlan
+    divisor: Any  # float, or a 0-dim tensor (an all-reduced count still in flight)
+    count: torch.Tensor | None  # [Σ items, Σ items²] over ranks, float64, when not given
+    count_work: Any  # its all-reduce (None when done or not needed)
+    collect_sq: bool  # read the rank's own gradient norm before reducing (noise scale)
+    audit: bool  # also reduce in float64 and measure the comm dtype's error (logged steps)
+    local_sq: torch.Tensor | None = None  # |this rank's local mean gradient|², c = 1 units
+    ranks_sq: torch.Tensor | None = None  # the same, summed over ranks
+    local_amax: torch.Tensor | None = None  # max |g| of this rank's gradient before the cast
+    err_sq: torch.Tensor | None = None  # audit: |reduced - reduced in float64|²
+    ref_sq: torch.Tensor | None = None  # audit: |reduced in float64|²
+    small_batch: tuple[float, float] | None = None  # (items, |mean gradient|²) given by caller
+
+    def wait_count(self) -> torch.Tensor | None:
+        if self.count_work is not None:
+            self.count_work.wait()
+            self.count_work = None
+        return self.count
+
+
+@dataclass
+class StepReport:
+    """What the reduction did to the step just reduced (``reducer.last_step``).
+
+    Floats are read from the device when asked for; nothing here synchronizes until then.
+    """
+
+    c: float  # the optimizer received c·G (nominally, for a mean of means over unequal counts)
+    exact: bool  # exactly c·G: a sum loss, or equal item counts on every rank
+    local_items: int
+    global_items: int
+    world_size: int
+    route: Route
+    _step: _Step = field(repr=False)
+    _reducer: "Reducer" = field(repr=False)
+
+    @functools.cached_property
+    def grad_norm(self) -> torch.Tensor:
+        """|c·G|, the norm of the received gradient (what clipping sees), on the device."""
+        return self._reducer.grad_norm()
+
+    @property
+    def local_sq(self) -> torch.Tensor | None:
+        """|this rank's local mean gradient|² (c = 1 units), read before the reduction."""
+        return self._step.local_sq
+
+    @property
+    def ranks_sq_mean(self) -> torch.Tensor | None:
+        """The same, averaged over ranks: the small batch of the noise scale."""
+        s = self._step.ranks_sq
+        return None if s is None else s / self.world_size
+
+    @property
+    def comm_rel_error(self) -> float | None:
+        """|reduced - reduced in float64| / |reduced in float64|, on audited steps."""
+        if self._step.err_sq is None:
+            return None
+        return float((self._step.err_sq / self._step.ref_sq).sqrt())
+
+    @property
+    def local_amax(self) -> torch.Tensor | None:
+        """max |g| of this rank's gradient before a low-precision cast (overflow diagnosis)."""
+        return self._step.local_amax
+
+    @functools.cached_property
+    def noise(self) -> NoiseEstimate | None:
+        """The running noise-scale estimate including this step (noise=True, W >= 2)."""
+        return self._reducer._observe_noise(self)
+
+
+class Reducer:
+    """The reduction layer attached to one DDP model. Build it with :func:`attach`."""
+
+    def __init__(
+        self,
+        model: DDP,
+        loss: R.LossReduction,
+        op: R.ReduceOp,
+        impl: R.ReduceImpl = R.ReduceImpl.hook,
+        noise: bool = False,
+        dtype: R.CommDtype = R.CommDtype.fp32,
+        predivide: str | float = "full",
+        noise_beta: float = 0.95,
+        noise_population: int | None = None,
+        process_group: dist.ProcessGroup | None = None,
+    ):
+        why = R.check_combination(loss, op, impl)
+        if why:
+            raise ValueError(why)
+        self.model = model
+        self.loss, self.op, self.impl = loss, op, impl
+        self.dtype = dtype
+        self.predivide = R.parse_predivide(predivide)
+        self.process_group = process_group
+        self.world_size = dist.get_world_size(process_group)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.device = self.params[0].device if self.params else torch.device("cpu")
+        self.estimator = NoiseScaleEstimator(noise_beta, noise_population) if noise else None
+        # The ranks' own gradients are a second batch size for the noise scale (W >= 2); they
+        # exist only where the hook (or the reference) sees them, not on DDP's own path.
+        self.collect_sq = noise and self.world_size >= 2 and impl is not R.ReduceImpl.builtin
+        self.route: Route | None = None  # decided at the first step (see _choose_route)
+        self._step: _Step | None = None
+        self._report: StepReport | None = None
+        self._counts_given: bool | None = None
+
+    # -- planning, before the forward -------------------------------------------------------
+
+    def loss_scale(
+        self,
+        local_items: int,
+        *,
+        counts: Sequence[int] | None = None,
+        global_items: int | None = None,
+        log: bool = False,
+    ) -> float:
+        """Plan this optimizer step and return the factor for this rank's *summed* loss.
+
+        ``local_items``: this rank's item count over the whole step (all micro-batches). Pass
+        every rank's count (``counts``, as a global sampler knows them) or their total
+        (``global_items``) when known: otherwise one small asynchronous all-reduce of the counts
+        runs alongside the forward. ``log``: a step whose statistics are logged: the ranks'
+        gradient norms are read wherever a hook runs, and with a low-precision ``dtype`` the
+        buckets are also reduced in float64 to measure the comm dtype's error (an extra
+        collective on such steps only).
+        """
+        given = counts is not None or global_items is not None
+        if self._counts_given is None:
+            self._counts_given = given
+            self.route = self._choose_route(given)
+            if self.route is Route.hook:
+                self.model.register_comm_hook(self, _reduce_bucket)
+        elif given != self._counts_given:
+            raise ValueError(
+                "pass counts= (or global_items=) on every step or on none: the reduction "
+                "route was chosen at the first step"
+            )
+        plan = R.plan_step(self.loss, self.op, self.world_size, local_items, counts, global_items)
+        count = work = None
+        if plan.global_items is None:
+            # [Σ items, Σ items²]: equal counts iff W·Σn² = (Σn)²; float64 holds them exactly.
+            count = torch.tensor(
+                [float(local_items), float(local_items) ** 2],
+                dtype=torch.float64,
+                device=self.device,
+            )
+            work = dist.all_reduce(count, group=self.process_group, async_op=True)
+        d = plan.divisor
+        if d is None:  # global_mean with the count still in flight: divide by the tensor
+            d = _LazyCount(self)
+        self._step = _Step(
+            plan=plan,
+            divisor=d,
+            count=count,
+            count_work=work,
+            collect_sq=self.collect_sq or (log and self.route is not Route.ddp_builtin),
+            audit=log and self._low_precision(),
+        )
+        self._report = None
+        scale = plan.loss_scale
+        if self.route is Route.ddp_builtin and plan.divisor not in (None, float(self.world_size)):
+            scale *= self.world_size / plan.divisor  # DDP divides by W; the rest is folded here
+        return scale
+
+    def _choose_route(self, counts_given: bool) -> Route:
+        if self.impl is R.ReduceImpl.manual:
+            return Route.manual
+        if self.impl is R.ReduceImpl.builtin:
+            return Route.ddp_builtin
+        native = all(p.dtype == TORCH_DTYPES[self.dtype] for p in self.params)
+        divisor_known = self.op is not R.ReduceOp.global_mean or counts_given
+        plain = native and not self.collect_sq and self.predivide == "full" and divisor_known
+        return Route.ddp_builtin if plain else Route.hook
+
+    def _low_precision(self) -> bool:
+        return TORCH_DTYPES[self.dtype] in (torch.bfloat16, torch.float16)
+
+    # -- the micro-batches -------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def micro_batch(self, last: bool) -> Iterator[None]:
+        """Around the forward *and* backward of one micro-batch (DDP reads the sync flag in
+        forward): gradients are reduced on the last one only."""
+        if self._step is None:
+            raise RuntimeError("call reducer.loss_scale(...) before the step's first forward")
+        sync = last and self.route is not Route.manual
+        with contextlib.nullcontext() if sync else self.model.no_sync():
+            yield
+        if last and self.route is Route.manual:
+            _reduce_manually(self)
+
+    # -- after the backward ------------------------------------------------------------------
+
+    @property
+    def last_step(self) -> StepReport:
+        """What the reduction did to the last reduced step."""
+        if self._report is None:
+            step = self._step
+            if step is None:
+                raise RuntimeError("no step has been planned yet (reducer.loss_scale)")
+            plan = step.plan
+            if plan.global_items is None:
+                total, total_sq = step.wait_count().tolist()
+                plan = plan.with_counts(int(total), self.world_size * total_sq == total * total)
+            self._report = StepReport(
+                c=plan.c,
+                exact=plan.exact,
+                local_items=plan.local_items,
+                global_items=plan.global_items,
+                world_size=self.world_size,
+                route=self.route,
+                _step=step,
+                _reducer=self,
+            )
+        return self._report
+
+    def grad_norm(self) -> torch.Tensor:
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if not grads:
+            return torch.zeros((), device=self.device)
+        return torch.nn.utils.get_total_norm(grads)
+
+    def small_batch(self, items: int, mean_grad_sq: float) -> None:
+        """Give this step's smaller batch for the noise scale where the ranks cannot (one rank,
+        accumulation: the first micro-batch): its items and |its mean gradient|² (c = 1)."""
+        self._step.small_batch = (float(items), mean_grad_sq)
+
+    def _observe_noise(self, report: StepReport) -> NoiseEstimate | None:
+        step = report._step
+        if self.estimator is None:
+            return None
+        if self.collect_sq and step.ranks_sq is not None:
+            small = (report.global_items / self.world_size, float(report.ranks_sq_mean))
+        elif step.small_batch is not None:
+            small = step.small_batch
+        else:
+            return None
+        big_sq = (float(report.grad_norm) / report.c) ** 2
+        return self.estimator.update(small[0], report.global_items, small[1], big_sq)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"noise": self.estimator.state_dict() if self.estimator else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.estimator is not None and state.get("noise") is not None:
+            self.estimator.load_state_dict(state["noise"])
+
+
+class _LazyCount:
+    """The all-reduced item count as a divisor, waited for where it is first divided by."""
+
+    def __init__(self, reducer: Reducer):
+        self.reducer = reducer
+
+    def tensor(self) -> torch.Tensor:
+        return self.reducer._step.wait_count()[0]
+
+
+def attach(
+    model: DDP,
+    loss: str | R.LossReduction = "mean",
+    op: str | R.ReduceOp = "mean",
+    noise: bool = False,
+    *,
+    dtype: str | R.CommDtype = "fp32",
+    predivide: str | float = "full",
+    impl: str | R.ReduceImpl = "hook",
+    noise_beta: float = 0.95,
+    noise_population: int | None = None,
+    process_group: dist.ProcessGroup | None = None,
+) -> Reducer:
+    """Attach the reduction layer to a ``DistributedDataParallel`` model.
+
+    ``loss``: ``sum`` or ``mean``, how your loss reduces over this rank's items of the step
+    (compute it as a *sum* and multiply by :meth:`Reducer.loss_scale`); ``op``: ``sum``,
+    ``mean`` or ``global_mean``, the reduction across ranks. ``noise``: estimate the gradient
+    noise scale from the ranks' own gradients (W >= 2). ``dtype``: what the gradients travel in;
+    ``predivide``: where the division happens (``none``, ``sqrt``, ``full`` or a factor).
+    """
+    if not isinstance(model, DDP):
+        raise TypeError(
+            f"attach() takes a torch.nn.parallel.DistributedDataParallel model, got "
+            f"{type(model).__name__}"
+        )
+    return Reducer(
+        model,
+        _enum(R.LossReduction, loss),
+        _enum(R.ReduceOp, op),
+        impl=_enum(R.ReduceImpl, impl),
+        noise=noise,
+        dtype=_enum(R.CommDtype, dtype),
+        predivide=predivide,
+        noise_beta=noise_beta,
+        noise_population=noise_population,
+        process_group=process_group,
+    )
+
+
+# -- the arithmetic, carried out ------------------------------------------------------------
+
+
+def _divisor_value(step: _Step):
+    d = step.divisor
+    return d.tensor() if isinstance(d, _LazyCount) else d
+
+
+def _reduce_bucket(reducer: Reducer, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """DDP communication hook: all-reduce one bucket with the planned division.
+
+    The squared norm of the rank's own gradient (noise scale) is read before any division and,
+    summed over the step's buckets, rides at the end of the last bucket's all-reduce (no
+    collective of its own; a float32 one beside it when the gradients travel in bf16/fp16).
+    """
+    step, group = reducer._step, reducer.process_group
+    buffer = bucket.buffer()
+    comm_dtype = TORCH_DTYPES[reducer.dtype]
+    if step.collect_sq:
+        sq = _sq(buffer) * (step.plan.to_local_mean**2)
+        step.local_sq = sq if step.local_sq is None else step.local_sq + sq
+    low = comm_dtype in (torch.bfloat16, torch.float16)
+    if low:
+        amax = buffer.abs().max().float()
+        step.local_amax = amax if step.local_amax is None else torch.maximum(step.local_amax, amax)
+    before, after = R.division_split(_divisor_value(step), reducer.predivide)
+    send = buffer if buffer.dtype == comm_dtype else buffer.to(comm_dtype)
+    reference = None
+    if step.audit:
+        reference = buffer.double()
+        if isinstance(before, torch.Tensor) or before != 1:
+            reference.div_(before)
+    if isinstance(before, torch.Tensor) or before != 1:
+        send.div_(before)
+    n = send.numel()
+    scalars = None
+    if step.collect_sq and bucket.is_last():
+        if send.dtype in (torch.float32, torch.float64):
+            send = torch.cat([send, step.local_sq.to(send.dtype).view(1)])
+        else:
+            scalars = step.local_sq.view(1).clone()
+    futures = [dist.all_reduce(send, group=group, async_op=True).get_future()]
+    if scalars is not None:
+        futures.append(dist.all_reduce(scalars, group=group, async_op=True).get_future())
+    if reference is not None:
+        futures.append(dist.all_reduce(reference, group=group, async_op=True).get_future())
+    post = after if isinstance(after, torch.Tensor) or after != 1 else None
+
+    def finish(fut: torch.futures.Future) -> torch.Tensor:
+        out = futures[0].value()[0]
+        if out.numel() > n:
+            step.ranks_sq = out[n:].double().sum()
+            out = out[:n]
+        elif scalars is not None:
+            step.ranks_sq = futures[1].value()[0].double().sum()
+        if post is not None:
+            out.div_(post)
+        if reference is not None:
+            ref = futures[-1].value()[0]
+            if post is not None:
+                ref.div_(post)
+            err, ref_sq = _sq(out.double() - ref), _sq(ref)
+            step.err_sq = err if step.err_sq is None else step.err_sq + err
+            step.ref_sq = ref_sq if step.ref_sq is None else step.ref_sq + ref_sq
+        if out.dtype != buffer.dtype or out.data_ptr() != buffer.data_ptr():
+            buffer.copy_(out)
+        return buffer
+
+    if len(futures) == 1:
+        return futures[0].then(finish)
+    return torch.futures.collect_all(futures).then(finish)
+
+
+def _reduce_manually(reducer: Reducer) -> None:
+    """Reference implementation of the hook's arithmetic: one all-reduce per gradient after
+    the backward, the squared norms in float64 in a collective of their own."""
+    step, group = reducer._step, reducer.process_group
+    grads = [p.grad for p in reducer.params if p.grad is not None]
+    local_sq = sum(_sq(g.flatten()) for g in grads) * step.plan.to_local_mean**2
+    ranks_sq = local_sq.clone()
+    dist.all_reduce(ranks_sq, group=group)
+    if step.collect_sq:
+        step.local_sq, step.ranks_sq = local_sq, ranks_sq
+    d = _divisor_value(step)
+    for g in grads:
+        dist.all_reduce(g, op=dist.ReduceOp.SUM, group=group)
+        if isinstance(d, torch.Tensor) or d != 1.0:
+            g.div_(d)

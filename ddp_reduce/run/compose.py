@@ -1,0 +1,26 @@
+"""The composed config of a run, from Hydra overrides (the launchers' and the studies' way in)."""
+
+from __future__ import annotations
+
+import os
+
+from omegaconf import OmegaConf
+
+from ddp_reduce.config import register_schema
+
+
+def compose_config(overrides: list[str]) -> tuple[dict, str]:
+    """The resolved config (without Hydra's own node) and its run directory.
+
+    Every rank of a torchrun job composes the same config from the same overrides with Hydra's
+    compose API (no ``@hydra.main``, which would make one timestamped directory per rank).
+    """
+    from hydra import compose, initialize_config_module
+
+    register_schema()
+    with initialize_config_module("ddp_reduce.conf", version_base="1.3"):
+        cfg = compose("config", overrides=overrides, return_hydra_config=True)
+    run_dir = os.path.abspath(OmegaConf.select(cfg, "hydra.run.dir"))
+    container = OmegaConf.to_container(cfg, resolve=False, enum_to_str=True)
+    container.pop("hydra")
+    return container, run_dir

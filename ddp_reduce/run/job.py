@@ -1,0 +1,375 @@
+"""One run, end to end: prepare its directory, resume, train, evaluate, checkpoint, summarize.
+
+Every rank runs :func:`train`; rank 0 alone writes the run directory (the others log nothing).
+The steps themselves are the :class:`~ddp_reduce.trainer.Trainer`'s.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ddp_reduce.config import RunConfig, to_dict
+from ddp_reduce.distributed import DistContext
+from ddp_reduce.noise import NoiseEstimate
+from ddp_reduce.optim import effective_optim
+from ddp_reduce.reduction import nominal_scale, scale_rule
+from ddp_reduce.run import checkpoint
+from ddp_reduce.run.rundir import (
+    SUMMARY,
+    MetricsLogger,
+    NullLogger,
+    clear_results,
+    read_summary,
+    save_model,
+    versions,
+    write_config,
+    write_json,
+)
+from ddp_reduce.sysinfo import peak_rss_mb, rss_mb
+from ddp_reduce.trainer import Prepared, StepOutcome, Trainer
+
+
+@dataclass
+class _Window:
+    """Throughput since the last logged step."""
+
+    time_s: float = 0.0
+    items: int = 0
+    steps: int = 0
+
+    def add(self, time_s: float, items: int) -> None:
+        self.time_s, self.items, self.steps = (
+            self.time_s + time_s,
+            self.items + items,
+            self.steps + 1,
+        )
+
+
+@dataclass
+class _Progress:
+    """How the run is going: what the summary reports besides the trainer's own state."""
+
+    status: str = "completed"
+    diverged_at: int | None = None
+    steps_to_target: int | None = None
+    last_loss: float | None = None  # the all-reduced training loss of the last logged step
+    noise: NoiseEstimate | None = None
+    window: _Window = field(default_factory=_Window)
+
+
+def train(
+    cfg: RunConfig, run_dir: Path, ctx: DistContext, prepared: Prepared | None = None
+) -> dict[str, Any]:
+    """Train one run; rank 0 writes the run directory. Returns the summary (on every rank)."""
+    start = time.perf_counter()
+    trainer = Trainer(cfg, ctx, prepared)
+    if ctx.is_main:
+        _open_run_dir(cfg, run_dir)
+    resumed_from = _resume(trainer, run_dir)
+    logger = _logger(trainer, run_dir, ctx)
+    bar = _progress_bar(trainer, ctx)
+    # the loss over the whole training set before the first step (None when resuming)
+    initial_loss = None if resumed_from else trainer.evaluate(trainer.train_split)[0]
+    progress = _Progress()
+    try:
+        while trainer.step < cfg.train.steps:
+            step = trainer.step + 1
+            _maybe_crash(cfg, ctx, step)
+            scalars, reached = _train_step(trainer, step, progress), False
+            if progress.status == "diverged":
+                break
+            if _eval_due(cfg, step):
+                reached = _evaluate(trainer, scalars)
+            if scalars:
+                logger.log(step, scalars)
+            if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
+                state = trainer.state_dict()
+                if ctx.is_main:
+                    checkpoint.save(run_dir, state, cfg.train.keep_checkpoints)
+            if bar is not None:
+                bar.update(1)
+                if "train/loss" in scalars:
+                    bar.set_postfix(loss=f"{scalars['train/loss']:.4g}")
+            if reached:
+                progress.steps_to_target = step
+                break
+        summary = _finish(trainer, progress, logger, run_dir, resumed_from, initial_loss, start)
+        return summary
+    finally:
+        if bar is not None:
+            bar.close()
+        logger.close()
+        trainer.close()
+
+
+def _open_run_dir(cfg: RunConfig, run_dir: Path) -> None:
+    previous = read_summary(run_dir)
+    if cfg.train.overwrite and previous and previous.get("status") == "completed":
+        clear_results(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_config(run_dir, to_dict(cfg))
+
+
+def _logger(trainer: Trainer, run_dir: Path, ctx: DistContext) -> MetricsLogger | NullLogger:
+    if not ctx.is_main:
+        return NullLogger()
+    rc = trainer.cfg.reduce
+    return MetricsLogger(
+        run_dir,
+        resume_step=trainer.step,
+        mode=f"{rc.loss.name}-{rc.op.name}",
+        global_batch=trainer.geom.global_batch_size,
+    )
+
+
+def _progress_bar(trainer: Trainer, ctx: DistContext):
+    if not (ctx.is_main and trainer.cfg.train.progress and sys.stderr.isatty()):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(
+        total=trainer.cfg.train.steps, initial=trainer.step, unit="step", dynamic_ncols=True
+    )
+
+
+def _train_step(trainer: Trainer, step: int, progress: _Progress) -> dict[str, float | None]:
+    """One optimizer step; returns its scalars (empty on steps that are not logged)."""
+    cfg, ctx = trainer.cfg, trainer.ctx
+    log = step % cfg.train.log_every == 0 or step == cfg.train.steps
+    t0 = time.perf_counter()
+    before = torch.cat([p.detach().flatten() for p in trainer.params]) if log else None
+    lr = trainer.optimizer.param_groups[0]["lr"]
+    outcome = trainer.train_step(log=log)
+    if outcome.diverged:
+        progress.status, progress.diverged_at = "diverged", step
+        return {}
+    if ctx.device.type == "cuda":
+        torch.cuda.synchronize(ctx.device)
+    progress.window.add(time.perf_counter() - t0, outcome.report.global_items)
+    progress.noise = outcome.report.noise or progress.noise
+    if not log:
+        return {}
+    progress.last_loss = outcome.loss
+    scalars = _step_scalars(trainer, outcome, progress, lr, before)
+    progress.window = _Window()
+    return scalars
+
+
+def _step_scalars(
+    trainer: Trainer, outcome: StepOutcome, progress: _Progress, lr: float, before: torch.Tensor
+) -> dict[str, float | None]:
+    report, window = outcome.report, progress.window
+    after = torch.cat([p.detach().flatten() for p in trainer.params])
+    grad_norm = report.grad_norm.item()
+    scalars: dict[str, float | None] = {
+        "train/loss": outcome.loss,
+        "optim/lr": lr,
+        "grad/global_norm": grad_norm,
+        "grad/global_norm_c1": grad_norm / report.c,
+        "grad/local_norm_mean": outcome.local_norm_mean,
+        "reduce/grad_scale": report.c,
+        "reduce/comm_rel_error": report.comm_rel_error,
+        "optim/update_to_weight": ((after - before).norm() / after.norm()).item(),
+        "perf/items_per_s": window.items / window.time_s,
+        "perf/step_time_s": window.time_s / window.steps,
+        "perf/rss_mb": rss_mb(),
+    }
+    noise = report.noise
+    if noise is not None:
+        scalars.update(
+            {
+                "noise/grad_sq": noise.grad_sq,
+                "noise/trace_sigma": noise.trace_sigma,
+                "noise/b_simple": noise.b_simple,
+            }
+        )
+    return scalars
+
+
+def _eval_due(cfg: RunConfig, step: int) -> bool:
+    every = cfg.train.eval_every
+    return bool(every) and step % every == 0 and step != cfg.train.steps
+
+
+def _evaluate(trainer: Trainer, scalars: dict[str, float | None]) -> bool:
+    """Evaluate into ``scalars``; returns whether the target loss is reached."""
+    eval_loss, eval_acc = trainer.evaluate(trainer.test_split)
+    scalars.update({"eval/loss": eval_loss, "eval/accuracy": eval_acc})
+    target = trainer.cfg.train.target_loss
+    if target is None:
+        return False
+    full_loss, _ = trainer.evaluate(trainer.train_split)
+    scalars["train/full_loss"] = full_loss
+    return full_loss <= target
+
+
+def _finish(
+    trainer: Trainer,
+    progress: _Progress,
+    logger: MetricsLogger | NullLogger,
+    run_dir: Path,
+    resumed_from: int | None,
+    initial_loss: float | None,
+    start: float,
+) -> dict[str, Any]:
+    """Final evaluation, the summary, the weights and the HParams record."""
+    cfg, ctx = trainer.cfg, trainer.ctx
+    train_loss, train_acc = trainer.evaluate(trainer.train_split)
+    eval_loss, eval_acc = trainer.evaluate(trainer.test_split)
+    target = cfg.train.target_loss
+    if target is not None and progress.steps_to_target is None and progress.status == "completed":
+        progress.steps_to_target = trainer.step if train_loss <= target else None
+    logger.log(trainer.step, {"eval/loss": eval_loss, "eval/accuracy": eval_acc})
+    peaks: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(peaks, round(peak_rss_mb(), 1))
+    summary = _summary(trainer, progress, run_dir, resumed_from, initial_loss)
+    summary.update(
+        final_train_loss=train_loss,
+        final_train_accuracy=train_acc,
+        final_eval_loss=eval_loss,
+        final_eval_accuracy=eval_acc,
+        peak_rss_mb_per_rank=peaks,
+        wall_time_s=time.perf_counter() - start,
+    )
+    if ctx.is_main:
+        save_model(run_dir, trainer.model_state())
+        final = {
+            "final/train_loss": train_loss,
+            "final/eval_loss": eval_loss,
+            "final/eval_accuracy": eval_acc,
+            "final/diverged": float(progress.status == "diverged"),
+        }
+        logger.hparams(_hparams(trainer, summary), final)
+        write_json(run_dir / SUMMARY, summary)
+    return summary
+
+
+def _summary(
+    trainer: Trainer,
+    progress: _Progress,
+    run_dir: Path,
+    resumed_from: int | None,
+    initial_loss: float | None,
+) -> dict[str, Any]:
+    cfg, ctx, geom, rc = trainer.cfg, trainer.ctx, trainer.geom, trainer.cfg.reduce
+    return {
+        "status": progress.status,
+        "diverged_at_step": progress.diverged_at,
+        "steps_done": trainer.step,
+        "steps_planned": cfg.train.steps,
+        "resumed_from_step": resumed_from,
+        "grad_scale": nominal_scale(
+            rc.loss, rc.op, geom.world_size, geom.local_batch_size, geom.accum_steps
+        ),
+        "grad_scale_rule": scale_rule(rc.loss, rc.op),
+        "grad_scale_range": [trainer.c_range.low, trainer.c_range.high],
+        "grad_scale_exact": trainer.c_range.exact,
+        "reduce_loss": rc.loss.name,
+        "reduce_op": rc.op.name,
+        "reduce_impl": rc.impl.name,
+        "reduce_route": trainer.reducer.route.name if trainer.reducer.route else None,
+        "reduce_dtype": rc.dtype.name,
+        "reduce_predivide": rc.predivide,
+        "world_size": geom.world_size,
+        "local_batch_size": geom.local_batch_size,
+        "accum_steps": geom.accum_steps,
+        "global_batch_size": geom.global_batch_size,
+        "train_items": len(trainer.train_split),
+        "last_logged_train_loss": progress.last_loss,
+        "initial_train_loss": initial_loss,
+        "target_loss": cfg.train.target_loss,
+        "steps_to_target": progress.steps_to_target,
+        "optim_effective": asdict(effective_optim(cfg.optim, geom.global_batch_size)),
+        **_noise_summary(trainer, progress),
+        "device": str(ctx.device),
+        "backend": ctx.backend,
+        "threads_per_rank": ctx.threads if ctx.device.type == "cpu" else None,
+        "run_dir": str(run_dir),
+        "versions": versions(),
+    }
+
+
+def _noise_summary(trainer: Trainer, progress: _Progress) -> dict[str, Any]:
+    if trainer.noise_source is None or progress.noise is None:
+        return {"noise_scale": None, "noise_unavailable": trainer.noise_unavailable}
+    est = progress.noise
+    return {
+        "noise_scale": {
+            "b_simple": est.b_simple,
+            "grad_sq": est.grad_sq,
+            "trace_sigma": est.trace_sigma,
+            "small_batch_from": trainer.noise_source.name,
+        }
+    }
+
+
+def _resume(trainer: Trainer, run_dir: Path) -> int | None:
+    """Restore the newest valid checkpoint of this run, if any; returns its step.
+
+    Rank 0 reads and verifies it (weights only) and broadcasts it, so the other ranks, on other
+    nodes too, need no shared file system.
+    """
+    ctx = trainer.ctx
+    found: list[Any] = [None]
+    if ctx.is_main:
+        try:
+            latest = checkpoint.load_latest(run_dir)
+            if latest is not None:
+                checkpoint.check_compatible(
+                    latest.state, to_dict(trainer.cfg), trainer.geom.global_batch_size
+                )
+                print(
+                    f"ddp-reduce: resuming from {latest.path} (step {latest.state['step']})",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                found[0] = latest.state
+        except checkpoint.CheckpointError as exc:
+            found[0] = exc
+    dist.broadcast_object_list(found, src=0)
+    if isinstance(found[0], checkpoint.CheckpointError):
+        raise found[0]
+    if found[0] is None:
+        return None
+    trainer.load_state_dict(found[0])
+    return found[0]["step"]
+
+
+def _maybe_crash(cfg: RunConfig, ctx: DistContext, step: int) -> None:
+    """fault.crash_*: kill this rank as an outside fault would, in the first attempt only."""
+    fault = cfg.fault
+    first_attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0
+    if fault.crash_at_step == step and fault.crash_rank == ctx.rank and first_attempt:
+        print(f"ddp-reduce: fault injected: killing rank {ctx.rank} at step {step}", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _hparams(trainer: Trainer, summary: dict) -> dict[str, Any]:
+    cfg, geom = trainer.cfg, trainer.geom
+    return {
+        "data": cfg.data.name,
+        "model": cfg.model.name,
+        "reduce.loss": cfg.reduce.loss.name,
+        "reduce.op": cfg.reduce.op.name,
+        "world_size": geom.world_size,
+        "local_batch_size": geom.local_batch_size,
+        "accum_steps": geom.accum_steps,
+        "global_batch_size": geom.global_batch_size,
+        "grad_scale": summary["grad_scale"],
+        "optim": cfg.optim.name.name,
+        "lr": cfg.optim.lr,
+        "momentum": cfg.optim.momentum,
+        "weight_decay": cfg.optim.weight_decay,
+        "clip_norm": cfg.optim.clip_norm if cfg.optim.clip_norm is not None else 0.0,
+        "seed": cfg.seed,
+        "status": summary["status"],
+    }
