@@ -309,7 +309,7 @@ class DistConfig:
 
 @dataclass
 class NoiseConfig:
-    """Online estimate of the gradient noise scale (DESIGN §3), from two batch sizes per step:
+    """Online estimate of the gradient noise scale (docs/design.md §3), from two batch sizes per step:
     one rank's gradient (W >= 2) or its first micro-batch (W = 1, A >= 2), and the reduced one.
     """
 

@@ -1,5 +1,5 @@
 """Equivalent settings give the same weights: more ranks vs accumulation vs one big batch, and
-sum modes with lr/c vs mean with lr (DESIGN §2), through the full training path."""
+sum modes with lr/c vs mean with lr (docs/design.md §2), through the full training path."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 G is computed here, in one process, on the same global batch: the mean over all of its items of
 the per-item loss gradient. The ranks compute their gradients and reduce them through the DDP
 communication hook (and the manual reference); the received gradient must equal c·G with c from
-DESIGN §1's table (relative tolerance 1e-5).
+docs/design.md §1's table (relative tolerance 1e-5).
 """
 
 from __future__ import annotations
@@ -184,7 +184,7 @@ def test_ragged_mean_of_means_is_biased(results):
 
 
 def test_sync_batch_norm_matches_one_process_batch_norm(results):
-    """DDP(W, b) with statistics over all ranks is one process with batch W·b (DESIGN §2)."""
+    """DDP(W, b) with statistics over all ranks is one process with batch W·b (docs/design.md §2)."""
     _, cfg, ranks = results[("digits-bn", "true")]
     reference = dict(cfg, model=dict(cfg["model"], sync_bn=False))
     g, _ = reference_gradient(reference)

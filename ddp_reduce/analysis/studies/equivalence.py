@@ -1,4 +1,4 @@
-"""Each claim of DESIGN §2 against its c = 1 twin: predicted and measured verdicts."""
+"""Each claim of docs/design.md §2 against its c = 1 twin: predicted and measured verdicts."""
 
 from __future__ import annotations
 

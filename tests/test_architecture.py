@@ -1,0 +1,177 @@
+"""The shape of the code: layers without cycles, defaults stated once, light entry paths."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from omegaconf import OmegaConf
+
+from ddp_reduce.config import RunConfig, to_dict
+from tests.helpers import REPO, config_dict
+
+PACKAGE = REPO / "ddp_reduce"
+ENTRY = {"ddp_reduce", "ddp_reduce.cli", "ddp_reduce.train", "ddp_reduce.bench"}
+LAYERS = ("core", "run", "analysis", "entry")
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def layer(module: str) -> str:
+    if module in ENTRY:
+        return "entry"
+    if module.startswith("ddp_reduce.run"):
+        return "run"
+    if module.startswith("ddp_reduce.analysis"):
+        return "analysis"
+    return "core"
+
+
+def imports_of(path: Path, modules: set[str]) -> set[str]:
+    """The package's modules that ``path`` imports, at the top or inside functions."""
+    found = set()
+    this = module_name(path)
+    package = this if path.name == "__init__.py" else this.rpartition(".")[0]
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1])
+                base = f"{base}.{node.module}" if node.module else base
+            # `from pkg import module` depends on the module; `from module import name` on it
+            names = [
+                f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names
+            ]
+        for name in names:
+            while name and name not in modules:
+                name = name.rpartition(".")[0]
+            if name and name != this:
+                found.add(name)
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    files = sorted(PACKAGE.rglob("*.py"))
+    modules = {module_name(f) for f in files}
+    return {module_name(f): imports_of(f, modules) for f in files}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """A cycle of the graph as a list of nodes, or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt) :] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        state[node] = 2
+        path.pop()
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_the_cycle_finder_finds_a_planted_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_the_package_has_no_import_cycle():
+    assert find_cycle(import_graph()) is None
+
+
+def layer_violations(graph: dict[str, set[str]]) -> list[str]:
+    """Imports of a higher layer, or of an entry point, by anything but an entry point."""
+    wrong = []
+    for module, deps in graph.items():
+        for dep in deps:
+            higher = LAYERS.index(layer(dep)) > LAYERS.index(layer(module))
+            if module not in ENTRY and (higher or layer(dep) == "entry"):
+                wrong.append(f"{module} ({layer(module)}) imports {dep} ({layer(dep)})")
+    return wrong
+
+
+def test_the_layer_check_finds_planted_violations():
+    planted = {
+        "ddp_reduce.config": {"ddp_reduce.run.job"},
+        "ddp_reduce.run.launch": {"ddp_reduce.train"},
+        "ddp_reduce.analysis.study": {"ddp_reduce.run.launch", "ddp_reduce.config"},
+    }
+    assert len(layer_violations(planted)) == 2
+
+
+def test_no_layer_imports_a_higher_one_and_nothing_imports_an_entry_point():
+    assert not layer_violations(import_graph())
+
+
+def test_composing_with_no_overrides_gives_the_schema_defaults():
+    composed = config_dict()
+    assert composed == to_dict(RunConfig())
+
+
+# a study's sweep and an experiment's overlay are no schema groups
+GROUP_OPTIONS = [
+    p
+    for p in sorted((REPO / "conf").glob("*/*.yaml"))
+    if p.parent.name in RunConfig.__dataclass_fields__
+]
+
+
+@pytest.mark.parametrize("path", GROUP_OPTIONS, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_group_options_hold_only_values_that_differ_from_the_defaults(path):
+    group = path.parent.name
+    defaults = OmegaConf.to_container(OmegaConf.structured(RunConfig))[group]
+    values = yaml.safe_load(path.read_text())
+    same = [k for k, v in values.items() if k != "name" and defaults.get(k) == v]
+    assert not same, f"{path.name} restates defaults: {same}"
+
+
+def _modules_loaded(code: str) -> set[str]:
+    out = subprocess.run(
+        [sys.executable, "-c", code + "\nimport sys; print(' '.join(sorted(sys.modules)))"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    return set(out.stdout.split())
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["convert", "--from", "sum/sum", "--to", "mean/mean", "--world-size", "2",
+         "--batch-size", "16", "--optim", "sgd", "--lr", "0.1"],
+        ["--help"],
+        ["convert", "--help"],
+    ],
+    ids=["convert", "help", "convert-help"],
+)  # fmt: skip
+def test_the_calculator_and_the_help_load_neither_torch_nor_hydra(argv):
+    code = (
+        "import sys\n"
+        f"sys.argv = ['ddp-reduce', *{argv!r}]\n"
+        "from ddp_reduce.cli import main\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    assert e.code in (0, None), e.code\n"
+    )
+    loaded = _modules_loaded(code)
+    assert "torch" not in loaded and "hydra" not in loaded and "omegaconf" not in loaded
