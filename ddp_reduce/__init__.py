@@ -6,6 +6,7 @@ The public API (everything else is private):
     scale = reducer.loss_scale(local_items)       # multiply this rank's summed loss by it
     reducer.last_step                             # c, exact, global_items, the noise scale
     ddp_reduce.convert(ddp_reduce.Setting(...), to="mean/mean")   # per-knob rows, as data
+    ddp_reduce.rank_batch_sampler(n, N, rank=r, world_size=W, steps=T)  # a DataLoader sampler
 
 Names are imported on first use, so ``ddp-reduce convert`` never loads torch.
 """
@@ -19,6 +20,7 @@ _API = {
     "convert": "ddp_reduce.analysis.convert",
     "Setting": "ddp_reduce.analysis.convert",
     "Conversion": "ddp_reduce.analysis.convert",
+    "rank_batch_sampler": "ddp_reduce.batches",
 }
 __all__ = ["__version__", *_API]
 

@@ -7,7 +7,9 @@ with a message naming the key, the value and what is allowed. Checks that need t
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import typing
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -48,6 +50,12 @@ def _non_negative(key: str, value: float | int) -> None:
 
 
 # OmegaConf matches an Enum by member *name*: the names are the values users type.
+class Loader(Enum):
+    auto = "auto"
+    memory = "memory"
+    loader = "loader"
+
+
 class LastBatch(Enum):
     drop = "drop"  # an epoch's final partial global batch is skipped
     keep = "keep"  # ... or used as it is, smaller (ragged); never padded with duplicated items
@@ -84,7 +92,7 @@ class Backend(Enum):
 
 @dataclass
 class DataConfig:
-    name: str = "digits"  # a key of ddp_reduce.data.DATASETS
+    name: str = "digits"  # a key of ddp_reduce.data.DATASETS (or data._target_: your own)
     # b: items (samples, or sequences for `sequences`) per rank per micro-step.
     batch_size: int = 32
     # N: when set, b is derived as N / (W·A), which must divide exactly.
@@ -102,6 +110,18 @@ class DataConfig:
     min_len: int = 4  # sequences: tokens per sequence, uniform in [min_len, max_len]
     max_len: int = 32
     concentration: float = 0.3  # sequences: Dirichlet concentration of the Markov chain's rows
+    root: str | None = None  # text: folder of text files (default: Python's standard library)
+    pattern: str = "**/*.py"  # text: which files under root (a glob)
+    max_documents: int = 2000  # text: at most this many files, the first in sorted order
+    # How batches reach the model: memory (whole splits on the device, the fast path), loader
+    # (a torch DataLoader over a map-style Dataset: data that need not fit), auto (memory for
+    # the built-in data, loader for data._target_).
+    loader: Loader = Loader.auto
+    num_workers: int = 0  # loader: DataLoader worker processes
+    # data._target_=pkg.module.make_splits: your own data, a callable returning (train, eval)
+    # map-style Datasets of (input, target) pairs; its other keys are its arguments.
+    target: str | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         _positive("data.batch_size", self.batch_size)
@@ -129,6 +149,20 @@ class DataConfig:
             f"an integer >= data.min_len={self.min_len}",
         )
         _positive("data.concentration", self.concentration)
+        _positive("data.max_documents", self.max_documents)
+        require(self.num_workers >= 0, "data.num_workers", self.num_workers, "an integer >= 0")
+        require(
+            0 <= self.data_seed < 2**32,
+            "data.data_seed",
+            self.data_seed,
+            "an integer in [0, 2^32)",
+        )
+        require(
+            not (self.loader is Loader.memory and self.target is not None),
+            "data.loader",
+            self.loader,
+            "auto or loader with data._target_ (your data are read through a DataLoader)",
+        )
 
 
 @dataclass
@@ -142,6 +176,9 @@ class ModelConfig:
     arch: SeqArch = SeqArch.gru  # seq
     embed_dim: int = 32  # seq
     heads: int = 2  # seq, transformer
+    # model._target_=pkg.module.Class: your own nn.Module; its other keys are its arguments.
+    target: str | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for i, h in enumerate(self.hidden):
@@ -309,9 +346,9 @@ class DistConfig:
 
 @dataclass
 class NoiseConfig:
-    """Online estimate of the gradient noise scale (docs/design.md §3), from two batch sizes per step:
-    one rank's gradient (W >= 2) or its first micro-batch (W = 1, A >= 2), and the reduced one.
-    """
+    """Online estimate of the gradient noise scale (docs/design.md §3), from two batch sizes
+    per step: one rank's gradient (W >= 2) or its first micro-batch (W = 1, A >= 2), and the
+    reduced one."""
 
     enabled: bool = True  # estimated whenever two batch sizes exist; summary says if not
     beta: float = 0.95  # smoothing of the numerator and denominator (bias-corrected EMAs)
@@ -340,6 +377,16 @@ class FaultConfig:
 
 
 @dataclass
+class LossConfig:
+    """loss._target_=pkg.module.Loss: your own loss, a callable built from the other keys and
+    called as loss(output, target) -> (summed loss, item count). Default: the data's own
+    (cross-entropy per sample for data._target_)."""
+
+    target: str | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class RunConfig:
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
@@ -350,23 +397,90 @@ class RunConfig:
     dist: DistConfig = field(default_factory=DistConfig)
     noise: NoiseConfig = field(default_factory=NoiseConfig)
     fault: FaultConfig = field(default_factory=FaultConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+
+    def __post_init__(self) -> None:
+        require(0 <= self.seed < 2**63, "seed", self.seed, "an integer in [0, 2^63)")
+
+
+# Nodes that take Hydra's `_target_` convention: your own callable, its arguments as keys.
+TARGETED = {"data": DataConfig, "model": ModelConfig, "loss": LossConfig}
+_INTERNAL = ("target", "kwargs")  # how a _target_ node is held in the typed config
 
 
 def load_config(cfg: DictConfig | dict) -> RunConfig:
     """Typed, validated RunConfig from a composed Hydra config or a plain dict.
 
-    Keys outside the schema (``hydra``) are ignored; type errors name the key (OmegaConf's message).
+    Keys outside the schema (``hydra``) are ignored. An unknown key, a value of the wrong type
+    or out of range is a :class:`ConfigError` naming the key, the value and what is allowed.
     """
+    from omegaconf.errors import OmegaConfBaseException
+
     if isinstance(cfg, DictConfig):
-        cfg = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-    cfg = {k: v for k, v in cfg.items() if k != "hydra"}
-    merged = OmegaConf.merge(OmegaConf.structured(RunConfig), cfg)
-    return OmegaConf.to_object(merged)
+        try:
+            cfg = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+        except OmegaConfBaseException as exc:
+            raise ConfigError(_key(exc), "(unresolved)", str(exc).splitlines()[0]) from None
+    plain = {k: v for k, v in cfg.items() if k != "hydra"}
+    for key, cls in TARGETED.items():
+        node = plain.get(key)
+        if isinstance(node, dict) and "_target_" in node:
+            plain[key] = _held_target(key, cls, node)
+    _check_keys(RunConfig, plain, "")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(RunConfig), plain)
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        value = getattr(exc, "value", None)
+        raise ConfigError(_key(exc), value, str(exc).splitlines()[0]) from None
+
+
+def _key(exc: Exception) -> str:
+    return str(getattr(exc, "full_key", None) or "config")
+
+
+def _held_target(key: str, cls: type, node: dict) -> dict:
+    """A `_target_` node as the typed config holds it: schema keys, target, the rest kwargs."""
+    target = node["_target_"]
+    require(
+        isinstance(target, str) and target.strip() != "",
+        f"{key}._target_",
+        target,
+        "a dotted path to a callable, e.g. mypkg.models.Net",
+    )
+    schema = {f.name for f in dataclasses.fields(cls)} - set(_INTERNAL)
+    held = {k: v for k, v in node.items() if k in schema}
+    held["target"] = target
+    held["kwargs"] = {k: v for k, v in node.items() if k not in schema and k != "_target_"}
+    return held
+
+
+def _check_keys(cls: type, node: Any, prefix: str) -> None:
+    """Refuse keys the schema does not have, naming them and the keys it has."""
+    if not (dataclasses.is_dataclass(cls) and isinstance(node, dict)):
+        return
+    types = typing.get_type_hints(cls)
+    for key, value in node.items():
+        path = f"{prefix}{key}"
+        if key not in types:
+            allowed = sorted(k for k in types if k not in _INTERNAL)
+            name = prefix.rstrip(".")
+            hint = f", or {name}._target_ for your own" if name in TARGETED else ""
+            raise ConfigError(path, value, f"a key of {name or 'the config'}: {allowed}{hint}")
+        if key not in _INTERNAL:
+            _check_keys(types[key], value, path + ".")
 
 
 def to_dict(cfg: RunConfig) -> dict:
-    """Plain, resolved container of a RunConfig (what is saved and sent to ranks)."""
-    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True)
+    """Plain, resolved container of a RunConfig (what is saved and sent to ranks); a
+    `_target_` node in Hydra's form, as it was given."""
+    out = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True)
+    for key in TARGETED:
+        node = out[key]
+        target, kwargs = node.pop("target"), node.pop("kwargs")
+        if target is not None:
+            node.update({"_target_": target, **kwargs})
+    return out
 
 
 @dataclass(frozen=True)
@@ -418,8 +532,25 @@ def batch_geometry(cfg: RunConfig, world_size: int, n_train: int) -> BatchGeomet
 SCHEMA_NAME = "run_schema"
 
 
+def hydra_schema() -> type:
+    """The schema as Hydra composes it: RunConfig, with the `_target_` nodes open (any keys,
+    checked by :func:`load_config`) and holding the same defaults."""
+    types = typing.get_type_hints(RunConfig)
+    defaults = to_dict(RunConfig())
+    spec = []
+    for f in dataclasses.fields(RunConfig):
+        if f.name in TARGETED:
+            node = defaults[f.name]
+            spec.append((f.name, Any, field(default_factory=lambda node=node: dict(node))))
+        elif f.default_factory is not dataclasses.MISSING:
+            spec.append((f.name, types[f.name], field(default_factory=f.default_factory)))
+        else:
+            spec.append((f.name, types[f.name], f.default))
+    return dataclasses.make_dataclass("RunSchema", spec)
+
+
 def register_schema() -> None:
-    """Make the dataclass schema available to Hydra's defaults list as ``run_schema``."""
+    """Make the schema available to Hydra's defaults list as ``run_schema``."""
     from hydra.core.config_store import ConfigStore
 
-    ConfigStore.instance().store(name=SCHEMA_NAME, node=RunConfig)
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=hydra_schema())

@@ -6,9 +6,13 @@ models that fit it, see :data:`ddp_reduce.models.MODELS`), plus a YAML in ``conf
 
 from __future__ import annotations
 
+import re
+import sysconfig
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,7 +47,9 @@ class Split:
         return self.lengths[idx] - 1
 
     def items(self, idx: torch.Tensor) -> int:
-        return int(self.item_counts(idx).sum())
+        if self.lengths is None:
+            return len(idx)
+        return int(self.lengths[idx].sum()) - len(idx)
 
     def batch(self, idx: torch.Tensor) -> Batch:
         """The rows ``idx`` (a CPU index), on the split's device."""
@@ -60,9 +66,23 @@ class Split:
 
 @dataclass
 class Batch:
-    x: torch.Tensor
-    y: torch.Tensor
-    mask: torch.Tensor | None  # lm: which target positions are real tokens
+    x: Any  # what the model is called with (a tensor for the built-in data)
+    y: Any  # the targets
+    mask: torch.Tensor | None = None  # lm: which target positions are real tokens
+
+    def to(self, device: torch.device) -> Batch:
+        return Batch(_to(self.x, device), _to(self.y, device), _to(self.mask, device))
+
+
+def _to(obj: Any, device: torch.device) -> Any:
+    """Tensors, and tensors in tuples, lists and dicts, on ``device``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
 
 
 @dataclass
@@ -181,12 +201,101 @@ def _sequences(cfg: DataConfig) -> Dataset:
     )
 
 
+def text_documents(cfg: DataConfig) -> list[bytes]:
+    """The documents of ``data=text``: blocks of text between blank lines (in source code: a
+    function, a class, a docstring, an import block) of the files ``data.pattern`` finds under
+    ``data.root``, in sorted order, at most ``data.max_documents`` of them.
+
+    The default root is this Python's own standard library (installed packages excluded), so
+    the data set is on every machine, offline, and the same on every run.
+    """
+    root = Path(cfg.root) if cfg.root is not None else Path(sysconfig.get_paths()["stdlib"])
+    if not root.is_dir():
+        raise ConfigError("data.root", cfg.root, "an existing folder of text files")
+    documents: list[bytes] = []
+    for path in sorted(root.glob(cfg.pattern)):
+        parts = path.relative_to(root).parts
+        if cfg.root is None and {"site-packages", "dist-packages"} & set(parts):
+            continue
+        if not path.is_file():
+            continue
+        for block in re.split(rb"\n[ \t]*\n", path.read_bytes()):
+            if len(block.strip()) >= 2:
+                documents.append(block.strip(b"\n"))
+        if len(documents) >= cfg.max_documents:
+            break
+    if len(documents) < 2:
+        raise ConfigError("data.pattern", cfg.pattern, f"a glob that finds text files under {root}")
+    return documents[: cfg.max_documents]
+
+
+def _text(cfg: DataConfig) -> Dataset:
+    """Byte-level language modelling over local text files: one item per predicted byte."""
+    docs = text_documents(cfg)
+    lengths = torch.tensor([min(len(d), cfg.max_len) for d in docs], dtype=torch.int64)
+    tokens = torch.zeros((len(docs), cfg.max_len), dtype=torch.int64)
+    for i, d in enumerate(docs):
+        row = d[: cfg.max_len]
+        tokens[i, : len(row)] = torch.frombuffer(bytearray(row), dtype=torch.uint8).long()
+    order = torch.from_numpy(np.random.default_rng(cfg.data_seed).permutation(len(docs)))
+    n_test = max(1, int(round(len(docs) * cfg.test_fraction)))
+    test, train = order[:n_test], order[n_test:]
+
+    def split(rows: torch.Tensor) -> Split:
+        return Split(tokens[rows], tokens[rows], lengths[rows])
+
+    return Dataset(
+        "text",
+        Task.lm,
+        split(train),
+        split(test),
+        input_shape=(256,),
+        num_outputs=256,
+        max_len=cfg.max_len,
+    )
+
+
 # The built-in data sets: name -> (loader, task). A new one: an entry here and conf/data/NAME.yaml.
 DATASETS: dict[str, DatasetEntry] = {
     "digits": DatasetEntry(_digits, Task.classification),
     "linear": DatasetEntry(lambda cfg: _linear(cfg).dataset, Task.regression),
     "sequences": DatasetEntry(_sequences, Task.lm),
+    "text": DatasetEntry(_text, Task.lm),
 }
+
+
+@dataclass
+class UserData:
+    """Your own data (data._target_): map-style Datasets of (input, target) pairs."""
+
+    name: str
+    train: Any
+    test: Any
+
+    task = None  # the loss decides what an item is (the default: one sample)
+
+
+def load_data(cfg: DataConfig) -> Dataset | UserData:
+    """The built-in data set named ``data.name``, or yours (``data._target_``)."""
+    if cfg.target is None:
+        return load_dataset(cfg)
+    from ddp_reduce.targets import build
+
+    what = "a callable returning (train, eval) map-style Datasets"
+    made = build("data", cfg.target, cfg.kwargs, what)
+    if not (isinstance(made, (tuple, list)) and len(made) == 2):
+        raise ConfigError("data._target_", cfg.target, f"{what}; it returned {type(made).__name__}")
+    for name, split in zip(("train", "eval"), made, strict=True):
+        if not (hasattr(split, "__getitem__") and hasattr(split, "__len__")):
+            raise ConfigError(
+                "data._target_",
+                cfg.target,
+                f"{what}; its {name} part is a {type(split).__name__} without __getitem__ and "
+                "__len__ (an IterableDataset cannot be sampled by the global batch sampler)",
+            )
+        if len(split) == 0:
+            raise ConfigError("data._target_", cfg.target, f"{what}; its {name} part is empty")
+    return UserData(cfg.target, made[0], made[1])
 
 
 class GlobalBatchSampler:

@@ -8,6 +8,8 @@ of its own on an in-memory store, so the training code has one path for every wo
 from __future__ import annotations
 
 import os
+import signal
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -63,6 +65,21 @@ def resolve_backend(cfg: DistConfig, device: torch.device) -> str:
     if cfg.backend is Backend.nccl and device.type != "cuda":
         raise ConfigError("dist.backend", "nccl", "gloo or auto on a CPU device")
     return cfg.backend.name
+
+
+def die_with_parent() -> None:
+    """Have Linux send this process SIGTERM when the process that started it dies, so a
+    launcher killed outright (SIGKILL) leaves no rank training on; SIGTERM, not SIGKILL, so the
+    rank still records its status. Elsewhere nothing (prctl is Linux's)."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() != parent:  # the parent died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def available_cores() -> int:

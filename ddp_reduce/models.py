@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -16,8 +17,8 @@ import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
 from torch import nn
 
-from ddp_reduce.config import ConfigError, ModelConfig, SeqArch
-from ddp_reduce.data import Batch, Dataset, Task, dataset_entry
+from ddp_reduce.config import ConfigError, ModelConfig, RunConfig, SeqArch
+from ddp_reduce.data import Batch, Dataset, Task, UserData, dataset_entry
 
 
 class GlobalBatchNorm(nn.Module):
@@ -157,16 +158,111 @@ MODELS: dict[str, ModelEntry] = {
 }
 
 
-def check_model_for_data(model: str, data: str) -> None:
-    """Refuse a model that is unknown or does not fit the data set's task."""
-    task = dataset_entry(data).task
+def check_model_for_data(cfg: RunConfig) -> None:
+    """Refuse a built-in model that is unknown or does not fit the data set's task."""
+    model, data = cfg.model, cfg.data
+    if model.target is not None:
+        return  # your own model: built and tried on a batch in ``check_components``
+    if data.target is not None:
+        raise ConfigError(
+            "model",
+            model.name,
+            f"model._target_ with data._target_ (the built-in models are shaped for the built-in "
+            f"data; {sorted(MODELS)} cannot size themselves to yours)",
+        )
+    task = dataset_entry(data.name).task
     allowed = [name for name, entry in MODELS.items() if task in entry.tasks]
-    if model not in MODELS or model not in allowed:
-        raise ConfigError("model", model, f"with data={data} one of {allowed}")
+    if model.name not in allowed:
+        raise ConfigError("model", model.name, f"with data={data.name} one of {allowed}")
 
 
-def build_model(cfg: ModelConfig, data: Dataset) -> nn.Module:
-    return MODELS[cfg.name].build(cfg, data)
+def build_model(cfg: ModelConfig, data: Dataset | UserData) -> nn.Module:
+    """The built-in model ``model.name``, or yours (``model._target_``)."""
+    if cfg.target is None:
+        return MODELS[cfg.name].build(cfg, data)
+    from ddp_reduce.targets import build
+
+    model = build("model", cfg.target, cfg.kwargs, "an nn.Module")
+    if not isinstance(model, nn.Module):
+        raise ConfigError(
+            "model._target_", cfg.target, f"an nn.Module; it built a {type(model).__name__}"
+        )
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError("model._target_", cfg.target, "an nn.Module with parameters to train")
+    return model
+
+
+class Objective:
+    """What a batch's output is scored by: ``(summed loss, correct predictions or None)``, and
+    the batch's item count, known before the forward (the reduction plans the step with it)."""
+
+    per_sample = True  # one item per sample (the noise scale's finite-population correction)
+
+    def count(self, batch: Batch) -> int:
+        return len(batch.y)
+
+    def __call__(self, out: Any, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        raise NotImplementedError
+
+
+class TaskObjective(Objective):
+    """The built-in tasks' losses (cross-entropy per sample also for your own data)."""
+
+    def __init__(self, task: Task):
+        self.task = task
+        self.per_sample = task is not Task.lm
+
+    def count(self, batch: Batch) -> int:
+        return int(batch.mask.sum()) if self.task is Task.lm else len(batch.y)
+
+    def __call__(self, out: Any, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        loss, correct = loss_sums(self.task, out, batch)
+        return loss, (None if self.task is Task.regression else correct)
+
+
+class UserLoss(Objective):
+    """Your loss (loss._target_): ``loss(output, target) -> (summed loss, item count)``. Its
+    count of a batch before the forward is ``loss.count(target)`` if it has one, else one item
+    per sample; the count it returns must agree."""
+
+    def __init__(self, fn: Callable, target: str):
+        self.fn, self.target = fn, target
+        self.per_sample = not hasattr(fn, "count")
+
+    def count(self, batch: Batch) -> int:
+        return int(self.fn.count(batch.y)) if hasattr(self.fn, "count") else len(batch.y)
+
+    def __call__(self, out: Any, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        result = self.fn(out, batch.y)
+        if not (isinstance(result, (tuple, list)) and len(result) == 2):
+            raise TypeError(
+                f"loss._target_={self.target} must return (summed loss, item count), "
+                f"not {type(result).__name__}"
+            )
+        loss, items = result
+        if int(items) != self.count(batch):
+            raise ValueError(
+                f"loss._target_={self.target} counted {int(items)} items in a batch whose count "
+                f"before the forward was {self.count(batch)} (give the loss a count(target) "
+                "method that counts the same items)"
+            )
+        return loss, None
+
+
+def build_objective(cfg: RunConfig, data: Dataset | UserData) -> Objective:
+    if cfg.loss.target is not None:
+        from ddp_reduce.targets import build
+
+        fn = build("loss", cfg.loss.target, cfg.loss.kwargs, "a callable loss(output, target)")
+        if not callable(fn):
+            raise ConfigError(
+                "loss._target_",
+                cfg.loss.target,
+                f"a factory of a callable loss(output, target); it built a {type(fn).__name__} "
+                "(for a plain function add +loss._partial_=true)",
+            )
+        return UserLoss(fn, cfg.loss.target)
+    return TaskObjective(data.task or Task.classification)
 
 
 def loss_sums(task: Task, out: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -17,10 +17,11 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from ddp_reduce.config import BatchGeometry, RunConfig, batch_geometry, to_dict
-from ddp_reduce.data import Dataset, GlobalBatchSampler, Split, Task, load_dataset
+from ddp_reduce.batches import LoaderBatches, MemoryBatches, as_dataset, eval_batches
+from ddp_reduce.config import BatchGeometry, ConfigError, Loader, RunConfig, batch_geometry, to_dict
+from ddp_reduce.data import Dataset, GlobalBatchSampler, Split, UserData, load_data
 from ddp_reduce.distributed import DistContext
-from ddp_reduce.models import build_model, check_model_for_data, loss_sums
+from ddp_reduce.models import Objective, build_model, build_objective, check_model_for_data
 from ddp_reduce.noise import NoiseSource, noise_source
 from ddp_reduce.optim import build_optimizer, build_schedule, effective_optim
 from ddp_reduce.reducer import Reducer, StepReport, attach
@@ -29,38 +30,81 @@ from ddp_reduce.reduction import ReduceImpl
 
 @dataclass
 class Prepared:
-    data: Dataset
+    data: Dataset | UserData
     geometry: BatchGeometry
+    model: nn.Module  # built with the run's seed: the same initial weights for every world size
+    objective: Objective
 
 
 def prepare(cfg: RunConfig, world_size: int) -> Prepared:
-    """Load the data and derive the batch geometry; refuses what does not fit or divide."""
-    check_model_for_data(cfg.model.name, cfg.data.name)
-    data = load_dataset(cfg.data)
+    """Load the data, build the model and the loss, derive the batch geometry; refuses what
+    does not fit or divide. Your own parts (``_target_``) are tried on a batch of two."""
+    check_model_for_data(cfg)
+    data = load_data(cfg.data)
     geometry = batch_geometry(cfg, world_size, len(data.train))
     effective_optim(cfg.optim, geometry.global_batch_size)  # refuses an impossible rescaling
-    return Prepared(data, geometry)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, data)
+    objective = build_objective(cfg, data)
+    if cfg.data.target or cfg.model.target or cfg.loss.target:
+        _try_a_batch(cfg, data, model, objective)
+    return Prepared(data, geometry, model, objective)
+
+
+def _try_a_batch(cfg: RunConfig, data: Any, model: nn.Module, objective: Objective) -> None:
+    """Your model and loss on two training samples, so a mismatch is a config error now, not
+    a traceback on every rank later."""
+    dataset, collate = as_dataset(data.train)
+    stage, key = "collating two samples", "data._target_"
+    try:
+        batch = collate([dataset[i] for i in range(min(2, len(dataset)))])
+        stage, key = (
+            "the model's forward",
+            "model._target_" if cfg.model.target else "data._target_",
+        )
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            out = model(batch.x)
+            stage = "the loss"
+            key = "loss._target_" if cfg.loss.target else key
+            objective(out, batch)
+        model.train(was_training)
+    except Exception as exc:
+        target = {"data._target_": cfg.data.target, "model._target_": cfg.model.target}.get(
+            key, cfg.loss.target
+        )
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise ConfigError(
+            key, target, f"parts that work together; {stage} raised {type(exc).__name__}: {first}"
+        ) from None
 
 
 def evaluate(
-    model: nn.Module, task: Task, split: Split, ctx: DistContext
+    model: nn.Module,
+    objective: Objective,
+    split: Any,
+    ctx: DistContext,
+    num_workers: int = 0,
 ) -> tuple[float, float | None]:
     """Per-item loss and accuracy over a whole split, sharded across ranks and all-reduced."""
     was_training = model.training
     model.eval()
-    shard = torch.tensor_split(torch.arange(len(split)), ctx.world_size)[ctx.rank]
     sums = torch.zeros(3, dtype=torch.float64, device=ctx.device)
+    has_accuracy = True
     with torch.no_grad():
-        for idx in torch.split(shard, 2048):
-            batch = split.batch(idx)
-            loss, correct = loss_sums(task, model(batch.x), batch)
+        for batch in eval_batches(split, ctx.rank, ctx.world_size, ctx.device, num_workers):
+            loss, correct = objective(model(batch.x), batch)
             sums[0] += loss
-            sums[1] += correct
-            sums[2] += split.items(idx)
+            sums[2] += objective.count(batch)
+            if correct is None:
+                has_accuracy = False
+            else:
+                sums[1] += correct
     dist.all_reduce(sums)
     model.train(was_training)
     loss, correct, items = sums.tolist()
-    return loss / items, (None if task is Task.regression else correct / items)
+    return loss / items, (correct / items if has_accuracy else None)
 
 
 @dataclass
@@ -99,14 +143,18 @@ class Trainer:
     def __init__(self, cfg: RunConfig, ctx: DistContext, prepared: Prepared | None = None):
         self.cfg, self.ctx = cfg, ctx
         prepared = prepared or prepare(cfg, ctx.world_size)
-        self.data, self.geom = prepared.data, prepared.geometry
-        self.train_split = self.data.train.to(ctx.device)
-        self.test_split = self.data.test.to(ctx.device)
+        self.data, self.geom, self.objective = prepared.data, prepared.geometry, prepared.objective
+        # memory: whole splits on the device; loader: a DataLoader reads them batch by batch
+        self.in_memory = cfg.data.loader is Loader.memory or (
+            cfg.data.loader is Loader.auto and isinstance(self.data, Dataset)
+        )
+        device = ctx.device if self.in_memory else torch.device("cpu")
+        self.train_split = _on(self.data.train, device)
+        self.test_split = _on(self.data.test, device)
         self.sampler = GlobalBatchSampler(
             len(self.train_split), self.geom.global_batch_size, cfg.seed, cfg.data.last_batch
         )
-        torch.manual_seed(cfg.seed)  # the same initial weights for every world size
-        self.model = build_model(cfg.model, self.data).to(ctx.device)
+        self.model = prepared.model.to(ctx.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         device_ids = [ctx.device] if ctx.device.type == "cuda" else None
         self.ddp = DDP(self.model, device_ids=device_ids)
@@ -117,8 +165,9 @@ class Trainer:
             cfg.train.accum_steps,
             rc.impl is not ReduceImpl.builtin,
         )
-        # Items are drawn without replacement; for tokens (lm) whole sequences are: no correction.
-        population = None if self.data.task is Task.lm else len(self.train_split)
+        # Items are drawn without replacement; where an item is a token, whole sequences are:
+        # no finite-population correction then.
+        population = len(self.train_split) if self.objective.per_sample else None
         self.reducer: Reducer = attach(
             self.ddp,
             rc.loss,
@@ -134,11 +183,29 @@ class Trainer:
         self.schedule = build_schedule(cfg.optim, self.optimizer, cfg.train.steps)
         self.step = 0  # optimizer steps done
         self.c_range = CRange()
+        self._batches: MemoryBatches | LoaderBatches | None = None
 
-    def items_per_rank(self, step: int) -> list[int]:
-        """Every rank's item count of step ``step``: the sampler is global, so each rank knows."""
-        shares = self.sampler.rank_shares(step - 1, self.ctx.world_size)
-        return [self.train_split.items(share) for share in shares]
+    def batches(self) -> MemoryBatches | LoaderBatches:
+        """Where the steps' micro-batches come from (made at the first step, after a resume)."""
+        if self._batches is None:
+            ctx, a = self.ctx, self.geom.accum_steps
+            if self.in_memory:
+                self._batches = MemoryBatches(
+                    self.train_split, self.sampler, ctx.rank, ctx.world_size, a
+                )
+            else:
+                self._batches = LoaderBatches(
+                    self.train_split,
+                    self.sampler,
+                    ctx.rank,
+                    ctx.world_size,
+                    a,
+                    ctx.device,
+                    self.cfg.data.num_workers,
+                    start=self.step,
+                    stop=self.cfg.train.steps,
+                )
+        return self._batches
 
     def forward_backward(self, step: int, log: bool = False) -> StepOutcome:
         """Step ``step`` (1-based) up to the reduced gradient; the optimizer is not touched.
@@ -147,17 +214,14 @@ class Trainer:
         all-reduced loss and accuracy (one small collective more).
         """
         ctx = self.ctx
-        micro = self.sampler.micro_batches(
-            step - 1, ctx.rank, ctx.world_size, self.geom.accum_steps
-        )
-        micro_items = [self.train_split.items(idx) for idx in micro]
-        scale = self.reducer.loss_scale(sum(micro_items), counts=self.items_per_rank(step), log=log)
+        micro, counts = self.batches().step(step)
+        micro_items = [self.objective.count(batch) for batch in micro]
+        scale = self.reducer.loss_scale(sum(micro_items), counts=counts, log=log)
         loss_local = torch.zeros((), dtype=torch.float64, device=ctx.device)
         correct_local = torch.zeros_like(loss_local)
-        for a, idx in enumerate(micro):
+        for a, batch in enumerate(micro):
             with self.reducer.micro_batch(last=a == len(micro) - 1):
-                batch = self.train_split.batch(idx)
-                loss_sum, correct = loss_sums(self.data.task, self.ddp(batch.x), batch)
+                loss_sum, correct = self.objective(self.ddp(batch.x), batch)
                 if self._poisoned(step):
                     loss_sum = loss_sum * float("nan")
                 objective = loss_sum * scale
@@ -172,7 +236,8 @@ class Trainer:
                 objective = objective * torch.where(finite, 1.0, float("nan"))
                 objective.backward()
             loss_local += loss_sum.detach()
-            correct_local += correct
+            if correct is not None:
+                correct_local += correct
             if a == 0 and self.noise_source is NoiseSource.micro:
                 # One rank, A >= 2: the first micro-batch's own gradient is the small batch.
                 sq = torch.nn.utils.get_total_norm([p.grad for p in self.params]).double() ** 2
@@ -216,8 +281,8 @@ class Trainer:
             self.step += 1
         return outcome
 
-    def evaluate(self, split: Split) -> tuple[float, float | None]:
-        return evaluate(self.model, self.data.task, split, self.ctx)
+    def evaluate(self, split: Any) -> tuple[float, float | None]:
+        return evaluate(self.model, self.objective, split, self.ctx, self.cfg.data.num_workers)
 
     def model_state(self) -> dict[str, torch.Tensor]:
         """The unwrapped model's weights, on the CPU."""
@@ -260,3 +325,8 @@ class Trainer:
     def close(self) -> None:
         # The DDP reducer holds the process group: release it before the group is destroyed.
         del self.ddp
+
+
+def _on(split: Any, device: torch.device) -> Any:
+    """A built-in split on ``device``; your own data stay where they are."""
+    return split.to(device) if isinstance(split, Split) else split

@@ -9,6 +9,8 @@ import pytest
 from hydra.errors import HydraException
 
 from ddp_reduce.config import ConfigError
+from ddp_reduce.data import DATASETS
+from ddp_reduce.models import MODELS
 from ddp_reduce.run.launch import check_run_dir, error_message, validate
 from tests.helpers import REPO, config_dict, ddp_reduce, torchrun
 
@@ -22,7 +24,8 @@ def _options(group: str) -> list[str]:
 @pytest.mark.parametrize("data", _options("data"))
 @pytest.mark.parametrize("optim", _options("optim"))
 def test_every_data_and_optim_option_composes(data, optim):
-    model = {"digits": "mlp", "linear": "linear", "sequences": "seq"}[data]
+    task = DATASETS[data].task
+    model = next(name for name, entry in MODELS.items() if task in entry.tasks)
     cfg = validate(config_dict(f"data={data}", f"model={model}", f"optim={optim}"), 2)
     assert cfg.data.name == data and cfg.optim.name.name == optim
 

@@ -184,7 +184,7 @@ def test_ragged_mean_of_means_is_biased(results):
 
 
 def test_sync_batch_norm_matches_one_process_batch_norm(results):
-    """DDP(W, b) with statistics over all ranks is one process with batch W·b (docs/design.md §2)."""
+    """DDP(W, b) with statistics over all ranks is one process with batch W·b (design §2)."""
     _, cfg, ranks = results[("digits-bn", "true")]
     reference = dict(cfg, model=dict(cfg["model"], sync_bn=False))
     g, _ = reference_gradient(reference)

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from ddp_reduce.analysis.tables import table
 from ddp_reduce.config import Device, DistConfig, load_config
 from ddp_reduce.distributed import DistContext, available_cores
 from ddp_reduce.models import build_model, loss_sums
@@ -185,6 +186,46 @@ def bench_reduce(device: str, quick: bool, models: list[str] | None = None) -> d
     finally:
         pool.close()
     return results
+
+
+DATA_CASES = {
+    "digits, MLP": ("model=mlp",),
+    "text, seq (ragged tokens)": (
+        "data=text",
+        "model=seq",
+        "reduce.loss=sum",
+        "reduce.op=global_mean",
+    ),
+}
+DATA_PATHS = {
+    "memory": ("data.loader=memory",),
+    "DataLoader": ("data.loader=loader",),
+    "DataLoader, 2 workers": ("data.loader=loader", "data.num_workers=2"),
+}
+
+
+def bench_data(quick: bool) -> dict[str, Any]:
+    """Step time of the DataLoader path against the in-memory fast path, interleaved (W=2)."""
+    pool = RankPool(DistConfig(threads_per_rank=1), 2)
+    out: dict[str, Any] = {}
+    block, rounds = (5, 10) if quick else (5, 60)
+    try:
+        for case, overrides in DATA_CASES.items():
+            cfgs = {
+                name: _cfg("cpu", *overrides, *path, NO_NOISE, "train.steps=1000000")
+                for name, path in DATA_PATHS.items()
+            }
+            wall = pool.call(_interleaved_job, cfgs, 5, rounds, block)[0]["wall"]
+            out[case] = {
+                name: {
+                    "median_ms": 1e3 * statistics.median(wall[name]),
+                    **paired_ratio(wall[name], wall["memory"]),
+                }
+                for name in cfgs
+            }
+    finally:
+        pool.close()
+    return out
 
 
 _STEPPERS: dict[str, _Stepper] = {}  # kept in a pool's ranks between calls
@@ -370,6 +411,23 @@ def report(results: dict[str, Any]) -> str:
                 f"{w['overhead_per_point_s']:.2f} |"
             )
         lines += ["", "Target: <= 1 s per point (with reuse_ranks).", ""]
+    if "data" in results:
+        rows = [
+            [
+                case,
+                name,
+                f"{r['median_ms']:.2f}",
+                f"{r['ratio']:.3f} [{r['low']:.3f}, {r['high']:.3f}]",
+            ]
+            for case, paths in results["data"].items()
+            for name, r in paths.items()
+        ]
+        lines += [
+            "## Data paths (W=2, interleaved; ratio to the in-memory path in the same round)",
+            "",
+            table(["data", "path", "median step (ms)", "ratio to memory"], rows),
+            "",
+        ]
     if "memory" in results:
         m = results["memory"]
         lines += [
@@ -389,7 +447,7 @@ def report(results: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ddp_reduce.bench", description=__doc__)
-    parser.add_argument("what", choices=["reduce", "scaling", "sweep", "memory", "all"])
+    parser.add_argument("what", choices=["reduce", "scaling", "sweep", "memory", "data", "all"])
     parser.add_argument("--quick", action="store_true", help="fewer steps (a smoke run)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
@@ -399,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
-    what = ["reduce", "scaling", "sweep", "memory"] if args.what == "all" else [args.what]
+    what = ["reduce", "scaling", "sweep", "memory", "data"] if args.what == "all" else [args.what]
     if args.device == "cuda":
         what = [w for w in what if w == "reduce"]  # the others are CPU figures
     results: dict[str, Any] = {}

@@ -20,7 +20,13 @@ from typing import Any
 import torch.distributed as dist
 
 from ddp_reduce.config import ConfigError, RunConfig, load_config
-from ddp_reduce.distributed import DistContext, distributed, resolve_device
+from ddp_reduce.distributed import (
+    DistContext,
+    die_with_parent,
+    distributed,
+    resolve_device,
+    under_launcher,
+)
 from ddp_reduce.run.job import train
 from ddp_reduce.run.pool import shared_pool
 from ddp_reduce.run.rundir import SUMMARY, read_summary, versions, write_json
@@ -123,6 +129,8 @@ def rank_main(
     cfg_dict: dict, run_dir: str, init_method: str | None = None
 ) -> dict[str, Any] | None:
     """Entry point of one rank: form the group, run, tear down."""
+    if under_launcher() and init_method is None:
+        die_with_parent()  # a launcher killed outright takes its ranks with it
     cfg = load_config(cfg_dict)
     with distributed(cfg.dist, init_method) as ctx:
         return run_job(ctx, cfg_dict, run_dir)

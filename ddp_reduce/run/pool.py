@@ -24,7 +24,7 @@ from typing import Any
 import torch.multiprocessing as mp
 
 from ddp_reduce.config import DistConfig
-from ddp_reduce.distributed import distributed
+from ddp_reduce.distributed import die_with_parent, distributed
 
 
 class PoolError(RuntimeError):
@@ -34,6 +34,7 @@ class PoolError(RuntimeError):
 def _worker(
     rank: int, world: int, store: str, dist_cfg: DistConfig, inbox: Any, outbox: Any
 ) -> None:
+    die_with_parent()
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world)
     )
@@ -64,7 +65,9 @@ class RankPool:
             ctx.Process(
                 target=_worker,
                 args=(r, nproc, store, dist_cfg, self._inboxes[r], self._outbox),
-                daemon=True,
+                # not daemonic: a rank may start DataLoader workers; it dies with this process
+                # (die_with_parent) and is closed at exit (atexit, below)
+                daemon=False,
             )
             for r in range(nproc)
         ]

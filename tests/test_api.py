@@ -1,0 +1,207 @@
+"""The public API (``ddp_reduce.attach``) in a real gloo group: c·G for every pair, ragged
+counts, accumulation, and reductions that stay exact whatever the gradients' dtype."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import ddp_reduce
+from ddp_reduce.config import DistConfig
+from ddp_reduce.distributed import distributed
+from tests.helpers import spawn
+
+W = 2
+RTOL = 1e-5
+PAIRS = [("mean", "mean"), ("mean", "sum"), ("sum", "mean"), ("sum", "sum"), ("sum", "global_mean")]
+
+
+def _data(n: int, dtype=torch.float64, scale: float = 1.0):
+    g = torch.Generator().manual_seed(7)
+    return (torch.randn(n, 6, generator=g) * scale).to(dtype), torch.randn(n, generator=g).to(dtype)
+
+
+def _model(dtype=torch.float32) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 1)).to(dtype)
+
+
+def _item_losses(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (model(x).squeeze(-1) - y) ** 2
+
+
+def _flat_grad(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.grad.flatten().double() for p in model.parameters()])
+
+
+def _reference(counts: list[int], accum: int = 1) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """G over all items in one process (float64), and each rank's local mean gradient."""
+    x, y = _data(sum(counts))
+    model = _model(torch.float64)
+    _item_losses(model, x, y).mean().backward()
+    g = _flat_grad(model)
+    local, start = [], 0
+    for n in counts:
+        model.zero_grad()
+        _item_losses(model, x[start : start + n], y[start : start + n]).mean().backward()
+        local.append(_flat_grad(model))
+        start += n
+    return g, local
+
+
+def _api_job(init: str, cases: list[tuple], counts: list[int], accum: int) -> list[dict]:
+    """Every rank: for each (loss, op, give_counts), one step through the public API."""
+    out = []
+    with distributed(DistConfig(threads_per_rank=1), init) as ctx:
+        x, y = _data(sum(counts), torch.float32)
+        start = sum(counts[: ctx.rank])
+        mine = slice(start, start + counts[ctx.rank])
+        for loss, op, give_counts in cases:
+            model = DDP(_model())
+            reducer = ddp_reduce.attach(model, loss=loss, op=op)
+            local = counts[ctx.rank]
+            scale = reducer.loss_scale(local, counts=counts if give_counts else None)
+            parts = torch.tensor_split(torch.arange(mine.start, mine.stop), accum)
+            for a, idx in enumerate(parts):
+                with reducer.micro_batch(last=a == accum - 1):
+                    (_item_losses(model, x[idx], y[idx]).sum() * scale).backward()
+            report = reducer.last_step
+            out.append(
+                {
+                    "grad": _flat_grad(model.module),
+                    "c": report.c,
+                    "exact": report.exact,
+                    "global_items": report.global_items,
+                    "route": report.route.name,
+                }
+            )
+            del model
+    return out
+
+
+def _cases():
+    return [(loss, op, give) for loss, op in PAIRS for give in (True, False)]
+
+
+@pytest.fixture(scope="module")
+def equal(tmp_path_factory):
+    return spawn(_api_job, W, tmp_path_factory.mktemp("api"), _cases(), [8, 8], 2)
+
+
+@pytest.fixture(scope="module")
+def ragged(tmp_path_factory):
+    return spawn(_api_job, W, tmp_path_factory.mktemp("api"), _cases(), [5, 11], 1)
+
+
+EXPECTED_C = {  # equal counts of 8: W = 2, b·A = 8, N = 16
+    ("mean", "mean"): 1,
+    ("mean", "sum"): W,
+    ("sum", "mean"): 8,
+    ("sum", "sum"): 16,
+    ("sum", "global_mean"): 1,
+}
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> None:
+    err = ((a - b).norm() / b.norm()).item()
+    assert err < RTOL, f"relative error {err:.2e}"
+
+
+@pytest.mark.parametrize(
+    "i", range(len(_cases())), ids=[f"{lo}-{op}-{g}" for lo, op, g in _cases()]
+)
+def test_public_api_gives_c_times_G(equal, i):
+    loss, op, _ = _cases()[i]
+    g, _ = _reference([8, 8])
+    for rank in equal:
+        r = rank[i]
+        assert r["c"] == EXPECTED_C[(loss, op)] and r["exact"] and r["global_items"] == 16
+        _close(r["grad"], r["c"] * g)
+
+
+@pytest.mark.parametrize(
+    "i", range(len(_cases())), ids=[f"{lo}-{op}-{g}" for lo, op, g in _cases()]
+)
+def test_public_api_with_ragged_counts(ragged, i):
+    loss, op, _ = _cases()[i]
+    g, local = _reference([5, 11])
+    for rank in ragged:
+        r = rank[i]
+        assert r["global_items"] == 16
+        if loss == "sum":  # exact whatever the counts: c = N_t/divisor
+            assert r["exact"] and r["c"] == {"sum": 16, "mean": 8, "global_mean": 1}[op]
+            _close(r["grad"], r["c"] * g)
+        else:  # a mean of means: no single c, and the report says so
+            assert not r["exact"]
+            _close(r["grad"], sum(local) / (W if op == "mean" else 1))
+
+
+def test_the_route_is_ddp_own_where_the_arithmetic_is_and_a_hook_elsewhere(equal):
+    routes = {case[:2] + (case[2],): r["route"] for case, r in zip(_cases(), equal[0], strict=True)}
+    assert routes[("mean", "mean", True)] == "ddp_builtin"
+    assert routes[("sum", "sum", True)] == "ddp_builtin"  # W folded into the loss scale
+    assert routes[("sum", "global_mean", True)] == "ddp_builtin"  # W/N_t folded: counts known
+    assert routes[("sum", "global_mean", False)] == "hook"  # the count arrives during the step
+
+
+def _dtype_job(init: str, dtype_name: str, counts: list[int], scale: float) -> dict:
+    """sum/global_mean and the noise norms with low-precision parameters (and gradients)."""
+    dtype = getattr(torch, dtype_name)
+    with distributed(DistConfig(threads_per_rank=1), init) as ctx:
+        x, y = _data(sum(counts), torch.float32, scale)
+        start = sum(counts[: ctx.rank])
+        xs, ys = x[start : start + counts[ctx.rank]].to(dtype), y[start : start + counts[ctx.rank]]
+        model = DDP(_model(dtype))
+        reducer = ddp_reduce.attach(model, loss="sum", op="global_mean", noise=True)
+        s = reducer.loss_scale(counts[ctx.rank])  # the count is learned in float64
+        with reducer.micro_batch(last=True):
+            (_item_losses(model, xs, ys.to(dtype)).float().sum() * s).backward()
+        report = reducer.last_step
+        local = _flat_grad(model.module)
+        ranks_sq = report.ranks_sq_mean * ctx.world_size
+        dist.barrier()
+        return {
+            "grad": local,
+            "global_items": report.global_items,
+            "c": report.c,
+            "local_sq": float(report.local_sq),
+            "ranks_sq": float(ranks_sq),
+        }
+
+
+def _low_precision_reference(dtype, counts, scale):
+    """Each rank's gradient in the low precision, combined in float64 as an exact reduction."""
+    x, y = _data(sum(counts), torch.float32, scale)
+    grads, start = [], 0
+    for n in counts:
+        model = _model(dtype)
+        xs, ys = x[start : start + n].to(dtype), y[start : start + n].to(dtype)
+        _item_losses(model, xs, ys).float().sum().backward()
+        grads.append(_flat_grad(model))
+        start += n
+    total = sum(counts)
+    local_sq = [float((g / n).pow(2).sum()) for g, n in zip(grads, counts, strict=True)]
+    return sum(grads) / total, local_sq
+
+
+@pytest.mark.parametrize(
+    "dtype,counts,scale",
+    [("bfloat16", [300, 301], 1.0), ("float16", [35000, 35001], 0.05)],
+    ids=["bf16-601-items", "fp16-70001-items"],
+)
+def test_counts_and_norms_stay_exact_in_low_precision(tmp_path, dtype, counts, scale):
+    results = spawn(_dtype_job, W, tmp_path, dtype, counts, scale)
+    expected, local_sq = _low_precision_reference(getattr(torch, dtype), counts, scale)
+    for r in results:
+        assert r["global_items"] == sum(counts) and r["c"] == 1  # 601 is 601, 70001 is 70001
+        assert r["grad"].abs().max() > 0, "the gradient must not vanish"
+        # the received gradient is stored in the model's dtype: its rounding is the tolerance
+        err = ((r["grad"] - expected).norm() / expected.norm()).item()
+        assert err < 1e-2, err
+        assert r["ranks_sq"] == pytest.approx(sum(local_sq), rel=1e-2)
+    # the squared norms exceed what fp16 holds (65504) and still come back finite
+    if dtype == "float16":
+        assert max(local_sq) * (sum(counts) / 2) ** 2 > 65504

@@ -1,0 +1,138 @@
+"""The examples, run as a user runs them, against one-process references:
+a plain torchrun script using ``ddp_reduce.attach``, and a user package trained by ``ddp-reduce``
+through ``_target_``."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tests.helpers import REPO, VENV_BIN, ddp_reduce, run_cli
+
+EXAMPLES = REPO / "examples"
+SCRIPT = str(EXAMPLES / "ddp_script.py")
+USER = {"PYTHONPATH": str(EXAMPLES)}
+TOL = dict(rtol=1e-5, atol=1e-6)
+
+
+def _script(tmp_path, name: str, nproc: int, *args: str) -> dict:
+    out = tmp_path / f"{name}.pt"
+    if nproc == 1:
+        proc = run_cli(str(VENV_BIN / "python"), SCRIPT, *args, "--out", str(out))
+    else:
+        torchrun = str(VENV_BIN / "torchrun")
+        proc = run_cli(
+            torchrun, "--standalone", f"--nproc-per-node={nproc}", SCRIPT, *args, "--out", str(out)
+        )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "c = " in proc.stdout
+    return torch.load(out)
+
+
+def _close(a: dict, b: dict) -> None:
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], **TOL)
+
+
+@pytest.fixture(scope="module")
+def script_runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("script")
+    return {
+        "w2_b16": _script(tmp, "w2_b16", 2, "--batch-size", "16"),
+        "w1_b32": _script(tmp, "w1_b32", 1, "--batch-size", "32"),
+        "w1_b16_a2": _script(tmp, "w1_b16_a2", 1, "--batch-size", "16", "--accum", "2"),
+        "sum_sum_lr_over_N": _script(
+            tmp,
+            "sum_sum",
+            2,
+            "--batch-size",
+            "16",
+            "--loss",
+            "sum",
+            "--op",
+            "sum",
+            "--lr",
+            str(0.1 / 32),
+        ),
+        "sum_global_mean": _script(
+            tmp, "sum_gm", 2, "--batch-size", "16", "--loss", "sum", "--op", "global_mean"
+        ),
+    }
+
+
+def test_the_script_at_two_ranks_is_one_process_with_the_whole_batch(script_runs):
+    _close(script_runs["w2_b16"], script_runs["w1_b32"])
+    _close(script_runs["w1_b16_a2"], script_runs["w1_b32"])
+
+
+@pytest.mark.parametrize("name", ["sum_sum_lr_over_N", "sum_global_mean"])
+def test_the_script_in_other_conventions_with_lr_over_c(script_runs, name):
+    _close(script_runs[name], script_runs["w2_b16"])
+
+
+USER_RUN = (
+    "+model._target_=userpkg.nets.Classifier",
+    "+model.width=32",
+    "+data._target_=userpkg.data.make_splits",
+    "train.steps=30",
+    "train.eval_every=10",
+    "train.log_every=5",
+)
+
+
+def _user(tmp_path, name: str, *overrides: str) -> dict:
+    proc = ddp_reduce(*USER_RUN, *overrides, f"hydra.run.dir={tmp_path / name}", env=USER)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return torch.load(tmp_path / name / "model.pt")
+
+
+def test_a_user_package_through_ddp_reduce_matches_one_process(tmp_path):
+    w2 = _user(tmp_path, "w2", "dist.nproc=2", "data.batch_size=16")
+    w1 = _user(tmp_path, "w1", "dist.nproc=1", "data.batch_size=32")
+    _close(w2, w1)
+    summary = json.loads((tmp_path / "w2" / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["grad_scale"] == 1
+    assert summary["final_eval_accuracy"] > 0.5  # the default loss: cross-entropy per sample
+    saved = (tmp_path / "w2" / "config.yaml").read_text()
+    assert "_target_: userpkg.nets.Classifier" in saved and "width: 32" in saved
+
+
+def test_a_user_loss_with_its_own_arguments(tmp_path):
+    _user(
+        tmp_path,
+        "loss",
+        "+loss._target_=userpkg.losses.SmoothedCrossEntropy",
+        "+loss.smoothing=0.2",
+        "dist.nproc=1",
+    )
+    summary = json.loads((tmp_path / "loss" / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["final_eval_accuracy"] is None
+
+
+NET = "+model._target_=userpkg.nets.Classifier"
+DATA = "+data._target_=userpkg.data.make_splits"
+BAD_TARGETS = [
+    ([NET.replace("nets.Classifier", "nope.Net"), DATA], ["userpkg.nope.Net", "no attribute"]),
+    ([NET, "+model.widht=3", DATA], ["unexpected keyword", "widht"]),
+    ([NET.replace("nets.Classifier", "data.make_splits"), DATA], ["an nn.Module"]),
+    ([NET, "+model.inputs=5", DATA], ["the model's forward", "shapes"]),
+    (
+        [NET, DATA.replace("data.make_splits", "nets.Classifier")],
+        ["data._target_", "(train, eval)"],
+    ),
+    ([NET, DATA, "+loss._target_=userpkg.data.Blobs"], ["loss._target_"]),
+    (["model=mlp", DATA], ["model=mlp", "model._target_ with data._target_"]),
+]
+
+
+@pytest.mark.parametrize("overrides,words", BAD_TARGETS, ids=range(len(BAD_TARGETS)))
+def test_bad_targets_are_refused_before_any_rank_starts(tmp_path, overrides, words):
+    proc = ddp_reduce(*overrides, f"hydra.run.dir={tmp_path / 'bad'}", env=USER)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "ddp-reduce: error:" in proc.stderr
+    for w in words:
+        assert w in proc.stderr, proc.stderr
+    assert not (tmp_path / "bad" / "summary.json").exists()
