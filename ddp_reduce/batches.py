@@ -131,6 +131,16 @@ class MemoryBatches:
         self.split, self.sampler = split, sampler
         self.rank, self.world_size, self.accum_steps = rank, world_size, accum_steps
 
+    def micro_equal(self, step: int) -> bool:
+        """Every micro-batch of every rank holds the same item count this step."""
+        t = step - 1
+        counts = {
+            self.split.items(idx)
+            for rank in range(self.world_size)
+            for idx in self.sampler.micro_batches(t, rank, self.world_size, self.accum_steps)
+        }
+        return len(counts) == 1
+
     def step(self, step: int) -> tuple[list[Batch], list[int] | None]:
         """Step ``step`` (1-based): this rank's micro-batches and every rank's item count."""
         t = step - 1
@@ -168,6 +178,10 @@ class LoaderBatches:
                 pin_memory=device.type == "cuda",
             )
         )
+
+    def micro_equal(self, step: int) -> None:
+        """Not known here: the other ranks' batches are theirs."""
+        return None
 
     def step(self, step: int) -> tuple[list[Batch], list[int] | None]:
         if step != self.next_step:

@@ -194,6 +194,24 @@ class Reducer:
         buckets are also reduced in float64 to measure the comm dtype's error (an extra
         collective on such steps only).
         """
+        if self.loss is R.LossReduction.micro_mean:
+            raise ValueError(
+                "loss=micro_mean scales each micro-batch by its own count: use loss_scales()"
+            )
+        return self.loss_scales([local_items], counts=counts, global_items=global_items, log=log)[0]
+
+    def loss_scales(
+        self,
+        micro_items: Sequence[int],
+        *,
+        counts: Sequence[int] | None = None,
+        global_items: int | None = None,
+        micro_equal: bool | None = None,
+        log: bool = False,
+    ) -> tuple[float, ...]:
+        """:meth:`loss_scale` for each micro-batch of the step, given its item count
+        (``micro_equal``: every micro-batch of every rank held the same count, for
+        ``loss=micro_mean``'s exactness)."""
         given = counts is not None or global_items is not None
         if self._counts_given is None:
             self._counts_given = given
@@ -205,7 +223,17 @@ class Reducer:
                 "pass counts= (or global_items=) on every step or on none: the reduction "
                 "route was chosen at the first step"
             )
-        plan = R.plan_step(self.loss, self.op, self.world_size, local_items, counts, global_items)
+        local_items = sum(micro_items)
+        plan = R.plan_step(
+            self.loss,
+            self.op,
+            self.world_size,
+            local_items,
+            counts,
+            global_items,
+            micro_items=micro_items if len(micro_items) > 1 else None,
+            micro_equal=micro_equal,
+        )
         count = work = None
         if plan.global_items is None:
             # [Σ items, Σ items²]: equal counts iff W·Σn² = (Σn)²; float64 holds them exactly.
@@ -227,10 +255,10 @@ class Reducer:
             audit=log and self._low_precision(),
         )
         self._report = None
-        scale = plan.loss_scale
+        fold = 1.0
         if self.route is Route.ddp_builtin and plan.divisor not in (None, float(self.world_size)):
-            scale *= self.world_size / plan.divisor  # DDP divides by W; the rest is folded here
-        return scale
+            fold = self.world_size / plan.divisor  # DDP divides by W; the rest is folded here
+        return tuple(scale * fold for scale in plan.loss_scales)
 
     def _choose_route(self, counts_given: bool) -> Route:
         if self.impl is R.ReduceImpl.manual:

@@ -35,8 +35,11 @@ counts weights items unequally and has no single c.
     sum   sum           N                   N_t    (exact)
     sum   global_mean   1                   1      (exact)
 
-``mean`` + ``global_mean`` is refused: it divides a sum of W local means by the global item
-count, W/N_t times a mean of means, a factor nobody asks for.
+``micro_mean`` divides each micro-batch by its own count and by A: the same c as ``mean`` when
+every micro-batch holds the same count, and no single c otherwise (the 2024 accumulation bug,
+there to be reproduced). ``mean`` (or ``micro_mean``) with ``global_mean`` is refused: it
+divides a sum of W local means by the global item count, W/N_t times a mean of means, a factor
+nobody asks for.
 
 Adding a reduce op: a member of :class:`ReduceOp` and its line in :data:`DIVISORS`. Everything
 else (c, exactness, the hook's division, the summary's rule, ``convert``) follows.
@@ -44,6 +47,7 @@ else (c, exactness, the hook's division, the summary's rule, ``convert``) follow
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -53,6 +57,9 @@ from enum import Enum
 class LossReduction(Enum):
     sum = "sum"
     mean = "mean"
+    # Each micro-batch's loss divided by its own item count, then by A: how several trainers
+    # accumulated before the 2024 fix. Reproducible on purpose; biased when counts differ.
+    micro_mean = "micro_mean"
 
 
 class ReduceOp(Enum):
@@ -131,11 +138,11 @@ def _numerator_symbol(loss: LossReduction) -> str:
 
 def check_combination(loss: LossReduction, op: ReduceOp, impl: ReduceImpl) -> str | None:
     """Return why this combination is refused, or None when it is allowed."""
-    if loss is LossReduction.mean and op is ReduceOp.global_mean:
+    if loss is not LossReduction.sum and op is ReduceOp.global_mean:
         return (
-            "reduce.loss=mean with reduce.op=global_mean divides a sum of per-rank means by the "
-            "global item count; use reduce.loss=sum with reduce.op=global_mean for the exact "
-            "count-weighted mean, or reduce.op=mean|sum with reduce.loss=mean"
+            f"reduce.loss={loss.name} with reduce.op=global_mean divides a sum of per-rank means "
+            "by the global item count; use reduce.loss=sum with reduce.op=global_mean for the "
+            "exact count-weighted mean, or reduce.op=mean|sum with reduce.loss=mean"
         )
     if impl is ReduceImpl.builtin and op is not ReduceOp.mean:
         return (
@@ -158,7 +165,9 @@ class StepPlan:
     world_size: int
     local_items: int  # this rank's items over the whole step (all micro-batches)
     global_items: int | None  # all ranks' items of the step
-    equal_counts: bool | None  # every rank held the same count (None: not known)
+    # every rank held the same count (None: not known); for micro_mean also every micro-batch
+    equal_counts: bool | None
+    micro_items: tuple[int, ...] | None = None  # this rank's count per micro-batch
 
     @property
     def loss_scale(self) -> float:
@@ -168,12 +177,22 @@ class StepPlan:
         """
         if self.loss is LossReduction.sum:
             return 1.0
+        if self.loss is LossReduction.micro_mean:
+            raise ValueError("reduce.loss=micro_mean scales each micro-batch by its own count")
         return 1.0 / self.local_items if self.local_items > 0 else 0.0
+
+    @property
+    def loss_scales(self) -> tuple[float, ...]:
+        """The factor of each micro-batch's summed loss (``micro_items`` in order)."""
+        micro = self.micro_items or (self.local_items,)
+        if self.loss is not LossReduction.micro_mean:
+            return (self.loss_scale,) * len(micro)
+        return tuple(1.0 / (len(micro) * n) if n > 0 else 0.0 for n in micro)
 
     @property
     def to_local_mean(self) -> float:
         """Factor turning the rank's own (pre-reduction) gradient into its local mean gradient."""
-        if self.loss is LossReduction.mean:
+        if self.loss is not LossReduction.sum:
             return 1.0
         return 1.0 / self.local_items if self.local_items > 0 else 0.0
 
@@ -185,9 +204,7 @@ class StepPlan:
 
     def with_counts(self, global_items: int, equal_counts: bool) -> StepPlan:
         """The same step once the all-ranks count is known (learned during the reduction)."""
-        return StepPlan(
-            self.loss, self.op, self.world_size, self.local_items, global_items, equal_counts
-        )
+        return dataclasses.replace(self, global_items=global_items, equal_counts=equal_counts)
 
     @property
     def c(self) -> float:
@@ -214,9 +231,13 @@ def plan_step(
     local_items: int,
     counts: Sequence[int] | None = None,
     global_items: int | None = None,
+    micro_items: Sequence[int] | None = None,
+    micro_equal: bool | None = None,
 ) -> StepPlan:
     """Plan a step from this rank's count and, where known, every rank's (``counts``) or their
-    total (``global_items``)."""
+    total (``global_items``). ``micro_items``: this rank's count per micro-batch; for
+    ``micro_mean``, ``micro_equal`` says whether every micro-batch of every rank held the same
+    count (None: not known)."""
     if counts is not None:
         if len(counts) != world_size:
             raise ValueError(f"counts of {len(counts)} ranks for a world of {world_size}")
@@ -224,7 +245,10 @@ def plan_step(
         equal = min(counts) == max(counts)
     else:
         equal = None
-    return StepPlan(loss, op, world_size, local_items, global_items, equal)
+    if loss is LossReduction.micro_mean:
+        equal = bool(equal) and bool(micro_equal)
+    micro = tuple(micro_items) if micro_items is not None else None
+    return StepPlan(loss, op, world_size, local_items, global_items, equal, micro)
 
 
 def nominal_scale(

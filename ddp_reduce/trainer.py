@@ -25,7 +25,7 @@ from ddp_reduce.models import Objective, build_model, build_objective, check_mod
 from ddp_reduce.noise import NoiseSource, noise_source
 from ddp_reduce.optim import build_optimizer, build_schedule, effective_optim
 from ddp_reduce.reducer import Reducer, StepReport, attach
-from ddp_reduce.reduction import ReduceImpl
+from ddp_reduce.reduction import LossReduction, ReduceImpl
 
 
 @dataclass
@@ -216,7 +216,12 @@ class Trainer:
         ctx = self.ctx
         micro, counts = self.batches().step(step)
         micro_items = [self.objective.count(batch) for batch in micro]
-        scale = self.reducer.loss_scale(sum(micro_items), counts=counts, log=log)
+        micro_equal = None
+        if self.cfg.reduce.loss is LossReduction.micro_mean:  # exact only if all are equal
+            micro_equal = self.batches().micro_equal(step)
+        scales = self.reducer.loss_scales(
+            micro_items, counts=counts, micro_equal=micro_equal, log=log
+        )
         loss_local = torch.zeros((), dtype=torch.float64, device=ctx.device)
         correct_local = torch.zeros_like(loss_local)
         for a, batch in enumerate(micro):
@@ -224,11 +229,11 @@ class Trainer:
                 loss_sum, correct = self.objective(self.ddp(batch.x), batch)
                 if self._poisoned(step):
                     loss_sum = loss_sum * float("nan")
-                objective = loss_sum * scale
+                objective = loss_sum * scales[a]
                 if self.cfg.optim.l2:
                     # (l2/2)·|w|² on every item, so the term is scaled with the loss.
                     l2 = 0.5 * sum(p.pow(2).sum() for p in self.params)
-                    objective = objective + self.cfg.optim.l2 * micro_items[a] * scale * l2
+                    objective = objective + self.cfg.optim.l2 * micro_items[a] * scales[a] * l2
                 # A NaN or inf in this rank's loss turns its gradient into NaN, which the
                 # all-reduce carries to every rank: all stop at this step, with no collective
                 # of their own. (x 1.0 when finite: the gradient is unchanged, bit for bit.)
@@ -241,9 +246,8 @@ class Trainer:
             if a == 0 and self.noise_source is NoiseSource.micro:
                 # One rank, A >= 2: the first micro-batch's own gradient is the small batch.
                 sq = torch.nn.utils.get_total_norm([p.grad for p in self.params]).double() ** 2
-                self.reducer.small_batch(
-                    micro_items[0], (sq / (scale * micro_items[0]) ** 2).item()
-                )
+                mean_sq = sq / (scales[0] * micro_items[0]) ** 2
+                self.reducer.small_batch(micro_items[0], mean_sq.item())
         report = self.reducer.last_step
         # The reduced gradient is the same on every rank, so is this verdict.
         outcome = StepOutcome(report, diverged=not bool(torch.isfinite(report.grad_norm)))

@@ -115,8 +115,15 @@ def results(tmp_path_factory):
             cases.append((("digits", loss, op, impl), c))
     cases.append((("digits", "mean", "mean", "builtin"), 1))
     cases.append((("digits", "sum", "mean", "builtin"), B * A))
-    for loss, op in [("sum", "global_mean"), ("mean", "mean"), ("sum", "sum"), ("mean", "sum")]:
+    for loss, op in [
+        ("sum", "global_mean"),
+        ("mean", "mean"),
+        ("sum", "sum"),
+        ("mean", "sum"),
+        ("micro_mean", "mean"),
+    ]:
         cases.append((("sequences", loss, op, "hook"), None))
+    cases.append((("digits", "micro_mean", "mean", "hook"), 1))
     ragged = {"data.min_len": "2", "data.max_len": "32"}
     cfgs = [_cfg(*key, **(ragged if key[0] == "sequences" else {})) for key, _ in cases]
     bn = {"model.batch_norm": "true", "train.accum_steps": "1"}
@@ -211,3 +218,43 @@ def test_scalars_riding_along_the_gradient_all_reduce(results, loss, op, c):
         assert h["ranks_sq"] == pytest.approx(m["ranks_sq"], rel=1e-5)
         if op == "global_mean":
             assert h["global_items"] == m["global_items"] == N
+
+
+def _micro_means(cfg_dict: dict) -> list[torch.Tensor]:
+    """Each micro-batch's own per-item mean gradient, rank by rank, micro-batch by micro-batch."""
+    cfg = load_config(cfg_dict)
+    data = load_dataset(cfg.data)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, data)
+    n = W * cfg.data.batch_size * cfg.train.accum_steps
+    sampler = GlobalBatchSampler(len(data.train), n, cfg.seed, cfg.data.last_batch)
+    out = []
+    for rank in range(W):
+        for idx in sampler.micro_batches(0, rank, W, cfg.train.accum_steps):
+            model.zero_grad()
+            b = data.train.batch(idx)
+            loss, _ = loss_sums(data.task, model(b.x), b)
+            (loss / data.train.items(idx)).backward()
+            out.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    return out
+
+
+def test_micro_mean_is_mean_with_equal_counts(results):
+    _, cfg, ranks = results[("digits", "micro_mean", "mean", "hook")]
+    g, _ = reference_gradient(cfg)
+    for r in ranks:
+        assert r["c"] == 1 and r["exact"]
+        _assert_close(r["grad"], g)
+
+
+def test_micro_mean_reproduces_the_accumulation_bug_on_ragged_counts(results):
+    """Each micro-batch averaged over its own tokens, then over A and W: what trainers did
+    before the 2024 fix; measurably off the per-token mean G."""
+    _, cfg, ranks = results[("sequences", "micro_mean", "mean", "hook")]
+    means = _micro_means(cfg)
+    g, _ = reference_gradient(cfg)
+    for r in ranks:
+        assert not r["exact"]
+        _assert_close(r["grad"], sum(means) / len(means))
+    bias = ((ranks[0]["grad"] - g).norm() / g.norm()).item()
+    assert bias > 1e-2, f"the per-micro-batch mean should differ from G here, got {bias:.2e}"
