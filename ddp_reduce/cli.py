@@ -6,6 +6,7 @@ and the subcommands ``convert``, ``study`` and ``report``.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from importlib import resources
 
@@ -63,46 +64,69 @@ def _train() -> None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
     from omegaconf import DictConfig
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     from ddp_reduce.config import ConfigError, register_schema, to_dict
-    from ddp_reduce.run.launch import check_run_dir, fail, format_summary, launch_local, validate
+    from ddp_reduce.run.launch import (
+        LaunchError,
+        claim_run_dir,
+        error_message,
+        fail,
+        format_summary,
+        launch_local,
+        validate,
+    )
     from ddp_reduce.run.pool import PoolError
 
     register_schema()
+    tally: dict[str, int] = {}  # a sweep's points by outcome
 
     @hydra.main(version_base="1.3", config_path="pkg://ddp_reduce.conf", config_name="config")
     def app(cfg: DictConfig) -> float | None:
-        run_dir = HydraConfig.get().runtime.output_dir
-        try:
-            run_cfg = validate(cfg, cfg.dist.nproc)
-            check_run_dir(run_dir, run_cfg.train.overwrite)
-        except ConfigError as exc:
-            fail(str(exc))
-        # A sweep keeps its ranks alive from one point to the next (no start-up cost per point).
-        sweep = HydraConfig.get().mode is RunMode.MULTIRUN and run_cfg.dist.reuse_ranks
-        try:
-            summary = launch_local(
-                to_dict(run_cfg),
-                run_dir,
-                run_cfg.dist.nproc,
-                run_cfg.dist.max_restarts,
-                reuse_ranks=sweep,
-            )
-        except ChildFailedError as exc:
-            rank, failure = exc.get_first_failure()
-            fail(
-                f"rank {rank} failed with exit code {failure.exitcode} (its error is above); "
-                f"run directory {run_dir}",
-                code=1,
-            )
-        except PoolError as exc:
-            fail(f"{exc}\nrun directory {run_dir}", code=1)
+        hydra_cfg = HydraConfig.get()
+        sweep = hydra_cfg.mode is RunMode.MULTIRUN
+        run_dir = hydra_cfg.runtime.output_dir if hydra_cfg.run.dir or sweep else ""
+
+        def stop(outcome: str, message: str, code: int) -> float:
+            """A point of a sweep ends with its outcome and the sweep goes on; a single run
+            exits with the code."""
+            if not sweep:
+                fail(message, code=code)
+            tally[outcome] = tally.get(outcome, 0) + 1
+            print(f"ddp-reduce: error: {message}", file=sys.stderr, flush=True)
+            return float("inf")
+
+        with contextlib.ExitStack() as held:
+            try:
+                run_cfg = validate(cfg, cfg.dist.nproc)
+                path = held.enter_context(claim_run_dir(run_dir, run_cfg.train.overwrite))
+            except ConfigError as exc:
+                return stop("refused", error_message(exc), 2)
+            try:
+                summary = launch_local(
+                    to_dict(run_cfg),
+                    str(path),
+                    run_cfg.dist.nproc,
+                    run_cfg.dist.max_restarts,
+                    # a sweep keeps its ranks alive from one point to the next
+                    reuse_ranks=sweep and run_cfg.dist.reuse_ranks,
+                )
+            except (LaunchError, PoolError) as exc:
+                return stop("failed", f"{exc}\nrun directory {path}", 1)
+            except KeyboardInterrupt:
+                fail(f"interrupted; run directory {path} (status: interrupted)", code=130)
         print(format_summary(summary), flush=True)
+        tally[summary["status"]] = tally.get(summary["status"], 0) + 1
         # What a sweeper minimizes; a diverged run is a result, not a crash.
         return summary["final_eval_loss"] if summary["status"] == "completed" else float("inf")
 
     app()
+    if sum(tally.values()) > 1 or tally.keys() - {"completed", "diverged"}:
+        counts = ", ".join(
+            f"{tally.get(k, 0)} {k}" for k in ("completed", "diverged", "failed", "refused")
+        )
+        print(f"ddp-reduce: {sum(tally.values())} points: {counts}", flush=True)
+        if tally.get("failed") or tally.get("refused"):
+            sys.exit(1)
 
 
 def main() -> None:

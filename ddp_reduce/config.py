@@ -305,9 +305,19 @@ class TrainConfig:
     # Stop once the loss over the whole training set is at most this (checked every eval_every
     # steps); the summary gives steps_to_target. Null: train all steps.
     target_loss: float | None = None
+    # A run whose all-reduced training loss exceeds this multiple of its initial loss (on a
+    # logged step, or at the end) has blown up: it ends as diverged. Null: only NaN/inf count.
+    blowup_factor: float | None = 1000.0
 
     def __post_init__(self) -> None:
         _positive("train.steps", self.steps)
+        if self.blowup_factor is not None:
+            require(
+                self.blowup_factor > 1 and math.isfinite(self.blowup_factor),
+                "train.blowup_factor",
+                self.blowup_factor,
+                "a number > 1, or null",
+            )
         if self.target_loss is not None:
             _positive("train.target_loss", self.target_loss)
             _positive("train.eval_every", self.eval_every)
@@ -334,6 +344,12 @@ class DistConfig:
         _positive("dist.nproc", self.nproc)
         _non_negative("dist.max_restarts", self.max_restarts)
         _positive("dist.timeout_s", self.timeout_s)
+        require(
+            self.timeout_s <= 7 * 24 * 3600,
+            "dist.timeout_s",
+            self.timeout_s,
+            "at most a week (604800 s)",
+        )
         if self.threads_per_rank is not None:
             _positive("dist.threads_per_rank", self.threads_per_rank)
         require(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -82,6 +83,31 @@ def die_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+def _store_on_master_addr(rank: int, world: int, timeout: timedelta) -> dist.Store | None:
+    """The process group's TCPStore, rank 0's bound to MASTER_ADDR only.
+
+    Under torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (the launch scripts set it) rank 0
+    hosts the store, and a TCPStore left to itself listens on every interface: here it is
+    handed a socket bound to MASTER_ADDR (127.0.0.1 on one machine; the address you name on
+    many). Where torchrun shares its own store with the ranks, that one is used (None here).
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true":
+        return None
+    if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+        return None
+    addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    if rank != 0:
+        return dist.TCPStore(addr, port, world, is_master=False, timeout=timeout)
+    family, kind, proto, _, sockaddr = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM)[0]
+    listener = socket.socket(family, kind, proto)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(sockaddr)
+    store = dist.TCPStore(
+        addr, port, world, is_master=True, timeout=timeout, master_listen_fd=listener.detach()
+    )
+    return store
+
+
 def available_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -115,6 +141,10 @@ def distributed(cfg: DistConfig, init_method: str | None = None) -> Iterator[Dis
     if under_launcher():
         if init_method is not None:
             kwargs.update(init_method=init_method, rank=rank, world_size=world)
+        else:
+            store = _store_on_master_addr(rank, world, timeout)
+            if store is not None:
+                kwargs.update(store=store, rank=rank, world_size=world)
         dist.init_process_group(backend, timeout=timeout, **kwargs)
     else:
         dist.init_process_group(

@@ -9,6 +9,7 @@ broadcast to the others.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -17,7 +18,7 @@ from hydra.errors import HydraException
 from ddp_reduce.config import ConfigError
 from ddp_reduce.run.compose import compose_config
 from ddp_reduce.run.launch import (
-    check_run_dir,
+    claim_run_dir,
     error_message,
     fail,
     format_summary,
@@ -35,16 +36,28 @@ def main(argv: list[str] | None = None) -> int:
             "use `ddp-reduce --multirun ...` instead"
         )
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    try:
-        cfg_dict, run_dir = compose_config(overrides)
-        local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-        run_cfg = validate(cfg_dict, world_size, local_world_size)
-        check_run_dir(run_dir, run_cfg.train.overwrite)
-    except (ConfigError, HydraException) as exc:
-        if is_main:
-            fail(error_message(exc))
-        sys.exit(2)
-    summary = rank_main(cfg_dict, run_dir)
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    with contextlib.ExitStack() as held:
+        try:
+            cfg_dict, run_dir = compose_config(overrides)
+            run_cfg = validate(cfg_dict, world_size, local_world_size)
+            nproc = [
+                o.split("=", 1)[1] for o in overrides if o.lstrip("+").startswith("dist.nproc=")
+            ]
+            if nproc and run_cfg.dist.nproc != local_world_size:
+                raise ConfigError(
+                    "dist.nproc",
+                    nproc[-1],
+                    f"the ranks torchrun starts on this node ({local_world_size}: its "
+                    "--nproc-per-node decides), or leave dist.nproc out",
+                )
+            if is_main:  # rank 0 holds the run directory; the others get its path from it
+                run_dir = str(held.enter_context(claim_run_dir(run_dir, run_cfg.train.overwrite)))
+        except (ConfigError, HydraException) as exc:
+            if is_main:
+                fail(error_message(exc))
+            sys.exit(2)
+        summary = rank_main(cfg_dict, run_dir)
     if summary is not None:
         print(format_summary(summary), flush=True)
     return 0

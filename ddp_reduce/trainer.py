@@ -183,6 +183,7 @@ class Trainer:
         self.schedule = build_schedule(cfg.optim, self.optimizer, cfg.train.steps)
         self.step = 0  # optimizer steps done
         self.c_range = CRange()
+        self.initial_loss: float | None = None  # over the training set, before the first step
         self._batches: MemoryBatches | LoaderBatches | None = None
 
     def batches(self) -> MemoryBatches | LoaderBatches:
@@ -276,13 +277,17 @@ class Trainer:
         self.schedule.step()
         self.optimizer.zero_grad(set_to_none=True)
 
+    def apply(self, outcome: StepOutcome) -> None:
+        """Take the optimizer step whose gradient ``outcome`` reduced."""
+        self.optimizer_step(outcome)
+        self.step += 1
+
     def train_step(self, log: bool = False) -> StepOutcome:
         """The next optimizer step; on divergence the weights are left as they were."""
         outcome = self.forward_backward(self.step + 1, log=log)
         self.c_range.add(outcome.report)
         if not outcome.diverged:
-            self.optimizer_step(outcome)
-            self.step += 1
+            self.apply(outcome)
         return outcome
 
     def evaluate(self, split: Any) -> tuple[float, float | None]:
@@ -309,6 +314,7 @@ class Trainer:
             "schedule": self.schedule.state_dict(),
             "rng": every_rng,
             "c_range": self.c_range.state_dict(),
+            "initial_loss": self.initial_loss,
             "reducer": self.reducer.state_dict(),
         }
 
@@ -324,6 +330,7 @@ class Trainer:
             torch.cuda.set_rng_state(rng["cuda"], self.ctx.device)
         self.step = state["step"]
         self.c_range.load_state_dict(state["c_range"])
+        self.initial_loss = state["initial_loss"]
         self.reducer.load_state_dict(state["reducer"])
 
     def close(self) -> None:

@@ -6,6 +6,8 @@
 # MASTER_ADDR is the node that hosts the rendezvous (127.0.0.1: all nodes on this machine).
 # RUN_DIR must be the same path on every node (rank 0 writes it; shared storage or not).
 set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+[ -x "$HERE/../.venv/bin/python" ] && export PATH="$HERE/../.venv/bin:$PATH"  # make setup's
 NNODES=${NNODES:-2}
 NPROC=${NPROC:-1}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
@@ -14,6 +16,6 @@ RDZV_ID=${RDZV_ID:-ddp-reduce}
 MAX_RESTARTS=${MAX_RESTARTS:-0}
 RUN_DIR=${RUN_DIR:-outputs/multinode/$RDZV_ID}
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
-exec torchrun --nnodes "$NNODES" --nproc-per-node "$NPROC" --max-restarts "$MAX_RESTARTS" \
+exec torchrun --nnodes "$NNODES" --nproc-per-node "$NPROC" --max-restarts "$MAX_RESTARTS" --log-dir "$RUN_DIR/torchelastic" \
     --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv-id "$RDZV_ID" \
     -m ddp_reduce.train "hydra.run.dir=$RUN_DIR" "$@"

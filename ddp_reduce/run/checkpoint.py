@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,24 +85,61 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+# A manifest entry names a checkpoint inside ``checkpoints/`` and nothing else: the file of
+# step S is step_SSSSSSSS.pt (a folder step_SSSSSSSS.dcp for sharded state). Anything else (an
+# absolute path, "..", another name) makes the manifest corrupt: it is never read or deleted.
+ENTRY_NAME = re.compile(r"step_(\d{8})\.(pt|dcp)")
+SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _corrupt(path: Path, why: str) -> CheckpointError:
+    return CheckpointError(
+        f"{path} is corrupt ({why}); refusing to start over from step 0 or to touch files it "
+        f"names. Remove the folder {path.parent} to start the run again."
+    )
+
+
 def _read_manifest(folder: Path) -> list[dict]:
     path = folder / MANIFEST
     if not path.exists():
         return []
     try:
         entries = json.loads(path.read_text())["checkpoints"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(
-            f"{path} is unreadable ({exc}); refusing to start over from step 0. Remove the "
-            f"folder {folder} to start the run again."
-        ) from exc
+    except (ValueError, KeyError, TypeError, OSError) as exc:
+        raise _corrupt(path, f"unreadable: {exc}") from exc
+    if not isinstance(entries, list):
+        raise _corrupt(path, "'checkpoints' is not a list")
+    for e in entries:
+        if not isinstance(e, dict) or set(e) != {"file", "step", "sha256"}:
+            raise _corrupt(path, f"an entry is not {{file, step, sha256}}: {e!r:.200}")
+        name, step, digest = e["file"], e["step"], e["sha256"]
+        match = ENTRY_NAME.fullmatch(name) if isinstance(name, str) else None
+        if match is None:
+            raise _corrupt(path, f"{name!r:.200} is not a checkpoint name like step_00000010.pt")
+        if not isinstance(step, int) or isinstance(step, bool) or int(match[1]) != step:
+            raise _corrupt(path, f"step {step!r} does not match {name}")
+        if not (isinstance(digest, str) and SHA256.fullmatch(digest)):
+            raise _corrupt(path, f"{name}: {digest!r:.80} is not a SHA-256 digest")
     return sorted(entries, key=lambda e: e["step"])
+
+
+def remove_stale_temporaries(folder: Path) -> list[str]:
+    """Half-written checkpoints of a process that died mid-write (their temporary names only)."""
+    removed = []
+    if folder.is_dir():
+        for tmp in folder.glob(".step_*.tmp"):
+            if tmp.is_file() and not tmp.is_symlink():
+                tmp.unlink(missing_ok=True)
+                removed.append(tmp.name)
+    return removed
 
 
 def save(run_dir: Path, state: dict[str, Any], keep: int) -> Path:
     """Write ``state`` as the checkpoint of ``state['step']``; keep the newest ``keep``."""
     folder = run_dir / DIR
     folder.mkdir(parents=True, exist_ok=True)
+    entries = _read_manifest(folder)  # refuses a corrupt manifest before anything is written
+    remove_stale_temporaries(folder)
     path = folder / f"step_{state['step']:08d}.pt"
     digest: dict[str, str] = {}
 
@@ -110,7 +148,7 @@ def save(run_dir: Path, state: dict[str, Any], keep: int) -> Path:
         digest["sha256"] = _sha256(tmp)
 
     atomic_write(path, write)
-    entries = [e for e in _read_manifest(folder) if e["step"] != state["step"]]
+    entries = [e for e in entries if e["step"] != state["step"]]
     entries.append({"file": path.name, "step": state["step"], "sha256": digest["sha256"]})
     entries.sort(key=lambda e: e["step"])
     stale, entries = entries[:-keep], entries[-keep:]
@@ -159,7 +197,14 @@ def load_latest(run_dir: Path) -> Found | None:
     )
 
 
-def check_compatible(state: dict[str, Any], cfg_dict: dict, global_batch_size: int) -> None:
+def check_compatible(
+    state: dict[str, Any], cfg_dict: dict, global_batch_size: int, steps: int | None = None
+) -> None:
+    if steps is not None and state["step"] > steps:
+        raise CheckpointError(
+            f"the checkpoint is at step {state['step']}, past train.steps={steps}; raise "
+            "train.steps to go on from it, or remove the checkpoints to start again"
+        )
     diffs = config_differences(state["config"], cfg_dict)
     if state["global_batch_size"] != global_batch_size:
         diffs.insert(

@@ -20,7 +20,8 @@ def compose_config(overrides: list[str]) -> tuple[dict, str]:
     register_schema()
     with initialize_config_module("ddp_reduce.conf", version_base="1.3"):
         cfg = compose("config", overrides=overrides, return_hydra_config=True)
-    run_dir = os.path.abspath(OmegaConf.select(cfg, "hydra.run.dir"))
+    run_dir = OmegaConf.select(cfg, "hydra.run.dir") or ""
+    run_dir = os.path.abspath(run_dir) if run_dir.strip() else run_dir  # empty: refused later
     container = OmegaConf.to_container(cfg, resolve=False, enum_to_str=True)
     container.pop("hydra")
     return container, run_dir

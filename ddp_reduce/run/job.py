@@ -6,6 +6,7 @@ The steps themselves are the :class:`~ddp_reduce.trainer.Trainer`'s.
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import sys
@@ -60,6 +61,7 @@ class _Progress:
 
     status: str = "completed"
     diverged_at: int | None = None
+    diverged_why: str | None = None
     steps_to_target: int | None = None
     last_loss: float | None = None  # the all-reduced training loss of the last logged step
     noise: NoiseEstimate | None = None
@@ -77,8 +79,8 @@ def train(
     resumed_from = _resume(trainer, run_dir)
     logger = _logger(trainer, run_dir, ctx)
     bar = _progress_bar(trainer, ctx)
-    # the loss over the whole training set before the first step (None when resuming)
-    initial_loss = None if resumed_from else trainer.evaluate(trainer.train_split)[0]
+    if resumed_from is None:  # the loss over the whole training set before the first step
+        trainer.initial_loss = trainer.evaluate(trainer.train_split)[0]
     progress = _Progress()
     try:
         while trainer.step < cfg.train.steps:
@@ -86,6 +88,8 @@ def train(
             _maybe_crash(cfg, ctx, step)
             scalars, reached = _train_step(trainer, step, progress), False
             if progress.status == "diverged":
+                if scalars:
+                    logger.log(step, scalars)
                 break
             if _eval_due(cfg, step):
                 reached = _evaluate(trainer, scalars)
@@ -102,7 +106,7 @@ def train(
             if reached:
                 progress.steps_to_target = step
                 break
-        summary = _finish(trainer, progress, logger, run_dir, resumed_from, initial_loss, start)
+        summary = _finish(trainer, progress, logger, run_dir, resumed_from, start)
         return summary
     finally:
         if bar is not None:
@@ -113,7 +117,7 @@ def train(
 
 def _open_run_dir(cfg: RunConfig, run_dir: Path) -> None:
     previous = read_summary(run_dir)
-    if cfg.train.overwrite and previous and previous.get("status") == "completed":
+    if cfg.train.overwrite and previous and previous.get("status") in ("completed", "diverged"):
         clear_results(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_config(run_dir, to_dict(cfg))
@@ -148,10 +152,14 @@ def _train_step(trainer: Trainer, step: int, progress: _Progress) -> dict[str, f
     t0 = time.perf_counter()
     before = torch.cat([p.detach().flatten() for p in trainer.params]) if log else None
     lr = trainer.optimizer.param_groups[0]["lr"]
-    outcome = trainer.train_step(log=log)
-    if outcome.diverged:
-        progress.status, progress.diverged_at = "diverged", step
-        return {}
+    outcome = trainer.forward_backward(step, log=log)
+    trainer.c_range.add(outcome.report)
+    why = "a NaN or inf in the loss or the reduced gradient" if outcome.diverged else None
+    why = why or _blown_up(trainer, outcome.loss)
+    if why:  # the step is not taken: the weights stay the last sound ones
+        progress.status, progress.diverged_at, progress.diverged_why = "diverged", step, why
+        return {"train/loss": outcome.loss} if outcome.loss is not None else {}
+    trainer.apply(outcome)
     if ctx.device.type == "cuda":
         torch.cuda.synchronize(ctx.device)
     progress.window.add(time.perf_counter() - t0, outcome.report.global_items)
@@ -162,6 +170,18 @@ def _train_step(trainer: Trainer, step: int, progress: _Progress) -> dict[str, f
     scalars = _step_scalars(trainer, outcome, progress, lr, before)
     progress.window = _Window()
     return scalars
+
+
+def _blown_up(trainer: Trainer, loss: float | None) -> str | None:
+    """Why a finite loss counts as a blow-up (train.blowup_factor), or None."""
+    factor, initial = trainer.cfg.train.blowup_factor, trainer.initial_loss
+    if factor is None or loss is None or initial is None or not initial > 0:
+        return None
+    if not math.isfinite(loss):
+        return "a NaN or inf in the loss"
+    if loss > factor * initial:
+        return f"blow-up: loss {loss:.4g} > train.blowup_factor={factor:g} x initial {initial:.4g}"
+    return None
 
 
 def _step_scalars(
@@ -218,12 +238,14 @@ def _finish(
     logger: MetricsLogger | NullLogger,
     run_dir: Path,
     resumed_from: int | None,
-    initial_loss: float | None,
     start: float,
 ) -> dict[str, Any]:
     """Final evaluation, the summary, the weights and the HParams record."""
     cfg, ctx = trainer.cfg, trainer.ctx
     train_loss, train_acc = trainer.evaluate(trainer.train_split)
+    why = _blown_up(trainer, train_loss)
+    if why and progress.status == "completed":
+        progress.status, progress.diverged_at, progress.diverged_why = "diverged", trainer.step, why
     eval_loss, eval_acc = trainer.evaluate(trainer.test_split)
     target = cfg.train.target_loss
     if target is not None and progress.steps_to_target is None and progress.status == "completed":
@@ -231,7 +253,7 @@ def _finish(
     logger.log(trainer.step, {"eval/loss": eval_loss, "eval/accuracy": eval_acc})
     peaks: list[Any] = [None] * ctx.world_size
     dist.all_gather_object(peaks, round(peak_rss_mb(), 1))
-    summary = _summary(trainer, progress, run_dir, resumed_from, initial_loss)
+    summary = _summary(trainer, progress, run_dir, resumed_from)
     summary.update(
         final_train_loss=train_loss,
         final_train_accuracy=train_acc,
@@ -258,12 +280,12 @@ def _summary(
     progress: _Progress,
     run_dir: Path,
     resumed_from: int | None,
-    initial_loss: float | None,
 ) -> dict[str, Any]:
     cfg, ctx, geom, rc = trainer.cfg, trainer.ctx, trainer.geom, trainer.cfg.reduce
     return {
         "status": progress.status,
         "diverged_at_step": progress.diverged_at,
+        "diverged_why": progress.diverged_why,
         "steps_done": trainer.step,
         "steps_planned": cfg.train.steps,
         "resumed_from_step": resumed_from,
@@ -285,7 +307,7 @@ def _summary(
         "global_batch_size": geom.global_batch_size,
         "train_items": len(trainer.train_split),
         "last_logged_train_loss": progress.last_loss,
-        "initial_train_loss": initial_loss,
+        "initial_train_loss": trainer.initial_loss,
         "target_loss": cfg.train.target_loss,
         "steps_to_target": progress.steps_to_target,
         "optim_effective": asdict(effective_optim(cfg.optim, geom.global_batch_size)),
@@ -325,7 +347,10 @@ def _resume(trainer: Trainer, run_dir: Path) -> int | None:
             latest = checkpoint.load_latest(run_dir)
             if latest is not None:
                 checkpoint.check_compatible(
-                    latest.state, to_dict(trainer.cfg), trainer.geom.global_batch_size
+                    latest.state,
+                    to_dict(trainer.cfg),
+                    trainer.geom.global_batch_size,
+                    steps=trainer.cfg.train.steps,
                 )
                 print(
                     f"ddp-reduce: resuming from {latest.path} (step {latest.state['step']})",

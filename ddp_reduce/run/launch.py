@@ -6,18 +6,23 @@ rank 0 under torchrun, which broadcasts it, so the ranks never each make one fro
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import threading
+import time
 import traceback
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from multiprocessing import connection as mp_connection
 from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from ddp_reduce.config import ConfigError, RunConfig, load_config
 from ddp_reduce.distributed import (
@@ -32,22 +37,88 @@ from ddp_reduce.run.pool import shared_pool
 from ddp_reduce.run.rundir import SUMMARY, read_summary, versions, write_json
 from ddp_reduce.trainer import prepare
 
+LOOPBACK = "lo"  # the interface of one-machine gloo sockets
+# A run directory whose summary says this holds a result: nothing may replace it but a run
+# asked to (train.overwrite=true), which clears it first.
+FINISHED = ("completed", "diverged")
 
-def check_run_dir(run_dir: Path, overwrite: bool) -> None:
-    """Refuse to overwrite a completed run unless asked to."""
-    previous = read_summary(run_dir)
-    if previous is not None and previous.get("status") == "completed" and not overwrite:
+
+LOCK = ".lock"  # in the run directory: held (flock) by the one process that runs it
+
+
+def check_run_dir(run_dir: str | Path, overwrite: bool) -> Path:
+    """The run directory, created; refused when it cannot hold a run, or already holds a
+    finished result (completed or diverged) and ``overwrite`` is not asked for."""
+    key = "hydra.run.dir"
+    if not str(run_dir).strip():
+        raise ConfigError(
+            key, "''", "a folder for this run (empty would write into the current directory)"
+        )
+    path = Path(run_dir).absolute()
+    if path.exists() and not path.is_dir():
+        raise ConfigError(key, str(path), "a folder (this is a file)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            key, str(path), f"a folder that can be created here ({exc.strerror})"
+        ) from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(key, str(path), "a folder this user can write")
+    try:
+        previous = read_summary(path)
+    except ValueError as exc:
+        raise ConfigError(
+            key,
+            str(path),
+            f"a folder whose {SUMMARY} is readable ({exc}); move it away or choose another folder",
+        ) from None
+    status = (previous or {}).get("status")
+    if status in FINISHED and not overwrite:
+        raise ConfigError(
+            key,
+            str(path),
+            f"a directory without a finished run (it holds a {status} one; pass "
+            "train.overwrite=true to replace it)",
+        )
+    return path
+
+
+@contextmanager
+def claim_run_dir(run_dir: str | Path, overwrite: bool) -> Iterator[Path]:
+    """Check the run directory (:func:`check_run_dir`) and hold it for this process: a second
+    run on it is refused, naming the holder's PID. The lock is the kernel's (flock): released
+    on every exit, a killed process's included, so a stale lock never blocks a later run."""
+    import fcntl
+
+    path = check_run_dir(run_dir, overwrite)
+    fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
+        os.close(fd)
         raise ConfigError(
             "hydra.run.dir",
-            str(run_dir),
-            "a directory without a completed run (it holds one; pass train.overwrite=true "
-            "to replace it)",
-        )
+            str(path),
+            f"a directory no other run is using (process {holder} is running in it)",
+        ) from None
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield path
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
 def validate(cfg_dict: dict, world_size: int, local_world_size: int | None = None) -> RunConfig:
     """Everything that can be refused before a process group exists."""
     cfg = load_config(cfg_dict)
+    for key in ("nan_rank", "crash_rank"):
+        rank = getattr(cfg.fault, key)
+        if rank >= world_size:
+            raise ConfigError(f"fault.{key}", rank, f"a rank of this run: 0 to {world_size - 1}")
     prepare(cfg, world_size)
     resolve_device(cfg.dist, (local_world_size or world_size) - 1)  # enough devices here?
     return cfg
@@ -93,11 +164,6 @@ def _signals_as_errors() -> Iterator[dict[str, bool]]:
             signal.signal(sig, handler)
 
 
-# A run directory whose summary says this holds a result: nothing may replace it but a run
-# asked to (train.overwrite=true), which clears it first.
-FINISHED = ("completed", "diverged")
-
-
 def run_job(ctx: DistContext, cfg_dict: dict, run_dir: str) -> dict[str, Any] | None:
     """One run in an existing process group. Returns the summary on rank 0, None elsewhere."""
     cfg = load_config(cfg_dict)
@@ -109,8 +175,11 @@ def run_job(ctx: DistContext, cfg_dict: dict, run_dir: str) -> dict[str, Any] | 
             summary = train(cfg, path, ctx)
         except BaseException as exc:
             signals["recording"] = True
-            previous = read_summary(path) if ctx.is_main else None
-            if ctx.is_main and (previous or {}).get("status") not in FINISHED:
+            try:
+                previous = read_summary(path) if ctx.is_main else None
+            except (OSError, ValueError):
+                previous = None  # unreadable: replaced by this run's record
+            if ctx.is_main and path.is_dir() and (previous or {}).get("status") not in FINISHED:
                 write_json(
                     path / SUMMARY,
                     {
@@ -136,14 +205,20 @@ def rank_main(
         return run_job(ctx, cfg_dict, run_dir)
 
 
+class LaunchError(RuntimeError):
+    """A rank failed or hung; the message names it."""
+
+
 def launch_local(
     cfg_dict: dict, run_dir: str, nproc: int, max_restarts: int = 0, reuse_ranks: bool = False
 ) -> dict[str, Any]:
     """Run ``nproc`` ranks on this machine and return rank 0's summary.
 
-    One rank runs in this process. More go through PyTorch's elastic launcher, the one torchrun
-    wraps, with its defaults set explicitly (its own are etcd and three restarts); or, with
-    ``reuse_ranks`` (sweeps), through a pool of ranks kept alive from one run to the next.
+    One rank runs in this process. More are started here, each in a fresh interpreter, joined
+    through a FileStore in a private temporary folder, their gloo sockets on the loopback
+    interface: a one-machine run listens on no network address. (PyTorch's elastic launcher,
+    which torchrun wraps, binds its rendezvous store on every interface, so it is not used for
+    one machine.) With ``reuse_ranks`` (sweeps) a pool of ranks serves one run after another.
     """
     if nproc == 1:
         summary = rank_main(cfg_dict, run_dir)
@@ -152,23 +227,144 @@ def launch_local(
     if reuse_ranks and max_restarts == 0:
         pool = shared_pool(load_config(cfg_dict).dist, nproc)
         return pool.call(run_job, cfg_dict, run_dir)[0]
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+    for attempt in range(max_restarts + 1):
+        try:
+            return _attempt(cfg_dict, run_dir, nproc, attempt)
+        except LaunchError as exc:
+            if attempt == max_restarts:
+                raise
+            print(
+                f"ddp-reduce: {exc}; restarting all ranks (restart {attempt + 1} of "
+                f"{max_restarts})",
+                file=sys.stderr,
+                flush=True,
+            )
+    raise AssertionError("unreachable")
 
-    # gloo restarts hang or fail to connect without it (pytorch/pytorch#135712)
-    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
-    config = LaunchConfig(
-        min_nodes=1,
-        max_nodes=1,
-        nproc_per_node=nproc,
-        run_id=str(uuid.uuid4()),
-        rdzv_backend="c10d",
-        rdzv_endpoint="127.0.0.1:0",
-        max_restarts=max_restarts,
-        monitor_interval=0.1,
-        start_method="spawn",
+
+def _rank_entry(rank: int, nproc: int, store: str, attempt: int, cfg_dict: dict, run_dir: str):
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(nproc),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(nproc),
+        TORCHELASTIC_RESTART_COUNT=str(attempt),  # as torchrun names it (fault injection)
     )
-    results = elastic_launch(config, rank_main)(cfg_dict, run_dir)
-    return results[0]
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", LOOPBACK)
+    die_with_parent()
+    try:
+        rank_main(cfg_dict, run_dir, f"file://{store}")
+    except Stopped:
+        sys.exit(143)  # its status is recorded; no traceback for a stop
+    except Exception:
+        traceback.print_exc()
+        sys.exit(1)
+
+
+GRACE_S = 10.0  # how long a rank may take to record its status and exit once told to stop
+
+
+def _attempt(cfg_dict: dict, run_dir: str, nproc: int, attempt: int) -> dict[str, Any]:
+    ctx = mp.get_context("spawn")
+    folder = tempfile.mkdtemp(prefix="ddp-reduce-ranks-")
+    store = os.path.join(folder, "store")
+    procs = [
+        ctx.Process(target=_rank_entry, args=(r, nproc, store, attempt, cfg_dict, run_dir))
+        for r in range(nproc)
+    ]
+    try:
+        for p in procs:
+            p.start()
+        pending = {p.sentinel: r for r, p in enumerate(procs)}
+        while pending:
+            for sentinel in mp_connection.wait(list(pending)):
+                rank = pending.pop(sentinel)
+                procs[rank].join()  # the sentinel closes as it exits; join reaps the code
+                code = procs[rank].exitcode
+                if code != 0:
+                    stopped = _stop(procs)
+                    raise LaunchError(_failure(rank, code, stopped, cfg_dict, run_dir, nproc))
+    except KeyboardInterrupt:
+        _stop(procs)  # each rank records "interrupted" on its own SIGINT
+        raise
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join()
+        shutil.rmtree(folder, ignore_errors=True)
+    summary = read_summary(Path(run_dir))
+    if summary is None:
+        raise LaunchError(f"every rank exited 0 but rank 0 left no {SUMMARY} in {run_dir}")
+    return summary
+
+
+def _stop(procs: list) -> dict[int, str]:
+    """Stop the ranks still running; returns those that did not stop by themselves, and why:
+    stopped by a signal (SIGSTOP), or not answering SIGTERM within the grace period."""
+    hung = {}
+    for r, p in enumerate(procs):
+        if p.is_alive() and _process_state(p.pid) in ("T", "t"):
+            hung[r] = "stopped (SIGSTOP or a debugger)"
+    for p in procs:
+        if p.is_alive():
+            for sig in (signal.SIGCONT, signal.SIGTERM):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p.pid, sig)
+    deadline = time.monotonic() + GRACE_S
+    alive = [p for p in procs if p.is_alive()]
+    while alive and time.monotonic() < deadline:
+        mp_connection.wait([p.sentinel for p in alive], timeout=deadline - time.monotonic())
+        alive = [p for p in procs if p.is_alive()]
+    for r, p in enumerate(procs):
+        if p.is_alive():
+            hung.setdefault(r, f"did not answer SIGTERM within {GRACE_S:.0f} s")
+            p.kill()
+            p.join()
+    return hung
+
+
+def _process_state(pid: int) -> str | None:
+    """The state letter of /proc/PID/stat (R, S, D, T, ...), None where there is no /proc."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def _failure(
+    rank: int, code: int, hung: dict[int, str], cfg_dict: dict, run_dir: str, nproc: int
+) -> str:
+    """What went wrong, naming the rank to blame; recorded in the run's summary too (rank 0
+    may have hung, or blamed itself for a peer's silence)."""
+    how = f"exit code {code}" if code >= 0 else f"signal {signal.Signals(-code).name}"
+    if hung:
+        names = ", ".join(f"rank {r} hung ({why})" for r, why in sorted(hung.items()))
+        timeout = cfg_dict.get("dist", {}).get("timeout_s")
+        message = (
+            f"{names}; rank {rank} stopped waiting for it ({how}) after dist.timeout_s={timeout}"
+        )
+    else:
+        message = f"rank {rank} failed with {how} (its error is above)"
+    path = Path(run_dir)
+    previous = read_summary(path) or {}
+    if previous.get("status") not in FINISHED and path.is_dir():
+        record = {
+            **previous,
+            "status": previous.get("status")
+            if previous.get("status") == "interrupted"
+            else "failed",
+            "error": message,
+            "failed_rank": rank,
+            "hung_ranks": sorted(hung),
+            "world_size": nproc,
+        }
+        if "error" in previous:
+            record["rank_error"] = previous["error"]
+        record.setdefault("versions", versions())
+        write_json(path / SUMMARY, record)
+    return message
 
 
 def format_summary(summary: dict[str, Any]) -> str:

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import platform
+import sys
 import tempfile
 from importlib import metadata
 from pathlib import Path
@@ -40,18 +41,33 @@ def atomic_write(path: Path, write) -> None:
         raise
 
 
-def _json_safe(x: Any) -> Any:
+NONFINITE = "nonfinite"  # {key: "nan" | "inf" | "-inf"} of the values written as null
+
+
+def _json_safe(x: Any, flags: dict[str, str], path: str = "") -> Any:
+    """JSON has no NaN or infinity: such a number is written as null, and ``flags`` records
+    which it was under its dotted key, so null never hides what happened."""
     if isinstance(x, float) and not math.isfinite(x):
-        return str(x)  # "nan", "inf": JSON has no such numbers
+        flags[path] = str(x)
+        return None
     if isinstance(x, dict):
-        return {k: _json_safe(v) for k, v in x.items()}
+        return {k: _json_safe(v, flags, f"{path}.{k}" if path else str(k)) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
+        return [_json_safe(v, flags, f"{path}[{i}]") for i, v in enumerate(x)]
     return x
 
 
+def json_ready(obj: dict) -> dict:
+    """``obj`` with its non-finite numbers as null, flagged under ``nonfinite``."""
+    flags: dict[str, str] = {}
+    safe = _json_safe(obj, flags)
+    if flags:
+        safe[NONFINITE] = flags
+    return safe
+
+
 def write_json(path: Path, obj: dict) -> None:
-    text = json.dumps(_json_safe(obj), indent=2, sort_keys=False) + "\n"
+    text = json.dumps(json_ready(obj), indent=2, sort_keys=False) + "\n"
     atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
@@ -73,9 +89,7 @@ def read_summary(run_dir: Path) -> dict | None:
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / METRICS
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [record for _, record in _records(path)] if path.exists() else []
 
 
 def clear_results(run_dir: Path) -> None:
@@ -125,6 +139,33 @@ def custom_scalars_layout(mode: str, global_batch: int) -> dict:
     return layout
 
 
+def _records(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """The lines of a ``metrics.jsonl`` and their records. A line that is not a whole record
+    (half-written when a process died) is skipped with a warning."""
+    out = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise ValueError("no step")
+        except ValueError:
+            print(
+                f"ddp-reduce: warning: {path} line {number} is not a whole record "
+                "(cut by a crash?): skipped",
+                file=sys.stderr,
+            )
+            continue
+        out.append((line, record))
+    return out
+
+
+def _lines_up_to(path: Path, step: int) -> list[str]:
+    """The lines of ``metrics.jsonl`` up to ``step``: what a resumed run keeps."""
+    return [line for line, record in _records(path) if record["step"] <= step]
+
+
 class MetricsLogger:
     """Rank 0's metrics: TensorBoard events and a machine-readable copy, one JSON object a line."""
 
@@ -146,8 +187,7 @@ class MetricsLogger:
         path = run_dir / METRICS
         kept = []
         if resume_step and path.exists():
-            lines = path.read_text().splitlines()
-            kept = [x for x in lines if x.strip() and json.loads(x)["step"] <= resume_step]
+            kept = _lines_up_to(path, resume_step)
         self._jsonl = open(path, "w")
         self._jsonl.writelines(x + "\n" for x in kept)
         purge = {"purge_step": resume_step + 1} if resume_step else {}
@@ -163,7 +203,7 @@ class MetricsLogger:
             self.tb.add_scalar(tag, value, step)
             if self._group and tag in GROUPED:
                 self.tb.add_scalar(f"grouped/{GROUPED[tag]}/{self._group}", value, step)
-        self._jsonl.write(json.dumps(_json_safe({"step": step, **present})) + "\n")
+        self._jsonl.write(json.dumps(json_ready({"step": step, **present})) + "\n")
         self._jsonl.flush()
 
     def hparams(self, hparams: dict[str, Any], metrics: dict[str, float | None]) -> None:
