@@ -23,7 +23,7 @@ from ddp_reduce.reduction import (
     plan_step,
 )
 from ddp_reduce.run.launch import rank_main
-from tests.helpers import config_dict
+from tests.helpers import REPO, config_dict
 
 STEPS = ("train.steps=25", "train.eval_every=0", "train.log_every=5", "noise.enabled=false")
 
@@ -234,6 +234,15 @@ def test_list_presets_prints_every_preset_with_c_and_source_and_needs_nothing_el
     for preset in PRESETS.values():
         if preset.note:
             assert f"- {preset.name}: {preset.note}" in out
+
+
+def test_the_docs_cite_every_preset():
+    docs = (REPO / "docs" / "conventions.md").read_text()
+    readme = (REPO / "README.md").read_text()
+    for name, preset in PRESETS.items():
+        assert f"`{name}`" in docs and f"`{name}`" in readme, name
+        assert preset.source in docs, name
+        assert f"| `{name}` | {preset.convention} |" in docs, name
 
 
 def test_converting_still_requires_its_options(capsys):
