@@ -161,10 +161,13 @@ def _modules_loaded(code: str) -> set[str]:
     [
         ["convert", "--from", "sum/sum", "--to", "mean/mean", "--world-size", "2",
          "--batch-size", "16", "--optim", "sgd", "--lr", "0.1"],
+        ["convert", "--from", "pytorch-ddp", "--to", "torchtitan", "--world-size", "2",
+         "--batch-size", "16", "--optim", "sgd", "--lr", "0.1"],
+        ["convert", "--list-presets"],
         ["--help"],
         ["convert", "--help"],
     ],
-    ids=["convert", "help", "convert-help"],
+    ids=["convert", "convert-presets", "list-presets", "help", "convert-help"],
 )  # fmt: skip
 def test_the_calculator_and_the_help_load_neither_torch_nor_hydra(argv):
     code = (

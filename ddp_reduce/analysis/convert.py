@@ -19,6 +19,10 @@ A different global batch changes the noise of every step: no knob makes that exa
 applies a scaling rule (:mod:`ddp_reduce.scaling`) on top, and every knob's verdict becomes
 approximate: such rules hold below the critical batch size.
 
+``--from`` and ``--to`` take ``LOSS/OP`` or the name of a framework's convention
+(:data:`PRESETS`: ``ddp-reduce convert --list-presets``, cited in docs/conventions.md):
+``--from pytorch-ddp`` is ``--from mean/mean``.
+
 This path imports neither torch nor Hydra: it is a calculator, and starts like one.
 """
 
@@ -35,6 +39,7 @@ from ddp_reduce.reduction import (
     ReduceOp,
     check_combination,
     nominal_scale,
+    plan_step,
 )
 from ddp_reduce.scaling import LrScaling, ScalingError, scale
 
@@ -61,11 +66,207 @@ def convention(text: str) -> tuple[str, str]:
             f"{text!r}: expected LOSS/OP, e.g. mean/mean or sum/global_mean"
         ) from None
     if loss not in LossReduction.__members__ or op not in ReduceOp.__members__:
-        raise ConvertError(f"{text}: loss is sum|mean, op is sum|mean|global_mean")
+        raise ConvertError(
+            f"{text}: loss is {'|'.join(LossReduction.__members__)}, "
+            f"op is {'|'.join(ReduceOp.__members__)}"
+        )
     why = check_combination(LossReduction[loss], ReduceOp[op], ReduceImpl.hook)
     if why:
         raise ConvertError(why)
     return loss, op
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A framework's reduction, as the ddp_reduce convention (``loss``, ``op``) that runs it.
+
+    ``c`` is written in W (ranks), b (items per rank per micro-step), A (micro-steps), N = W·b·A
+    and, for per-token losses, T (non-padding tokens of the whole step, all ranks), T_r (rank r's)
+    and T_ra (one micro-batch's). ``note`` says where the mapping depends on the user's own code
+    or is not exact. Each entry is cited in docs/conventions.md.
+    """
+
+    name: str
+    loss: str
+    op: str
+    what: str  # the framework and the setting, one line
+    c: str
+    source: str  # the primary public source (docs/conventions.md lists the others)
+    note: str = ""
+
+    @property
+    def convention(self) -> str:
+        return f"{self.loss}/{self.op}"
+
+    @property
+    def exact_with_ragged_counts(self) -> bool:
+        """Whether the optimizer still receives exactly c·G when ranks and micro-batches hold
+        different item counts; asked of the reduction arithmetic itself, not restated here."""
+        plan = plan_step(
+            LossReduction[self.loss],
+            ReduceOp[self.op],
+            world_size=2,
+            local_items=3,
+            counts=[3, 5],
+            micro_items=(1, 2),
+            micro_equal=False,
+        )
+        return plan.exact
+
+
+_HF_TRAINER = "https://github.com/huggingface/transformers/blob/main/src/transformers/trainer.py"
+_HOROVOD = "https://github.com/horovod/horovod/blob/master/horovod/torch/optimizer.py"
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        Preset(
+            "pytorch-ddp",
+            "mean",
+            "mean",
+            "PyTorch DistributedDataParallel: loss averaged on each rank, gradients averaged "
+            "over ranks",
+            "1: (1/W)·Σ_r (mean over rank r's b·A items)",
+            "https://pytorch.org/docs/stable/generated/torch.nn.parallel.DistributedDataParallel.html",
+            "accumulating under no_sync with each micro-batch's mean divided by A is "
+            "micro_mean/mean (the same c)",
+        ),
+        Preset(
+            "horovod-average",
+            "micro_mean",
+            "mean",
+            "Horovod hvd.DistributedOptimizer(op=hvd.Average), loss averaged per micro-batch",
+            "1: each micro-batch's mean / A, summed over A, then / W",
+            _HOROVOD,
+            "backward_passes_per_step=A sums the A backward passes; the division by A is the "
+            "user's (Horovod's ImageNet example divides each sub-batch's mean by it): without it "
+            "c = A, which no ddp_reduce convention has. gradient_predivide_factor only splits "
+            "the 1/W around the sum",
+        ),
+        Preset(
+            "horovod-sum",
+            "micro_mean",
+            "sum",
+            "Horovod hvd.DistributedOptimizer(op=hvd.Sum), loss averaged per micro-batch",
+            "W: each micro-batch's mean / A, summed over A and over W ranks",
+            _HOROVOD,
+            "as horovod-average, without the 1/W: if the user does not divide by A, c = W·A, "
+            "which no ddp_reduce convention has",
+        ),
+        Preset(
+            "deepspeed",
+            "micro_mean",
+            "mean",
+            "DeepSpeed engine defaults: loss / gradient_accumulation_steps, gradients averaged "
+            "over data-parallel ranks",
+            "1: each micro-batch's mean / A (DeepSpeed's own division), then / W",
+            "https://github.com/microsoft/DeepSpeed/blob/master/deepspeed/runtime/engine.py",
+            "assumes the model returns its micro-batch's mean loss (as Hugging Face models do); "
+            "a summed loss gives c = N/(W·A) = b, which no ddp_reduce convention has "
+            "(sum/mean is b·A). prescale_gradients and gradient_predivide_factor move the 1/W "
+            "before or around the all-reduce; c is the same",
+        ),
+        Preset(
+            "hf-trainer-pre-2024-fix",
+            "micro_mean",
+            "mean",
+            "Hugging Face Trainer before the October 2024 gradient-accumulation fix "
+            "(transformers < 4.46)",
+            "1: each micro-batch / its own T_ra tokens / A, then / W",
+            "https://huggingface.co/blog/gradient_accumulation",
+            "also what later versions do for models whose forward does not take num_items_in_batch",
+        ),
+        Preset(
+            "hf-trainer-2024-fix",
+            "mean",
+            "mean",
+            "Hugging Face Trainer with num_items_in_batch, average_tokens_across_devices=False "
+            "(the default until transformers 4.54)",
+            "1: rank r's summed loss / T_r (its tokens over all A micro-batches), then / W",
+            _HF_TRAINER,
+            "exact across micro-batches, not across ranks: a mean of the ranks' per-token means",
+        ),
+        Preset(
+            "hf-trainer-2024-fix-devices",
+            "sum",
+            "global_mean",
+            "Hugging Face Trainer with num_items_in_batch, average_tokens_across_devices=True "
+            "(the default since transformers 4.54)",
+            "1: rank r's summed loss · W / T, T gathered from all ranks, then / W",
+            _HF_TRAINER,
+        ),
+        Preset(
+            "megatron-default",
+            "micro_mean",
+            "mean",
+            "Megatron-LM (Megatron Core) with calculate_per_token_loss=False (the default)",
+            "1: each micro-batch's summed loss / its T_ra tokens / A, then / W",
+            "https://github.com/NVIDIA/Megatron-LM/blob/main/megatron/core/pipeline_parallel/"
+            "schedules.py",
+        ),
+        Preset(
+            "megatron-per-token",
+            "sum",
+            "global_mean",
+            "Megatron-LM (Megatron Core) with calculate_per_token_loss=True "
+            "(--calculate-per-token-loss)",
+            "1: summed losses, gradients summed over W ranks, then / T (all-reduced)",
+            "https://github.com/NVIDIA/Megatron-LM/blob/main/megatron/core/distributed/"
+            "finalize_model_grads.py",
+            "T is all-reduced over data- and context-parallel ranks and broadcast along the "
+            "pipeline: the non-padding tokens of the global batch",
+        ),
+        Preset(
+            "torchtitan",
+            "sum",
+            "global_mean",
+            "torchtitan: local summed loss / global token count, FSDP's own 1/W disabled",
+            "1: rank r's summed loss / T, T all-reduced over data-parallel ranks, summed over W",
+            "https://github.com/pytorch/torchtitan/pull/2206",
+            "since January 2026; before it, each micro-batch was averaged on its own "
+            "(micro_mean/mean)",
+        ),
+        Preset(
+            "summed-loss",
+            "sum",
+            "sum",
+            "summed-loss tutorial code (Dive into Deep Learning, multi-GPU training from "
+            "scratch): loss reduction='sum', gradients all-reduced with SUM",
+            "N = W·b·A (N_t, the items the step holds, when ragged)",
+            "https://d2l.ai/chapter_computational-performance/multiple-gpus.html",
+            "the tutorial's own sgd divides the step by the batch size, so its lr is in c = 1 "
+            "units; with torch.optim.SGD the summed gradient gives c = N",
+        ),
+    )
+}
+
+
+def resolve(text: str) -> tuple[str, str]:
+    """A preset's name or ``LOSS/OP`` as (loss, op); anything else is refused, naming it."""
+    if text in PRESETS:
+        return PRESETS[text].loss, PRESETS[text].op
+    if "/" not in text:
+        raise ConvertError(
+            f"{text!r}: expected LOSS/OP (e.g. mean/mean, sum/global_mean) or a preset, one of "
+            f"{', '.join(PRESETS)} (ddp-reduce convert --list-presets)"
+        )
+    return convention(text)
+
+
+def presets_table() -> str:
+    """Every preset: its convention, c, whether it stays exact on ragged counts, its source;
+    then the notes."""
+    rows = [
+        [p.name, p.what, p.convention, p.c, p.exact_with_ragged_counts, p.source]
+        for p in PRESETS.values()
+    ]
+    header = ["preset", "framework, setting", "convention", "c", "exact, ragged counts", "source"]
+    notes = [f"- {p.name}: {p.note}" for p in PRESETS.values() if p.note]
+    legend = (
+        "W ranks, b items per rank per micro-step, A micro-steps, N = W·b·A; T the step's "
+        "non-padding tokens (all ranks), T_r rank r's, T_ra one micro-batch's."
+    )
+    return "\n".join([table(header, rows), "", legend, "", "notes:", *notes])
 
 
 @dataclass(frozen=True)
@@ -226,9 +427,9 @@ def convert(
     accum_steps: int | None = None,
     rule: str = "none",
 ) -> Conversion:
-    """``source`` rewritten for the convention ``to`` (``LOSS/OP``) and, with a scaling
-    ``rule``, another global batch; a verdict per knob."""
-    loss, op = convention(to)
+    """``source`` rewritten for the convention ``to`` (``LOSS/OP`` or a preset's name, see
+    :data:`PRESETS`) and, with a scaling ``rule``, another global batch; a verdict per knob."""
+    loss, op = resolve(to)
     _check(rule in RULES, "--rule", rule, f"one of {list(RULES)}")
     _check(
         rule != "adam_sqrt" or source.optim != "sgd",
@@ -338,6 +539,17 @@ def convert(
     return Conversion(source, replace(dst, clip_norm=clip), knobs)
 
 
+# Required to convert, and only then: ``--list-presets`` needs none of them.
+REQUIRED_TO_CONVERT = (
+    ("--from", "src"),
+    ("--to", "dst"),
+    ("--world-size", "world_size"),
+    ("--batch-size", "batch_size"),
+    ("--optim", "optim"),
+    ("--lr", "lr"),
+)
+
+
 def _betas(text: str) -> tuple[float, ...]:
     try:
         return tuple(float(x) for x in text.split(","))
@@ -349,18 +561,27 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ddp-reduce convert",
         description="Rewrite a setting for another reduction convention (and batch).",
+        epilog="--from, --to, --world-size, --batch-size, --optim and --lr are required to "
+        "convert; --list-presets needs none of them.",
     )
-    p.add_argument("--from", dest="src", required=True, help="LOSS/OP of the source, e.g. sum/sum")
-    p.add_argument("--to", dest="dst", required=True, help="LOSS/OP of the target")
-    p.add_argument("--world-size", type=int, required=True)
-    p.add_argument("--batch-size", type=int, required=True, help="b: items per rank per micro-step")
+    p.add_argument(
+        "--list-presets",
+        action="store_true",
+        help="print the frameworks' conventions usable as --from/--to, with c, and exit",
+    )
+    p.add_argument(
+        "--from", dest="src", help="LOSS/OP of the source, e.g. sum/sum, or a preset's name"
+    )
+    p.add_argument("--to", dest="dst", help="LOSS/OP of the target, or a preset's name")
+    p.add_argument("--world-size", type=int)
+    p.add_argument("--batch-size", type=int, help="b: items per rank per micro-step")
     p.add_argument("--accum", type=int, default=1, help="A: micro-steps per optimizer step")
     p.add_argument("--to-world-size", type=int)
     p.add_argument("--to-batch-size", type=int)
     p.add_argument("--to-accum", type=int)
     p.add_argument("--rule", choices=RULES, default="none", help="scaling rule when N changes")
-    p.add_argument("--optim", choices=OPTIMIZERS, required=True)
-    p.add_argument("--lr", type=float, required=True)
+    p.add_argument("--optim", choices=OPTIMIZERS)
+    p.add_argument("--lr", type=float)
     p.add_argument("--momentum", type=float, default=0.0)
     p.add_argument("--nesterov", action="store_true")
     p.add_argument("--weight-decay", type=float, default=0.0)
@@ -374,12 +595,19 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     p = parser()
     a = p.parse_args(argv)
+    if a.list_presets:
+        print(presets_table())
+        return 0
+    missing = [flag for flag, dest in REQUIRED_TO_CONVERT if getattr(a, dest) is None]
+    if missing:
+        p.error(f"the following arguments are required: {', '.join(missing)}")
     for name in ("to_world_size", "to_batch_size", "to_accum"):
         value = getattr(a, name)
         if value is not None and value <= 0:
             p.error(f"--{name.replace('_', '-')}={value}: a positive integer")
     try:
-        loss, op = convention(a.src)
+        loss, op = resolve(a.src)
+        resolve(a.dst)  # refused before any other check, naming the value
         src = Setting(
             loss=loss,
             op=op,
