@@ -68,6 +68,7 @@ def _train() -> None:
     from ddp_reduce.config import ConfigError, register_schema, to_dict
     from ddp_reduce.run.launch import (
         LaunchError,
+        check_run_dir,
         claim_run_dir,
         error_message,
         fail,
@@ -79,6 +80,16 @@ def _train() -> None:
 
     register_schema()
     tally: dict[str, int] = {}  # a sweep's points by outcome
+    # Hydra creates the run (or sweep) folder before the app runs: one it cannot create is
+    # refused here, with the key, rather than as Hydra's own traceback.
+    for arg in sys.argv[1:]:
+        key, _, value = arg.partition("=")
+        if key.lstrip("+") in ("hydra.run.dir", "hydra.sweep.dir") and value.strip():
+            if "${" not in value:
+                try:
+                    check_run_dir(value, overwrite=True)
+                except ConfigError as exc:
+                    fail(str(exc).replace("hydra.run.dir", key.lstrip("+"), 1))
 
     @hydra.main(version_base="1.3", config_path="pkg://ddp_reduce.conf", config_name="config")
     def app(cfg: DictConfig) -> float | None:

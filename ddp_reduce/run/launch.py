@@ -55,9 +55,9 @@ def check_run_dir(run_dir: str | Path, overwrite: bool) -> Path:
             key, "''", "a folder for this run (empty would write into the current directory)"
         )
     path = Path(run_dir).absolute()
-    if path.exists() and not path.is_dir():
-        raise ConfigError(key, str(path), "a folder (this is a file)")
     try:
+        if path.exists() and not path.is_dir():
+            raise ConfigError(key, str(path), "a folder (this is a file)")
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(
