@@ -8,6 +8,7 @@ sampler, so a DataLoader (workers, prefetching, any map-style Dataset) serves th
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -198,14 +199,18 @@ def eval_batches(
     num_workers: int = 0,
     size: int = 2048,
 ) -> Iterator[Batch]:
-    """This rank's share of a whole split, in batches of ``size``."""
+    """This rank's share of a whole split, in batches of at most ``size``: as many batches on
+    every rank (a sharded model's forward is a collective: no rank may skip one)."""
     shard: Sequence[int] = torch.tensor_split(torch.arange(len(data)), world_size)[rank]
+    longest = math.ceil(len(data) / world_size)  # the largest rank's share
+    chunks_n = max(1, math.ceil(longest / size))
+    chunks = torch.tensor_split(shard, chunks_n)
     if isinstance(data, Split):
-        for idx in torch.split(shard, size):
+        for idx in chunks:
             yield data.batch(idx)
         return
     dataset, collate = as_dataset(data)
-    chunks = [c.tolist() for c in torch.split(shard, size)]
+    chunks = [c.tolist() for c in chunks]
     loader = DataLoader(dataset, batch_sampler=chunks, collate_fn=collate, num_workers=num_workers)
     for batch in loader:
         yield batch.to(device)

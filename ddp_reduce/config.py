@@ -84,6 +84,11 @@ class Device(Enum):
     cuda = "cuda"
 
 
+class Strategy(Enum):
+    ddp = "ddp"  # every rank holds the whole model: DistributedDataParallel
+    fsdp = "fsdp"  # parameters, gradients and optimizer state sharded: FSDP2 (fully_shard)
+
+
 class Backend(Enum):
     auto = "auto"
     gloo = "gloo"
@@ -331,6 +336,7 @@ class TrainConfig:
 @dataclass
 class DistConfig:
     nproc: int = 2  # ranks started by `ddp-reduce` (torchrun's --nproc-per-node decides there)
+    strategy: Strategy = Strategy.ddp
     device: Device = Device.cpu  # the backend follows: gloo on cpu, nccl on cuda
     backend: Backend = Backend.auto  # auto: nccl on cuda, gloo on cpu
     timeout_s: float = 300.0  # collective timeout: how long a rank waits for a lost peer
@@ -417,6 +423,13 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         require(0 <= self.seed < 2**63, "seed", self.seed, "an integer in [0, 2^63)")
+        require(
+            self.dist.strategy is Strategy.ddp or self.reduce.impl is ReduceImpl.hook,
+            "reduce.impl",
+            self.reduce.impl,
+            "hook with dist.strategy=fsdp (the reduction rides FSDP's reduce-scatter; builtin "
+            "and manual are DDP's)",
+        )
 
 
 # Nodes that take Hydra's `_target_` convention: your own callable, its arguments as keys.

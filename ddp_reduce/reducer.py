@@ -31,6 +31,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ddp_reduce import reduction as R
 from ddp_reduce.noise import NoiseEstimate, NoiseScaleEstimator
+from ddp_reduce.parallel import is_fsdp, total_norm
 
 TORCH_DTYPES = {
     R.CommDtype.fp32: torch.float32,
@@ -46,6 +47,8 @@ class Route(Enum):
     # the loss scale (gradients are linear in the loss), so the optimizer gets the same c·G
     hook = "hook"  # a Python communication hook: noise norms, comm dtype, pre-division
     manual = "manual"  # every micro-batch under no_sync, then one all-reduce per gradient
+    fsdp_comm = "fsdp_comm"  # FSDP2 with our reduce-scatter: SUM, the planned division
+    fsdp_native = "fsdp_native"  # FSDP2's own reduce-scatter, its divide factor set to ours
 
 
 def _enum(cls, value):
@@ -158,6 +161,9 @@ class Reducer:
         if why:
             raise ValueError(why)
         self.model = model
+        self.sharded = is_fsdp(model)
+        if self.sharded and impl is not R.ReduceImpl.hook:
+            raise ValueError(f"impl={impl.name} is DDP's; under FSDP the reduction is the hook's")
         self.loss, self.op, self.impl = loss, op, impl
         self.dtype = dtype
         self.predivide = R.parse_predivide(predivide)
@@ -169,6 +175,7 @@ class Reducer:
         # The ranks' own gradients are a second batch size for the noise scale (W >= 2); they
         # exist only where the hook (or the reference) sees them, not on DDP's own path.
         self.collect_sq = noise and self.world_size >= 2 and impl is not R.ReduceImpl.builtin
+        self._fsdp_units = [m for m in model.modules() if is_fsdp(m)] if self.sharded else []
         self.route: Route | None = None  # decided at the first step (see _choose_route)
         self._step: _Step | None = None
         self._report: StepReport | None = None
@@ -218,6 +225,13 @@ class Reducer:
             self.route = self._choose_route(given)
             if self.route is Route.hook:
                 self.model.register_comm_hook(self, _reduce_bucket)
+            elif self.route is Route.fsdp_comm:
+                comm = _FSDPReduceScatter(self)
+                for unit in self._fsdp_units:
+                    unit.set_custom_reduce_scatter(comm)
+                    # SUM only (gloo has no PREMUL_SUM); the division is ours alone
+                    unit.set_force_sum_reduction_for_comms(True)
+                    unit.set_gradient_divide_factor(1.0)
         elif given != self._counts_given:
             raise ValueError(
                 "pass counts= (or global_items=) on every step or on none: the reduction "
@@ -255,18 +269,27 @@ class Reducer:
             audit=log and self._low_precision(),
         )
         self._report = None
+        if self.route is Route.fsdp_native:
+            for unit in self._fsdp_units:
+                unit.set_gradient_divide_factor(plan.divisor)
         fold = 1.0
         if self.route is Route.ddp_builtin and plan.divisor not in (None, float(self.world_size)):
             fold = self.world_size / plan.divisor  # DDP divides by W; the rest is folded here
         return tuple(scale * fold for scale in plan.loss_scales)
 
     def _choose_route(self, counts_given: bool) -> Route:
+        divisor_known = self.op is not R.ReduceOp.global_mean or counts_given
+        if self.sharded:
+            # FSDP's own reduce-scatter divides in the collective (NCCL's PREMUL_SUM or AVG):
+            # used on CUDA where nothing must happen inside the reduction; gloo has no PREMUL_SUM
+            plain = not self.collect_sq and self.predivide == "full" and divisor_known
+            cuda = self.device.type == "cuda"
+            return Route.fsdp_native if plain and cuda else Route.fsdp_comm
         if self.impl is R.ReduceImpl.manual:
             return Route.manual
         if self.impl is R.ReduceImpl.builtin:
             return Route.ddp_builtin
         native = all(p.dtype == TORCH_DTYPES[self.dtype] for p in self.params)
-        divisor_known = self.op is not R.ReduceOp.global_mean or counts_given
         plain = native and not self.collect_sq and self.predivide == "full" and divisor_known
         return Route.ddp_builtin if plain else Route.hook
 
@@ -282,8 +305,12 @@ class Reducer:
         if self._step is None:
             raise RuntimeError("call reducer.loss_scale(...) before the step's first forward")
         sync = last and self.route is not Route.manual
-        with contextlib.nullcontext() if sync else self.model.no_sync():
+        if self.sharded:
+            self.model.set_requires_gradient_sync(sync)  # FSDP reads it in the backward
             yield
+        else:
+            with contextlib.nullcontext() if sync else self.model.no_sync():
+                yield
         if last and self.route is Route.manual:
             _reduce_manually(self)
 
@@ -297,6 +324,15 @@ class Reducer:
             if step is None:
                 raise RuntimeError("no step has been planned yet (reducer.loss_scale)")
             plan = step.plan
+            if self.sharded and step.local_sq is not None and step.ranks_sq is None:
+                # FSDP calls the reduce-scatter per unit and says none is the last: the ranks'
+                # squared norms are summed here, one small all-reduce after the backward
+                step.ranks_sq = step.local_sq.clone()
+                dist.all_reduce(step.ranks_sq, group=self.process_group)
+            if self.sharded and step.err_sq is not None:  # each rank audited its own shard
+                both = torch.stack([step.err_sq, step.ref_sq])
+                dist.all_reduce(both, group=self.process_group)
+                step.err_sq, step.ref_sq = both[0], both[1]
             if plan.global_items is None:
                 total, total_sq = step.wait_count().tolist()
                 plan = plan.with_counts(int(total), self.world_size * total_sq == total * total)
@@ -313,10 +349,7 @@ class Reducer:
         return self._report
 
     def grad_norm(self) -> torch.Tensor:
-        grads = [p.grad for p in self.params if p.grad is not None]
-        if not grads:
-            return torch.zeros((), device=self.device)
-        return torch.nn.utils.get_total_norm(grads)
+        return total_norm(self.params).to(self.device)
 
     def small_batch(self, items: int, mean_grad_sq: float) -> None:
         """Give this step's smaller batch for the noise scale where the ranks cannot (one rank,
@@ -375,10 +408,10 @@ def attach(
     noise scale from the ranks' own gradients (W >= 2). ``dtype``: what the gradients travel in;
     ``predivide``: where the division happens (``none``, ``sqrt``, ``full`` or a factor).
     """
-    if not isinstance(model, DDP):
+    if not isinstance(model, DDP) and not is_fsdp(model):
         raise TypeError(
-            f"attach() takes a torch.nn.parallel.DistributedDataParallel model, got "
-            f"{type(model).__name__}"
+            "attach() takes a torch.nn.parallel.DistributedDataParallel model or an FSDP2 "
+            f"(fully_shard) one, got {type(model).__name__}"
         )
     return Reducer(
         model,
@@ -465,6 +498,52 @@ def _reduce_bucket(reducer: Reducer, bucket: dist.GradBucket) -> torch.futures.F
     if len(futures) == 1:
         return futures[0].then(finish)
     return torch.futures.collect_all(futures).then(finish)
+
+
+class _FSDPReduceScatter:
+    """FSDP2's reduce-scatter, with the planned division around a SUM, the ranks' own
+    gradient norms read before it (noise scale), and the float64 audit on logged steps.
+
+    FSDP hands each unit's flattened local gradient (in its reduce dtype) and takes back this
+    rank's shard of the sum; the interface is FSDP's ``set_custom_reduce_scatter``'s.
+    """
+
+    def __init__(self, reducer: Reducer):
+        self.reducer = reducer
+
+    def allocate(self, size, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        return torch.empty(*size, dtype=dtype, device=device)
+
+    def __call__(self, output_tensor, input_tensor, group, op, async_op: bool = False):
+        step = self.reducer._step
+        if step.collect_sq:
+            sq = _sq(input_tensor) * (step.plan.to_local_mean**2)
+            step.local_sq = sq if step.local_sq is None else step.local_sq + sq
+        if input_tensor.dtype in (torch.bfloat16, torch.float16):
+            amax = input_tensor.abs().max().float()
+            step.local_amax = (
+                amax if step.local_amax is None else torch.maximum(step.local_amax, amax)
+            )
+        before, after = R.division_split(_divisor_value(step), self.reducer.predivide)
+        reference = None
+        if step.audit:
+            reference = input_tensor.double() / before
+            ref_out = torch.empty(
+                output_tensor.shape, dtype=torch.float64, device=output_tensor.device
+            )
+            dist.reduce_scatter_single(ref_out, reference, group=group)
+        if isinstance(before, torch.Tensor) or before != 1:
+            input_tensor.div_(before)
+        dist.reduce_scatter_single(output_tensor, input_tensor, op=dist.ReduceOp.SUM, group=group)
+        if isinstance(after, torch.Tensor) or after != 1:
+            output_tensor.div_(after)
+        if reference is not None:
+            ref_out.div_(after)
+            err, ref_sq = _sq(output_tensor.double() - ref_out), _sq(ref_out)
+            # shards: summed over ranks when read (their squares add up)
+            step.err_sq = err if step.err_sq is None else step.err_sq + err
+            step.ref_sq = ref_sq if step.ref_sq is None else step.ref_sq + ref_sq
+        return None
 
 
 def _reduce_manually(reducer: Reducer) -> None:

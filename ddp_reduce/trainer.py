@@ -15,8 +15,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 
+from ddp_reduce import parallel
 from ddp_reduce.batches import LoaderBatches, MemoryBatches, as_dataset, eval_batches
 from ddp_reduce.config import BatchGeometry, ConfigError, Loader, RunConfig, batch_geometry, to_dict
 from ddp_reduce.data import Dataset, GlobalBatchSampler, Split, UserData, load_data
@@ -24,7 +24,7 @@ from ddp_reduce.distributed import DistContext
 from ddp_reduce.models import Objective, build_model, build_objective, check_model_for_data
 from ddp_reduce.noise import NoiseSource, noise_source
 from ddp_reduce.optim import build_optimizer, build_schedule, effective_optim
-from ddp_reduce.reducer import Reducer, StepReport, attach
+from ddp_reduce.reducer import TORCH_DTYPES, Reducer, StepReport, attach
 from ddp_reduce.reduction import LossReduction, ReduceImpl
 
 
@@ -154,11 +154,13 @@ class Trainer:
         self.sampler = GlobalBatchSampler(
             len(self.train_split), self.geom.global_batch_size, cfg.seed, cfg.data.last_batch
         )
-        self.model = prepared.model.to(ctx.device)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        device_ids = [ctx.device] if ctx.device.type == "cuda" else None
-        self.ddp = DDP(self.model, device_ids=device_ids)
         rc = cfg.reduce
+        self.model = prepared.model.to(ctx.device)
+        # DDP(model), or model itself sharded in place (FSDP2): the one seam of the strategy
+        self.wrapped = parallel.wrap(
+            self.model, cfg.dist.strategy, ctx, reduce_dtype=TORCH_DTYPES[rc.dtype]
+        )
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.noise_source, self.noise_unavailable = noise_source(
             cfg.noise.enabled,
             ctx.world_size,
@@ -169,7 +171,7 @@ class Trainer:
         # no finite-population correction then.
         population = len(self.train_split) if self.objective.per_sample else None
         self.reducer: Reducer = attach(
-            self.ddp,
+            self.wrapped,
             rc.loss,
             rc.op,
             noise=self.noise_source is not None,
@@ -227,7 +229,7 @@ class Trainer:
         correct_local = torch.zeros_like(loss_local)
         for a, batch in enumerate(micro):
             with self.reducer.micro_batch(last=a == len(micro) - 1):
-                loss_sum, correct = self.objective(self.ddp(batch.x), batch)
+                loss_sum, correct = self.objective(self.wrapped(batch.x), batch)
                 if self._poisoned(step):
                     loss_sum = loss_sum * float("nan")
                 objective = loss_sum * scales[a]
@@ -270,9 +272,7 @@ class Trainer:
 
     def optimizer_step(self, outcome: StepOutcome) -> None:
         if self.cfg.optim.clip_norm is not None:
-            torch.nn.utils.clip_grads_with_norm_(
-                self.params, self.cfg.optim.clip_norm, outcome.report.grad_norm
-            )
+            parallel.clip(self.params, self.cfg.optim.clip_norm, outcome.report.grad_norm)
         self.optimizer.step()
         self.schedule.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -294,11 +294,12 @@ class Trainer:
         return evaluate(self.model, self.objective, split, self.ctx, self.cfg.data.num_workers)
 
     def model_state(self) -> dict[str, torch.Tensor]:
-        """The unwrapped model's weights, on the CPU."""
-        return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        """The whole model's weights, on the CPU; a collective under FSDP."""
+        return parallel.full_model_state(self.wrapped)
 
-    def state_dict(self) -> dict[str, Any]:
-        """Everything a resumed run needs; a collective (every rank's RNG state is gathered)."""
+    def extra_state(self) -> dict[str, Any]:
+        """What a resumed run needs besides the model and the optimizer; a collective (every
+        rank's RNG state is gathered)."""
         rng = {"cpu": torch.get_rng_state()}
         if self.ctx.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.ctx.device)
@@ -309,8 +310,7 @@ class Trainer:
             "config": to_dict(self.cfg),
             "global_batch_size": self.geom.global_batch_size,
             "world_size": self.ctx.world_size,
-            "model": self.model_state(),
-            "optimizer": self.optimizer.state_dict(),
+            "strategy": self.cfg.dist.strategy.name,
             "schedule": self.schedule.state_dict(),
             "rng": every_rng,
             "c_range": self.c_range.state_dict(),
@@ -318,9 +318,7 @@ class Trainer:
             "reducer": self.reducer.state_dict(),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+    def load_extra_state(self, state: dict[str, Any]) -> None:
         self.schedule.load_state_dict(state["schedule"])
         # Same world size: each rank gets its own RNG back; otherwise rank 0's, for all.
         rngs = state["rng"]
@@ -333,9 +331,22 @@ class Trainer:
         self.initial_loss = state["initial_loss"]
         self.reducer.load_state_dict(state["reducer"])
 
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs, the model and optimizer state whole (keyed by
+        parameter name, the same under DDP and FSDP); a collective."""
+        return {
+            **self.extra_state(),
+            "model": self.model_state(),
+            "optimizer": parallel.full_optimizer_state(self.wrapped, self.optimizer),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        parallel.set_full_state(self.wrapped, self.optimizer, state["model"], state["optimizer"])
+        self.load_extra_state(state)
+
     def close(self) -> None:
         # The DDP reducer holds the process group: release it before the group is destroyed.
-        del self.ddp
+        del self.wrapped
 
 
 def _on(split: Any, device: torch.device) -> Any:

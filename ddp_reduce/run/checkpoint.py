@@ -1,29 +1,49 @@
-"""Checkpoints: written atomically by rank 0, verified on resume, never silently skipped.
+"""Checkpoints: written atomically, verified on resume, never silently skipped.
 
 A checkpoint holds what makes a resumed run bitwise equal to an uninterrupted one: the model, the
 optimizer and schedule state, every rank's RNG state, the step (the sampler is a function of
 (seed, step), so the step is its position) and the config it came from. ``manifest.json`` lists
-the checkpoints with their SHA-256; it is rewritten (atomically) only after a checkpoint file is
-complete, so a file not in the manifest, or not matching its digest, is never trusted.
+the checkpoints with their SHA-256; it is rewritten (atomically) only after a checkpoint is
+complete, so a checkpoint not in the manifest, or not matching its digest, is never trusted.
+
+Two layouts, one manifest:
+
+- ``step_XXXXXXXX.pt`` (DDP): one file, written by rank 0, the model and optimizer whole.
+- ``step_XXXXXXXX.dcp/`` (FSDP): ``torch.distributed.checkpoint``'s folder, every rank writing
+  its own shards (nothing is gathered), plus ``extra.pt`` with the rest; its digest covers every
+  file in it. It is written under a temporary name and renamed once whole. Every rank reads its
+  shards from it: on several nodes the run directory must be shared storage.
+
+Either loads into either strategy: a ``.pt`` is set whole into a sharded model, a ``.dcp`` is
+resharded by the checkpoint library into a whole one (the optimizer state is keyed by parameter
+name in both).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import shutil
 import sys
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
+from ddp_reduce import parallel
+from ddp_reduce.config import to_dict
 from ddp_reduce.run.rundir import atomic_write, write_json
+from ddp_reduce.trainer import Trainer
 
 DIR = "checkpoints"
 MANIFEST = "manifest.json"
-FORMAT = 1
+EXTRA = "extra.pt"  # in a .dcp folder: everything but the model and the optimizer
+FORMAT = 2
 
 # Keys that may differ between the run that wrote a checkpoint and the one resuming from it:
 # how the run is spread and observed, not what it computes. The global batch N is compared
@@ -128,10 +148,44 @@ def remove_stale_temporaries(folder: Path) -> list[str]:
     removed = []
     if folder.is_dir():
         for tmp in folder.glob(".step_*.tmp"):
-            if tmp.is_file() and not tmp.is_symlink():
+            if tmp.is_symlink():
+                continue
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
                 tmp.unlink(missing_ok=True)
-                removed.append(tmp.name)
+            removed.append(tmp.name)
     return removed
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _digest(path: Path) -> str:
+    """SHA-256 of a file, or of a folder: its files' names and digests, in order."""
+    if not path.is_dir():
+        return _sha256(path)
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(f"{f.relative_to(path)}\0{_sha256(f)}\n".encode())
+    return h.hexdigest()
+
+
+def _record(
+    folder: Path, entries: list[dict], name: str, step: int, digest: str, keep: int
+) -> None:
+    """Add a complete checkpoint to the manifest; drop (and delete) all but the newest ``keep``."""
+    entries = [e for e in entries if e["step"] != step]
+    entries.append({"file": name, "step": step, "sha256": digest})
+    entries.sort(key=lambda e: e["step"])
+    stale, entries = entries[:-keep], entries[-keep:]
+    write_json(folder / MANIFEST, {"checkpoints": entries})
+    for e in stale:  # names already checked: step_*.pt or step_*.dcp inside this folder
+        _remove(folder / e["file"])
 
 
 def save(run_dir: Path, state: dict[str, Any], keep: int) -> Path:
@@ -148,13 +202,7 @@ def save(run_dir: Path, state: dict[str, Any], keep: int) -> Path:
         digest["sha256"] = _sha256(tmp)
 
     atomic_write(path, write)
-    entries = [e for e in entries if e["step"] != state["step"]]
-    entries.append({"file": path.name, "step": state["step"], "sha256": digest["sha256"]})
-    entries.sort(key=lambda e: e["step"])
-    stale, entries = entries[:-keep], entries[-keep:]
-    write_json(folder / MANIFEST, {"checkpoints": entries})
-    for e in stale:
-        (folder / e["file"]).unlink(missing_ok=True)
+    _record(folder, entries, path.name, state["step"], digest["sha256"], keep)
     return path
 
 
@@ -162,10 +210,12 @@ def _load_verified(folder: Path, entry: dict) -> dict[str, Any]:
     path = folder / entry["file"]
     if not path.exists():
         raise CheckpointError(f"{path.name} is missing")
-    if _sha256(path) != entry["sha256"]:
+    if _digest(path) != entry["sha256"]:
         raise CheckpointError(f"{path.name} does not match its SHA-256 (truncated or corrupt)")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(
+            path / EXTRA if path.is_dir() else path, map_location="cpu", weights_only=True
+        )
     except Exception as exc:  # a file that matches its digest but does not load
         raise CheckpointError(f"{path.name} does not load: {exc}") from exc
     if state.get("format") != FORMAT or state.get("step") != entry["step"]:
@@ -178,7 +228,7 @@ def load_latest(run_dir: Path) -> Found | None:
     folder = run_dir / DIR
     entries = _read_manifest(folder)
     if not entries:
-        if folder.exists() and any(folder.glob("step_*.pt")):
+        if folder.exists() and any(folder.glob("step_*.*")):
             raise CheckpointError(
                 f"{folder} holds checkpoint files but no {MANIFEST}; refusing to start over "
                 "from step 0. Remove the folder to start the run again."
@@ -214,3 +264,102 @@ def check_compatible(
         )
     if diffs:
         raise CheckpointError("the checkpoint was written by another config: " + "; ".join(diffs))
+
+
+# -- a trainer's checkpoints: every rank calls these -------------------------------------------
+
+
+def _on_main(fn, ctx_is_main: bool) -> Any:
+    """Run ``fn`` on rank 0 and give every rank its result (or raise its CheckpointError
+    everywhere), so no rank is left waiting in a collective another has abandoned."""
+    box: list[Any] = [None]
+    if ctx_is_main:
+        try:
+            box[0] = fn()
+        except CheckpointError as exc:
+            box[0] = exc
+    dist.broadcast_object_list(box, src=0)
+    if isinstance(box[0], CheckpointError):
+        raise box[0]
+    return box[0]
+
+
+def save_trainer(run_dir: Path, trainer: Trainer, keep: int) -> None:
+    """Checkpoint the trainer at its step: a .pt under DDP, a .dcp folder under FSDP."""
+    main = trainer.ctx.is_main
+    if not parallel.is_fsdp(trainer.model):
+        state = trainer.state_dict()  # a collective: every rank's RNG state
+        if main:
+            save(run_dir, state, keep)
+        return
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    folder, name = run_dir / DIR, f"step_{trainer.step:08d}.dcp"
+
+    def begin() -> tuple[list[dict], str]:
+        folder.mkdir(parents=True, exist_ok=True)
+        entries = _read_manifest(folder)  # refuses a corrupt manifest before anything is written
+        remove_stale_temporaries(folder)
+        return entries, str(folder / f".{name}.{uuid.uuid4().hex[:8]}.tmp")
+
+    entries, tmp = _on_main(begin, main)
+    extra = trainer.extra_state()
+    model_state, optim_state = get_state_dict(trainer.model, trainer.optimizer)
+    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp)
+    if main:
+        torch.save({"format": FORMAT, **extra}, Path(tmp) / EXTRA)
+        digest = _digest(Path(tmp))
+        final = folder / name
+        if final.exists():
+            _remove(final)
+        os.replace(tmp, final)
+        _record(folder, entries, name, trainer.step, digest, keep)
+    dist.barrier()
+
+
+def resume(run_dir: Path, trainer: Trainer) -> int | None:
+    """Restore the newest valid checkpoint of this run into the trainer, if any; its step.
+
+    Rank 0 reads the manifest and verifies the checkpoint; a .pt's state is broadcast (the other
+    ranks, on other nodes too, need no shared storage), a .dcp folder is read by every rank.
+    """
+
+    def find() -> tuple[str, dict[str, Any]] | None:
+        latest = load_latest(run_dir)
+        if latest is None:
+            return None
+        check_compatible(
+            latest.state,
+            to_dict(trainer.cfg),
+            trainer.geom.global_batch_size,
+            steps=trainer.cfg.train.steps,
+        )
+        print(
+            f"ddp-reduce: resuming from {latest.path} (step {latest.state['step']})",
+            file=sys.stderr,
+            flush=True,
+        )
+        return str(latest.path), latest.state
+
+    found = _on_main(find, trainer.ctx.is_main)
+    if found is None:
+        return None
+    path, state = found
+    if path.endswith(".pt"):
+        trainer.load_state_dict(state)
+    else:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_state, optim_state = get_state_dict(trainer.model, trainer.optimizer)
+        shards = {"model": model_state, "optimizer": optim_state}
+        dcp.load(shards, checkpoint_id=path)
+        set_state_dict(
+            trainer.model,
+            trainer.optimizer,
+            model_state_dict=shards["model"],
+            optim_state_dict=shards["optimizer"],
+        )
+        trainer.load_extra_state(state)
+    return state["step"]

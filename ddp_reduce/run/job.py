@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ddp_reduce import parallel
 from ddp_reduce.config import RunConfig, to_dict
 from ddp_reduce.distributed import DistContext
 from ddp_reduce.noise import NoiseEstimate
@@ -76,7 +77,7 @@ def train(
     trainer = Trainer(cfg, ctx, prepared)
     if ctx.is_main:
         _open_run_dir(cfg, run_dir)
-    resumed_from = _resume(trainer, run_dir)
+    resumed_from = checkpoint.resume(run_dir, trainer)
     logger = _logger(trainer, run_dir, ctx)
     bar = _progress_bar(trainer, ctx)
     if resumed_from is None:  # the loss over the whole training set before the first step
@@ -96,9 +97,7 @@ def train(
             if scalars:
                 logger.log(step, scalars)
             if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
-                state = trainer.state_dict()
-                if ctx.is_main:
-                    checkpoint.save(run_dir, state, cfg.train.keep_checkpoints)
+                checkpoint.save_trainer(run_dir, trainer, cfg.train.keep_checkpoints)
             if bar is not None:
                 bar.update(1)
                 if "train/loss" in scalars:
@@ -150,7 +149,7 @@ def _train_step(trainer: Trainer, step: int, progress: _Progress) -> dict[str, f
     cfg, ctx = trainer.cfg, trainer.ctx
     log = step % cfg.train.log_every == 0 or step == cfg.train.steps
     t0 = time.perf_counter()
-    before = torch.cat([p.detach().flatten() for p in trainer.params]) if log else None
+    before = parallel.snapshot(trainer.params) if log else None
     lr = trainer.optimizer.param_groups[0]["lr"]
     outcome = trainer.forward_backward(step, log=log)
     trainer.c_range.add(outcome.report)
@@ -185,10 +184,13 @@ def _blown_up(trainer: Trainer, loss: float | None) -> str | None:
 
 
 def _step_scalars(
-    trainer: Trainer, outcome: StepOutcome, progress: _Progress, lr: float, before: torch.Tensor
+    trainer: Trainer,
+    outcome: StepOutcome,
+    progress: _Progress,
+    lr: float,
+    before: list[torch.Tensor],
 ) -> dict[str, float | None]:
     report, window = outcome.report, progress.window
-    after = torch.cat([p.detach().flatten() for p in trainer.params])
     grad_norm = report.grad_norm.item()
     scalars: dict[str, float | None] = {
         "train/loss": outcome.loss,
@@ -198,7 +200,7 @@ def _step_scalars(
         "grad/local_norm_mean": outcome.local_norm_mean,
         "reduce/grad_scale": report.c,
         "reduce/comm_rel_error": report.comm_rel_error,
-        "optim/update_to_weight": ((after - before).norm() / after.norm()).item(),
+        "optim/update_to_weight": parallel.update_to_weight(before, trainer.params),
         "perf/items_per_s": window.items / window.time_s,
         "perf/step_time_s": window.time_s / window.steps,
         "perf/rss_mb": rss_mb(),
@@ -262,8 +264,9 @@ def _finish(
         peak_rss_mb_per_rank=peaks,
         wall_time_s=time.perf_counter() - start,
     )
+    weights = trainer.model_state()  # a collective under FSDP: every rank takes part
     if ctx.is_main:
-        save_model(run_dir, trainer.model_state())
+        save_model(run_dir, weights)
         final = {
             "final/train_loss": train_loss,
             "final/eval_loss": eval_loss,
@@ -332,41 +335,6 @@ def _noise_summary(trainer: Trainer, progress: _Progress) -> dict[str, Any]:
             "small_batch_from": trainer.noise_source.name,
         }
     }
-
-
-def _resume(trainer: Trainer, run_dir: Path) -> int | None:
-    """Restore the newest valid checkpoint of this run, if any; returns its step.
-
-    Rank 0 reads and verifies it (weights only) and broadcasts it, so the other ranks, on other
-    nodes too, need no shared file system.
-    """
-    ctx = trainer.ctx
-    found: list[Any] = [None]
-    if ctx.is_main:
-        try:
-            latest = checkpoint.load_latest(run_dir)
-            if latest is not None:
-                checkpoint.check_compatible(
-                    latest.state,
-                    to_dict(trainer.cfg),
-                    trainer.geom.global_batch_size,
-                    steps=trainer.cfg.train.steps,
-                )
-                print(
-                    f"ddp-reduce: resuming from {latest.path} (step {latest.state['step']})",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                found[0] = latest.state
-        except checkpoint.CheckpointError as exc:
-            found[0] = exc
-    dist.broadcast_object_list(found, src=0)
-    if isinstance(found[0], checkpoint.CheckpointError):
-        raise found[0]
-    if found[0] is None:
-        return None
-    trainer.load_state_dict(found[0])
-    return found[0]["step"]
 
 
 def _maybe_crash(cfg: RunConfig, ctx: DistContext, step: int) -> None:
