@@ -68,8 +68,10 @@ def _train() -> None:
     from ddp_reduce.config import ConfigError, register_schema, to_dict
     from ddp_reduce.run.launch import check_run_dir, fail, format_summary, launch_local, validate
     from ddp_reduce.run.pool import PoolError
+    from ddp_reduce.run.rundir import register_resolvers
 
     register_schema()
+    register_resolvers()  # the sweep's folder names (conf/config.yaml: hydra.sweep.subdir)
 
     @hydra.main(version_base="1.3", config_path="pkg://ddp_reduce.conf", config_name="config")
     def app(cfg: DictConfig) -> float | None:

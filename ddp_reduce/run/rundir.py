@@ -101,6 +101,35 @@ def versions() -> dict[str, str]:
     return out
 
 
+RUN_NAME_MAX_BYTES = 120  # a folder name may hold 255; TensorBoard's legends want far fewer
+
+
+def sweep_run_name(num: int, overrides: str) -> str:
+    """A sweep point's folder: its job number, then its overrides: ``2_optim.lr=0.1,reduce.op=sum``.
+
+    The number keeps the names unique and in the sweep's order. A ``/`` (from a path in a value)
+    becomes ``_``, so that every point is one folder, not a tree. A name over
+    ``RUN_NAME_MAX_BYTES`` is cut and ends in ``...`` and a digest of the whole list; the point's
+    exact overrides are in its ``.hydra/overrides.yaml``.
+    """
+    import hashlib
+
+    name = f"{num}_{overrides}".replace("/", "_").rstrip("_")
+    raw = name.encode()
+    if len(raw) <= RUN_NAME_MAX_BYTES:
+        return name
+    digest = hashlib.sha256(overrides.encode()).hexdigest()[:8]
+    head = raw[: RUN_NAME_MAX_BYTES - len(digest) - 3].decode(errors="ignore")
+    return f"{head}...{digest}"
+
+
+def register_resolvers() -> None:
+    """``${ddp_reduce.run_name:num,overrides}`` for Hydra's ``hydra.sweep.subdir``."""
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver("ddp_reduce.run_name", sweep_run_name, replace=True)
+
+
 # Metrics that TensorBoard's custom-scalars dashboard groups across the runs of a sweep.
 GROUPED = {
     "train/loss": "train_loss",
