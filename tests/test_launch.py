@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 import subprocess
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -218,3 +220,30 @@ def test_a_sweep_with_long_overrides_and_a_path_gives_one_folder_per_point(tmp_p
         overrides = yaml.safe_load((point / ".hydra" / "overrides.yaml").read_text())
         assert f"seed={num}" in overrides  # the exact list, where the name is cut
     assert points[0].name[1:] != points[1].name[1:]  # beyond their numbers, by the digest
+
+
+def test_tensorboard_script_links_every_run_when_there_are_more_than_40(tmp_path):
+    for i in range(41):
+        (tmp_path / f"{i}_seed={i}" / "tb").mkdir(parents=True)
+        (tmp_path / f"{i}_seed={i}" / "tb" / "events.out.tfevents.0.host").write_bytes(b"")
+    port = free_port()
+    server = subprocess.Popen(
+        [str(SCRIPTS / "tensorboard.sh"), str(tmp_path)],
+        env=project_env({"TB_PORT": str(port)}),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        lines = [server.stdout.readline() for _ in range(3)]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert lines[0].startswith("tensorboard.sh: 41 runs;"), lines
+    base = f"http://127.0.0.1:{port}/#"
+    for line, page in zip(lines[1:], ("custom_scalars", "scalars"), strict=True):
+        url = line.split("selected:")[1].strip()
+        prefix = f"{base}{page}&runSelectionState="
+        assert url.startswith(prefix), url
+        state = json.loads(base64.b64decode(urllib.parse.unquote(url.removeprefix(prefix))))
+        assert state == {f"{i}_seed={i}/tb": True for i in range(41)}
