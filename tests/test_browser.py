@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -334,6 +335,16 @@ def test_more_than_40_runs_open_empty_unless_the_printed_link_selects_them(
         screenshot(browser, shots, "custom_scalars_41_runs_default.png", capsys)
         assert state["selected"] == []
         assert _charts(state, TRAIN_BY_MODE)["mean-mean"]["series"] == []
+
+        # a run filter that matches 40 runs or fewer selects all it matches
+        state = load(
+            browser,
+            base + "#custom_scalars&regexInput=" + urllib.parse.quote("^[0-9]_", safe=""),
+            CUSTOM_SCALARS,
+            lambda s: len(_charts(s, TRAIN_BY_MODE).get("mean-mean", {}).get("series", [])) == 10,
+            "10 series in the chart",
+        )
+        assert sorted(state["selected"]) == sorted(f"{i}_seed={i}/tb" for i in range(10))
 
         state = load(
             browser,
