@@ -77,8 +77,10 @@ def _train() -> None:
         validate,
     )
     from ddp_reduce.run.pool import PoolError
+    from ddp_reduce.run.rundir import register_resolvers
 
     register_schema()
+    register_resolvers()  # the sweep's folder names (conf/config.yaml: hydra.sweep.subdir)
     tally: dict[str, int] = {}  # a sweep's points by outcome
     # Hydra creates the run (or sweep) folder before the app runs: one it cannot create is
     # refused here, with the key, rather than as Hydra's own traceback.

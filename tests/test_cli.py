@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import metadata as hparams_metadata
 
 from tests.helpers import ddp_reduce, torchrun
 
@@ -71,8 +72,30 @@ def test_tensorboard_events_hold_the_tags_and_only_rank0_wrote(launched):
     assert TAGS <= set(acc.Tags()["scalars"])
     losses = [e.value for e in acc.Scalars("train/loss")]
     assert len(losses) == 6 and losses[-1] < losses[0]
+    # the final metrics sit at the run's last step (not at step 0, far left of every chart)
+    for tag in ("final/train_loss", "final/eval_loss", "final/eval_accuracy", "final/diverged"):
+        assert [e.step for e in acc.Scalars(tag)] == [30], tag
     # the HParams view's plugin data is there, in the same events file
-    assert "_hparams_/session_start_info" in acc.PluginTagToContent("hparams")
+    content = acc.PluginTagToContent("hparams")
+    experiment = hparams_metadata.parse_experiment_plugin_data(content["_hparams_/experiment"])
+    infos = [(h.name, h.differs) for h in experiment.hparam_infos]
+    axes = ["reduce.loss", "reduce.op", "lr", "global_batch_size", "world_size", "grad_scale"]
+    assert infos[:6] == [(name, True) for name in axes]  # listed first, marked to be shown
+    assert not any(differs for _, differs in infos[6:])
+    assert [m.name.tag for m in experiment.metric_infos] == [
+        "final/train_loss",
+        "final/eval_loss",
+        "final/eval_accuracy",
+        "final/diverged",
+    ]
+    start = hparams_metadata.parse_session_start_info_plugin_data(
+        content["_hparams_/session_start_info"]
+    )
+    assert start.hparams["reduce.op"].string_value == "mean"
+    assert start.hparams["world_size"].number_value == 2
+    # optim.clip_norm is null: the column is declared, this run leaves its cell empty (not 0.0)
+    assert "clip_norm" in {name for name, _ in infos}
+    assert "clip_norm" not in start.hparams
 
 
 def test_torchrun_and_ddp_reduce_give_identical_weights(launched):

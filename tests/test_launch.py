@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 import subprocess
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import pytest
 import torch
 import yaml
 
+from ddp_reduce.run.rundir import RUN_NAME_MAX_BYTES, sweep_run_name
 from tests.helpers import REPO, VENV_BIN, ddp_reduce, free_port, project_env, run_cli
 
 SCRIPTS = REPO / "scripts"
@@ -123,11 +126,18 @@ def _get(url: str):
 
 def test_tensorboard_server_serves_the_runs_and_tags(tmp_path):
     sweep = tmp_path / "sweep"
-    for i, op in enumerate(("mean", "sum")):
-        proc = ddp_reduce(
-            "dist.nproc=1", "train.steps=20", f"reduce.op={op}", f"hydra.run.dir={sweep / str(i)}"
-        )
-        assert proc.returncode == 0, proc.stderr
+    proc = ddp_reduce(
+        "--multirun",
+        "dist.nproc=1",
+        "train.steps=20",
+        "reduce.op=mean,sum",
+        f"hydra.sweep.dir={sweep}",
+    )
+    assert proc.returncode == 0, proc.stderr
+    # the sweep's points, named by job number and overrides; their events in tb/
+    mean_run, sum_run = (
+        f"{i}_dist.nproc=1,reduce.op={op},train.steps=20/tb" for i, op in enumerate(("mean", "sum"))
+    )
     port = free_port()
     server = subprocess.Popen(
         [str(SCRIPTS / "tensorboard.sh"), str(sweep)],
@@ -142,15 +152,15 @@ def test_tensorboard_server_serves_the_runs_and_tags(tmp_path):
         while time.monotonic() < deadline:  # wait for the server to answer, then for the runs
             try:
                 runs = _get(f"{base}/data/runs")
-                if set(runs) >= {"0/tb", "1/tb"}:
+                if set(runs) >= {mean_run, sum_run}:
                     break
             except OSError:
                 pass
             time.sleep(0.5)
-        assert runs is not None and set(runs) >= {"0/tb", "1/tb"}, runs
+        assert runs is not None and set(runs) == {mean_run, sum_run}, runs
         tags = _get(f"{base}/data/plugin/scalars/tags")
-        assert {"train/loss", "eval/accuracy", "reduce/grad_scale"} <= set(tags["0/tb"])
-        assert "grouped/train_loss/mean-sum/N32" in tags["1/tb"]
+        assert {"train/loss", "eval/accuracy", "reduce/grad_scale"} <= set(tags[mean_run])
+        assert "grouped/train_loss/mean-sum/N32" in tags[sum_run]
         layout = _get(f"{base}/data/plugin/custom_scalars/layout")
         titles = {c["title"] for c in layout["category"]}
         assert "train/loss by reduce mode (loss-op)" in titles
@@ -164,3 +174,76 @@ def test_tensorboard_server_serves_the_runs_and_tags(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_run_names_stay_one_valid_folder_whatever_the_overrides(tmp_path):
+    assert sweep_run_name(2, "optim.lr=0.1,reduce.op=sum") == "2_optim.lr=0.1,reduce.op=sum"
+    assert sweep_run_name(0, "") == "0"  # a sweep point without overrides
+    assert sweep_run_name(1, "data.root=/srv/text") == "1_data.root=_srv_text"  # no subfolders
+    long = ",".join(f"model.k{i}=välue{i}" for i in range(400))  # 6 KB, multi-byte characters
+    names = {sweep_run_name(i, long) for i in range(12)}
+    assert len(names) == 12
+    for name in names:
+        assert len(name.encode()) <= RUN_NAME_MAX_BYTES and "/" not in name
+        (tmp_path / name).mkdir()  # a valid folder name here
+    assert sweep_run_name(3, long).endswith("..." + sweep_run_name(4, long)[-8:])  # the digest
+    assert sweep_run_name(3, long) != sweep_run_name(3, long + ",seed=1")
+
+
+def test_a_sweep_with_long_overrides_and_a_path_gives_one_folder_per_point(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = ddp_reduce(
+        "--multirun",
+        "seed=0,1",
+        "dist.nproc=1",
+        "data=text",
+        "model=seq",
+        f"data.root={REPO / 'docs'}",
+        "data.pattern=*.md",
+        "data.max_len=64",
+        "data.batch_size=8",
+        "train.steps=1",
+        "train.log_every=1",
+        "train.eval_every=0",
+        "optim.momentum=0.5",
+        "optim.weight_decay=0.0001",
+        f"hydra.sweep.dir={sweep}",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    points = sorted(p.parent for p in sweep.glob("*/summary.json"))
+    assert [p.name.split("_")[0] for p in points] == ["0", "1"]  # one folder per point, in order
+    for num, point in enumerate(points):
+        assert point.parent == sweep
+        assert point.name.startswith(f"{num}_data.batch_size=8,data.max_len=64,data.pattern=*.md")
+        assert "data.root=_" in point.name and "train.log_every" not in point.name
+        assert len(point.name.encode()) <= RUN_NAME_MAX_BYTES and "..." in point.name  # cut
+        overrides = yaml.safe_load((point / ".hydra" / "overrides.yaml").read_text())
+        assert f"seed={num}" in overrides  # the exact list, where the name is cut
+    assert points[0].name[1:] != points[1].name[1:]  # beyond their numbers, by the digest
+
+
+def test_tensorboard_script_links_every_run_when_there_are_more_than_40(tmp_path):
+    for i in range(41):
+        (tmp_path / f"{i}_seed={i}" / "tb").mkdir(parents=True)
+        (tmp_path / f"{i}_seed={i}" / "tb" / "events.out.tfevents.0.host").write_bytes(b"")
+    port = free_port()
+    server = subprocess.Popen(
+        [str(SCRIPTS / "tensorboard.sh"), str(tmp_path)],
+        env=project_env({"TB_PORT": str(port)}),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        lines = [server.stdout.readline() for _ in range(3)]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert lines[0].startswith("tensorboard.sh: 41 runs;"), lines
+    base = f"http://127.0.0.1:{port}/#"
+    for line, page in zip(lines[1:], ("custom_scalars", "scalars"), strict=True):
+        url = line.split("selected:")[1].strip()
+        prefix = f"{base}{page}&runSelectionState="
+        assert url.startswith(prefix), url
+        state = json.loads(base64.b64decode(urllib.parse.unquote(url.removeprefix(prefix))))
+        assert state == {f"{i}_seed={i}/tb": True for i in range(41)}

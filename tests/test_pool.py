@@ -32,15 +32,24 @@ def test_a_sweep_point_equals_the_same_run_alone(tmp_path):
         p.parent.name: json.loads(p.read_text())
         for p in (tmp_path / "sweep").glob("*/summary.json")
     }
-    assert len(points) == 4
-    # Hydra numbers the points in order: hidden=[64], op=mean is the last one
-    last = tmp_path / "sweep" / "3"
-    assert (points["3"]["reduce_op"], points["3"]["world_size"]) == ("mean", 2)
-    a, b = torch.load(last / "model.pt"), torch.load(tmp_path / "alone" / "model.pt")
+    # Hydra numbers the points in order and each folder is named by its number and overrides:
+    # hidden=[64], op=mean is the last one
+    common = "train.eval_every=0,train.steps=20"  # train.log_every: bookkeeping, not named
+    names = [
+        f"{i}_model.hidden={hidden},reduce.op={op},{common}"
+        for i, (hidden, op) in enumerate(
+            [("[32]", "sum"), ("[32]", "mean"), ("[64]", "sum"), ("[64]", "mean")]
+        )
+    ]
+    assert sorted(points) == sorted(names)
+    last = names[3]
+    assert (points[last]["reduce_op"], points[last]["world_size"]) == ("mean", 2)
+    a = torch.load(tmp_path / "sweep" / last / "model.pt")
+    b = torch.load(tmp_path / "alone" / "model.pt")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
     summary = json.loads((tmp_path / "alone" / "summary.json").read_text())
-    assert points["3"]["final_train_loss"] == summary["final_train_loss"]
+    assert points[last]["final_train_loss"] == summary["final_train_loss"]
 
 
 def _fail_on_rank_1(ctx):

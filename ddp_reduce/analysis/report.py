@@ -64,10 +64,7 @@ def _runs_of(path: Path) -> list[dict[str, Any]]:
     if (path / SUMMARY).exists():
         candidates = [path]
     else:
-        candidates = sorted(
-            (p.parent for p in path.glob("*/" + SUMMARY)),
-            key=lambda p: (len(p.name), p.name),
-        )
+        candidates = sorted((p.parent for p in path.glob("*/" + SUMMARY)), key=_sweep_order)
     return [
         {
             "name": p.name,
@@ -78,6 +75,12 @@ def _runs_of(path: Path) -> list[dict[str, Any]]:
         }
         for p in candidates
     ]
+
+
+def _sweep_order(run_dir: Path) -> tuple:
+    """A sweep's points in Hydra's order: by the job number their folders start with."""
+    num = run_dir.name.split("_", 1)[0]
+    return (0, int(num), run_dir.name) if num.isdigit() else (1, len(run_dir.name), run_dir.name)
 
 
 def _hydra_overrides(run_dir: Path) -> list[str]:

@@ -27,6 +27,7 @@ from ddp_reduce.reduction import nominal_scale, scale_rule
 from ddp_reduce.run import checkpoint
 from ddp_reduce.run.rundir import (
     SUMMARY,
+    HParam,
     MetricsLogger,
     NullLogger,
     clear_results,
@@ -273,7 +274,7 @@ def _finish(
             "final/eval_accuracy": eval_acc,
             "final/diverged": float(progress.status == "diverged"),
         }
-        logger.hparams(_hparams(trainer, summary), final)
+        logger.hparams(_hparams(trainer, summary), final, trainer.step)
         write_json(run_dir / SUMMARY, summary)
     return summary
 
@@ -346,23 +347,32 @@ def _maybe_crash(cfg: RunConfig, ctx: DistContext, step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _hparams(trainer: Trainer, summary: dict) -> dict[str, Any]:
-    cfg, geom = trainer.cfg, trainer.geom
-    return {
-        "data": cfg.data.name,
-        "model": cfg.model.name,
-        "reduce.loss": cfg.reduce.loss.name,
-        "reduce.op": cfg.reduce.op.name,
-        "world_size": geom.world_size,
-        "local_batch_size": geom.local_batch_size,
-        "accum_steps": geom.accum_steps,
-        "global_batch_size": geom.global_batch_size,
-        "grad_scale": summary["grad_scale"],
-        "optim": cfg.optim.name.name,
-        "lr": cfg.optim.lr,
-        "momentum": cfg.optim.momentum,
-        "weight_decay": cfg.optim.weight_decay,
-        "clip_norm": cfg.optim.clip_norm if cfg.optim.clip_norm is not None else 0.0,
-        "seed": cfg.seed,
-        "status": summary["status"],
-    }
+STATUSES = ("completed", "diverged", "failed")
+
+
+def _hparams(trainer: Trainer, summary: dict) -> list[HParam]:
+    """The HParams view's columns: the axes of the sum-or-mean question first (c, the step)."""
+    cfg, geom, rc = trainer.cfg, trainer.geom, trainer.cfg.reduce
+    return [
+        HParam("reduce.loss", rc.loss.name, str, tuple(m.name for m in type(rc.loss)), axis=True),
+        HParam("reduce.op", rc.op.name, str, tuple(m.name for m in type(rc.op)), axis=True),
+        HParam("lr", cfg.optim.lr, axis=True),
+        HParam(
+            "global_batch_size",
+            geom.global_batch_size,
+            axis=True,
+            display_name="N (global_batch_size)",
+        ),
+        HParam("world_size", geom.world_size, axis=True, display_name="W (world_size)"),
+        HParam("grad_scale", summary["grad_scale"], axis=True, display_name="c (grad_scale)"),
+        HParam("local_batch_size", geom.local_batch_size),
+        HParam("accum_steps", geom.accum_steps),
+        HParam("data", cfg.data.name, str),
+        HParam("model", cfg.model.name, str),
+        HParam("optim", cfg.optim.name.name, str, tuple(m.name for m in type(cfg.optim.name))),
+        HParam("momentum", cfg.optim.momentum),
+        HParam("weight_decay", cfg.optim.weight_decay),
+        HParam("clip_norm", cfg.optim.clip_norm),  # null: no clipping, an empty cell (not 0)
+        HParam("seed", cfg.seed),
+        HParam("status", summary["status"], str, STATUSES),
+    ]

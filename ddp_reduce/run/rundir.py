@@ -13,6 +13,8 @@ import os
 import platform
 import sys
 import tempfile
+import time
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -113,6 +115,35 @@ def versions() -> dict[str, str]:
     return out
 
 
+RUN_NAME_MAX_BYTES = 120  # a folder name may hold 255; TensorBoard's legends want far fewer
+
+
+def sweep_run_name(num: int, overrides: str) -> str:
+    """A sweep point's folder: its job number, then its overrides: ``2_optim.lr=0.1,reduce.op=sum``.
+
+    The number keeps the names unique and in the sweep's order. A ``/`` (from a path in a value)
+    becomes ``_``, so that every point is one folder, not a tree. A name over
+    ``RUN_NAME_MAX_BYTES`` is cut and ends in ``...`` and a digest of the whole list; the point's
+    exact overrides are in its ``.hydra/overrides.yaml``.
+    """
+    import hashlib
+
+    name = f"{num}_{overrides}".replace("/", "_").rstrip("_")
+    raw = name.encode()
+    if len(raw) <= RUN_NAME_MAX_BYTES:
+        return name
+    digest = hashlib.sha256(overrides.encode()).hexdigest()[:8]
+    head = raw[: RUN_NAME_MAX_BYTES - len(digest) - 3].decode(errors="ignore")
+    return f"{head}...{digest}"
+
+
+def register_resolvers() -> None:
+    """``${ddp_reduce.run_name:num,overrides}`` for Hydra's ``hydra.sweep.subdir``."""
+    from omegaconf import OmegaConf
+
+    OmegaConf.register_new_resolver("ddp_reduce.run_name", sweep_run_name, replace=True)
+
+
 # Metrics that TensorBoard's custom-scalars dashboard groups across the runs of a sweep.
 GROUPED = {
     "train/loss": "train_loss",
@@ -166,6 +197,72 @@ def _lines_up_to(path: Path, step: int) -> list[str]:
     return [line for line, record in _records(path) if record["step"] <= step]
 
 
+@dataclass(frozen=True)
+class HParam:
+    """One column of TensorBoard's HParams view, and this run's value in it."""
+
+    name: str
+    value: str | int | float | bool | None  # None: not set (clip_norm: null); the cell stays empty
+    kind: type = float  # the column's type whatever this run's value is: float, str or bool
+    choices: tuple[str, ...] = ()  # every value a str column can take: its filter's checkboxes
+    axis: bool = False  # an axis of the sum-or-mean question: listed first and shown by default
+    display_name: str = ""
+
+
+def hparams_summaries(hparams: list[HParam], metric_tags: list[str]) -> list:
+    """The HParams plugin's three records: experiment, session start and session end.
+
+    The experiment record declares every column, in ``hparams``' order, whatever this run's
+    values are (the same in every run of a sweep: TensorBoard takes one run's record for all).
+    The axes are marked ``differs``: TensorBoard's server orders the columns by that flag, then
+    by name, and its HParams table shows the first five; the others are one checkbox away.
+    """
+    from tensorboard.compat.proto.summary_pb2 import Summary
+    from tensorboard.plugins.hparams import api_pb2, metadata
+    from tensorboard.plugins.hparams.plugin_data_pb2 import (
+        HParamsPluginData,
+        SessionEndInfo,
+        SessionStartInfo,
+    )
+
+    types = {
+        float: api_pb2.DATA_TYPE_FLOAT64,
+        str: api_pb2.DATA_TYPE_STRING,
+        bool: api_pb2.DATA_TYPE_BOOL,
+    }
+    infos = []
+    start = SessionStartInfo()
+    for hp in hparams:
+        info = api_pb2.HParamInfo(
+            name=hp.name, display_name=hp.display_name, type=types[hp.kind], differs=hp.axis
+        )
+        if hp.choices:
+            info.domain_discrete.extend(hp.choices)
+        infos.append(info)
+        if hp.value is None:
+            continue
+        if hp.kind is str:
+            start.hparams[hp.name].string_value = str(hp.value)
+        elif hp.kind is bool:
+            start.hparams[hp.name].bool_value = bool(hp.value)
+        else:
+            start.hparams[hp.name].number_value = float(hp.value)
+    experiment = api_pb2.Experiment(
+        hparam_infos=infos,
+        metric_infos=[api_pb2.MetricInfo(name=api_pb2.MetricName(tag=t)) for t in metric_tags],
+    )
+    end = SessionEndInfo(status=api_pb2.STATUS_SUCCESS, end_time_secs=time.time())
+    records = [
+        (metadata.EXPERIMENT_TAG, HParamsPluginData(experiment=experiment)),
+        (metadata.SESSION_START_INFO_TAG, HParamsPluginData(session_start_info=start)),
+        (metadata.SESSION_END_INFO_TAG, HParamsPluginData(session_end_info=end)),
+    ]
+    return [
+        Summary(value=[Summary.Value(tag=tag, metadata=metadata.create_summary_metadata(data))])
+        for tag, data in records
+    ]
+
+
 class MetricsLogger:
     """Rank 0's metrics: TensorBoard events and a machine-readable copy, one JSON object a line."""
 
@@ -206,21 +303,18 @@ class MetricsLogger:
         self._jsonl.write(json.dumps(json_ready({"step": step, **present})) + "\n")
         self._jsonl.flush()
 
-    def hparams(self, hparams: dict[str, Any], metrics: dict[str, float | None]) -> None:
+    def hparams(self, hparams: list[HParam], metrics: dict[str, float | None], step: int) -> None:
         """The run's hyperparameters against its final metrics, for TensorBoard's HParams view.
 
         Called once, at the end, into this run's own events file (``add_hparams`` would open a
-        second writer, in a sub-run named by the clock unless ``run_name="."``).
+        second writer, in a sub-run named by the clock unless ``run_name="."``). The metrics are
+        logged at ``step``, the run's last; a metric that is not a finite number is left out.
         """
-        from torch.utils.tensorboard.summary import hparams as hparams_summary
-
-        plain = (int, float, str, bool)
-        h = {k: (v if isinstance(v, plain) else str(v)) for k, v in hparams.items()}
-        m = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(v)}
-        for summary in hparams_summary(h, m):
-            self.tb.file_writer.add_summary(summary)
-        for tag, value in m.items():
-            self.tb.add_scalar(tag, value)
+        for tag, value in metrics.items():
+            if value is not None and math.isfinite(value):
+                self.tb.add_scalar(tag, float(value), step)
+        for summary in hparams_summaries(hparams, list(metrics)):
+            self.tb.file_writer.add_summary(summary, step)
         self.tb.flush()
 
     def close(self) -> None:
@@ -234,7 +328,7 @@ class NullLogger:
     def log(self, step: int, scalars: dict[str, float | None]) -> None:
         pass
 
-    def hparams(self, hparams: dict[str, Any], metrics: dict[str, float | None]) -> None:
+    def hparams(self, hparams: list[HParam], metrics: dict[str, float | None], step: int) -> None:
         pass
 
     def close(self) -> None:
