@@ -96,6 +96,7 @@ class KneeFit:
     se_log_lr_max: float | None
     n: int
     at_bound: bool  # B at the end of the scanned range: not constrained by the data
+    rms_log: float = 0.0  # root mean square residual of log lr
 
     def b_range(self) -> tuple[float, float] | None:
         if self.se_log_b is None:
@@ -137,7 +138,9 @@ def fit_knee(points: list[tuple[float, float]]) -> KneeFit | None:
         var = sse / (n_pts - 2)
         se_b = math.sqrt(var * s11 / det)
         se_max = math.sqrt(var * s22 / det)
-    return KneeFit(math.exp(log_max), b, se_b, se_max, n_pts, k in (0, steps))
+    return KneeFit(
+        math.exp(log_max), b, se_b, se_max, n_pts, k in (0, steps), math.sqrt(sse / n_pts)
+    )
 
 
 @dataclass
@@ -281,10 +284,15 @@ def analyze(
     missing = [n for n in batches if n not in complete]
     if not failing and not missing and complete:
         worst_n = max(complete, key=lambda n: per_n[n][1])
+        worst = per_n[worst_n][1]
         verdict = (
             f"**In c = 1 units the {len(modes)} conventions' refined optima agree within "
-            f"{100 * tol:g}% at every N** (largest spread {100 * per_n[worst_n][1]:.2g}%, at "
-            f"N = {worst_n})."
+            f"{100 * tol:g}% at every N** "
+            + (
+                f"(largest spread {100 * worst:.2g}%, at N = {worst_n})."
+                if worst > 0
+                else "(identical at every N)."
+            )
         )
     else:
         parts = [f"N = {n}: spread {100 * s:.2g}%" for n, s in failing]
@@ -375,7 +383,9 @@ def analyze(
         text.append(
             f"Fit of the optima (c = 1 units, geometric mean over the conventions at each of "
             f"{knee.n} batch sizes) to lr_opt(N) = lr_max/(1 + B/N): lr_max = {knee.lr_max:.3g}, "
-            f"B = {knee.b:.3g}{unc}." + (bound if knee.at_bound else "")
+            f"B = {knee.b:.3g}{unc}; the optima scatter about the fit by a factor "
+            f"{math.exp(knee.rms_log):.3g} (root mean square in log lr)."
+            + (bound if knee.at_bound else "")
         )
     if b_simple is not None:
         text.append(
@@ -480,7 +490,7 @@ def _plot_optima(study_dir, modes, order, knee, b_simple, b_range) -> None:
 
 def _plot_curves(study_dir, modes, groups, batches) -> None:
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FormatStrFormatter
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
     colors = {mode: f"C{i}" for i, mode in enumerate(modes)}
     fig, axes = plt.subplots(1, len(batches), figsize=(3.4 * len(batches), 3.4), squeeze=False)
@@ -506,8 +516,9 @@ def _plot_curves(study_dir, modes, groups, batches) -> None:
             if g.optimum:
                 ax.axvline(g.search.best, color=colors[mode], alpha=0.4)
         ax.set(xscale="log", yscale="log", title=f"N = {n}", xlabel="lr x c")
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
         ax.yaxis.set_major_formatter(FormatStrFormatter("%.3g"))
-        ax.yaxis.set_minor_formatter(FormatStrFormatter("%.3g"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
     axes[0][0].set_ylabel("final train loss")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()

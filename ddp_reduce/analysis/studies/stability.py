@@ -191,7 +191,7 @@ def analyze(
             f"of the prediction in all {len(done)} rows with a bracket** (largest deviation: "
             f"{worst['mode']}, {_variant_name(worst['momentum'], worst['nesterov'])}); the "
             f"prediction lies inside the final bracket in {inside} of {len(done)} rows, whose "
-            f"width is a factor {16 ** (1 / 2 ** spec['bisection_steps']):.3g}."
+            f"width is a factor {16 ** (1 / 2 ** spec['bisection_steps']):.4g}."
         )
     if failed:
         summary.append(
