@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib
+import inspect
 import json
 import math
 import sys
@@ -178,7 +179,10 @@ def write_report(path: Path) -> Path:
         if len(failed) == len(runs):
             parts.append(f"**Every run failed ({len(runs)}): there is nothing to analyse.**")
         else:
-            parts.append(module.analyze(path, spec["spec"], runs, common=spec.get("common", [])))
+            extra = {}  # the overrides for every run, to an analysis that takes them
+            if "common" in inspect.signature(module.analyze).parameters:
+                extra["common"] = spec.get("common", [])
+            parts.append(module.analyze(path, spec["spec"], runs, **extra))
     else:
         parts.append(f"# Runs in {path}")
         swept = list(runs[0]["labels"])
