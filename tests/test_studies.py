@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import csv
-import math
+import re
 
 import pytest
 
 from ddp_reduce.analysis.report import read_records, write_report
-from ddp_reduce.analysis.studies import relative_weight_difference
+from ddp_reduce.analysis.studies import blew_up, relative_weight_difference
 from ddp_reduce.analysis.study import load_spec, run_study
+from ddp_reduce.analysis.study import studies as all_studies
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +32,16 @@ def _csv(out):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.parametrize("name", all_studies())
+def test_every_study_writes_a_figure_its_report_links(studies, name):
+    out, report = studies(name)
+    figures = sorted(p.name for p in out.glob("*.png"))
+    assert figures, f"{name} wrote no figure"
+    for fig in figures:
+        assert (out / fig).stat().st_size > 10_000
+        assert f"]({fig})" in report, f"{fig} is not linked from the report"
+
+
 def test_equivalence_every_prediction_holds(studies):
     out, report = studies("equivalence")
     spec = load_spec("equivalence", quick=True)
@@ -39,22 +50,52 @@ def test_equivalence_every_prediction_holds(studies):
     assert len(_csv(out)) == len(read_records(out))
 
 
+def _stability_rows(out):
+    from ddp_reduce.analysis.studies.stability import thresholds
+
+    return thresholds(read_records(out))
+
+
 def test_stability_thresholds_match_theory(studies):
     out, report = studies("stability")
-    records = read_records(out)
-    groups = {}
-    for r in records:
-        groups.setdefault((r["labels"]["mode"], r["labels"]["momentum"]), []).append(r)
-    assert len(groups) == 6
-    for (mode, mu), group in groups.items():
-        from ddp_reduce.analysis.studies import blew_up
-
-        stable = [r["labels"]["lr"] for r in group if not blew_up(r["summary"])]
-        unstable = [r["labels"]["lr"] for r in group if blew_up(r["summary"])]
-        predicted = group[0]["labels"]["predicted"]
-        measured = math.sqrt(max(stable) * min(unstable))
-        assert 0.9 < measured / predicted < 1.1, (mode, mu, measured, predicted)
+    rows = _stability_rows(out)
+    spec = load_spec("stability", quick=True)
+    assert len(rows) == len(spec.modes) * (len(spec.momentum) + len(spec.nesterov))
+    for t in rows:
+        assert t["measured"] is not None, t
+        assert 0.9 < t["measured"] / t["predicted"] < 1.1, (t["mode"], t["momentum"], t)
     assert "bracket / predicted" in report
+
+
+def test_stability_nesterov_threshold_is_its_own(studies):
+    out, report = studies("stability")
+    rows = _stability_rows(out)
+    nesterov = [t for t in rows if t["nesterov"]]
+    assert nesterov and "Nesterov" in report
+    for t in nesterov:
+        mu, c, lam = t["momentum"], t["c"], t["lambda_max"]
+        theory = 2 * (1 + mu) / (c * lam * (1 + 2 * mu))
+        assert t["predicted"] == pytest.approx(theory)
+        assert 0.9 < t["measured"] / theory < 1.1
+        # and not the heavy-ball bound, 1 + 2 mu = 2.8 times larger
+        heavy = 2 * (1 + mu) / (c * lam)
+        assert t["smallest_unstable"] < heavy / 2
+
+
+def test_stability_shows_its_own_blow_up_criterion(studies):
+    out, report = studies("stability")
+    records = read_records(out)
+    # runs that completed with a loss above their initial loss: blown up, said so in the table
+    completed_up = [
+        r for r in records if r["summary"]["status"] == "completed" and blew_up(r["summary"])
+    ]
+    assert completed_up, "expected runs that completed above their initial loss"
+    header = next(line for line in report.splitlines() if line.startswith("| run | status |"))
+    assert "blew up" in header
+    col = header.split("|").index(" blew up (NaN/inf, failed, or final > initial loss) ")
+    for r in completed_up:
+        line = next(row for row in report.splitlines() if row.startswith(f"| {r['name']} |"))
+        assert line.split("|")[col].strip() == "yes"
 
 
 def test_ragged_global_mean_is_exact_and_mean_of_means_is_biased(studies):
@@ -65,25 +106,88 @@ def test_ragged_global_mean_is_exact_and_mean_of_means_is_biased(studies):
     # loss=mean over the step's tokens (not each micro-batch's own): accumulation is exact
     assert relative_weight_difference(runs / "accumulation", runs / "reference") < 1e-5
     assert "mean \\|g - G\\|/\\|G\\|" in report  # a '|' in a table cell is escaped
-    assert "accumulation bug" in report
 
 
-def test_lr_batch_optimum_is_the_same_step_in_c1_units(studies):
+def test_ragged_micro_mean_trains_a_different_model(studies):
+    out, report = studies("ragged")
+    runs = out / "runs"
+    exact = relative_weight_difference(runs / "global_mean", runs / "reference")
+    buggy = relative_weight_difference(runs / "micro_mean", runs / "reference")
+    assert buggy > 1e-3 and buggy > 100 * exact
+    loss = {r["name"]: r["summary"]["final_train_loss"] for r in read_records(out)}
+    assert abs(loss["micro_mean"] - loss["reference"]) > abs(
+        loss["global_mean"] - loss["reference"]
+    )
+    assert "| micro_mean | 1 | 2 | micro_mean/mean | no |" in report
+    assert re.search(r"differ from it: [^\n]*`micro_mean`", report)
+
+
+def _lr_batch_groups(out):
+    from ddp_reduce.analysis.studies.lr_batch import _groups
+
+    spec = load_spec("lr_batch", quick=True)
+    return spec, _groups(spec, read_records(out))
+
+
+def test_lr_batch_refined_optima_agree_in_c1_units(studies):
     out, report = studies("lr_batch")
-    rows = [r for r in _csv(out)]
-    assert (out / "lr_vs_batch.png").stat().st_size > 10_000
+    spec, groups = _lr_batch_groups(out)
+    assert len(groups) == len(spec.modes) * len(spec.global_batch)
+    grid_step = 10 ** (1 / spec.lr.per_decade)
+    for g in groups.values():
+        assert g.search is not None and g.optimum is not None, (g.mode, g.n)
+        lo, hi = g.search.bracket
+        assert lo <= g.search.best <= hi
+        # refined well below the grid's spacing (a bracket of two grid steps to start with)
+        assert hi / lo < grid_step / 2, (g.mode, g.n, lo, hi)
+        for r in g.runs.values():  # every run took lr x c / c, and its c is the run's own
+            assert r["labels"]["c"] == r["summary"]["grad_scale"]
+            assert r["labels"]["lr"] * r["summary"]["grad_scale"] == pytest.approx(
+                r["labels"]["lr_c1"], rel=1e-12
+            )
+    spreads = {}
+    for n in spec.global_batch:
+        opts = [groups[(m, n)].search.best for m in spec.modes]
+        spreads[n] = max(opts) / min(opts) - 1
+    tol = spec.agree_within
+    if all(s <= tol for s in spreads.values()):
+        assert f"agree within {100 * tol:g}% at every N" in report
+    else:
+        assert "do not agree" in report
+    # the theory: the same steps in other units, so the same optimum
+    assert all(s <= tol for s in spreads.values()), spreads
+
+
+def test_lr_batch_reports_the_knee_next_to_b_simple(studies):
+    out, report = studies("lr_batch")
+    assert "lr_opt(N) = lr_max/(1 + B/N)" in report
+    assert "standard error from the fit's curvature" in report
+    assert "Measured B_simple at the optimum runs" in report
+    assert "Fitted B / median B_simple" in report
     # at N=1 every convention has c = 1: identical runs
     n1 = {}
-    for r in rows:
+    for r in _csv(out):
         if r["global_batch"] == "1":
             n1.setdefault(r["lr"], set()).add(r["final_train_loss"])
     assert n1 and all(len(v) == 1 for v in n1.values())
-    assert "optimum lr x c" in report and "lr_opt(N) = lr_max/(1 + B/N)" in report
 
 
-def test_noise_scale_report_has_the_fit_inputs(studies):
+def test_noise_scale_best_lr_is_inside_the_lrs_tried_or_flagged(studies):
+    from ddp_reduce.analysis.studies.noise_scale import searches
+
     out, report = studies("noise_scale")
-    assert (out / "noise_scale.png").exists()
+    spec = load_spec("noise_scale", quick=True)
+    found = searches(spec, read_records(out))
+    assert sorted(found) == sorted(spec.global_batch)
+    for n, search in found.items():
+        tried = sorted(search.scores)
+        grid_edge = search.best in (min(spec.lr), max(spec.lr))
+        if search.edge:
+            assert re.search(rf"\| {n} \|[^\n]*on the {search.edge} edge", report)
+        else:
+            assert tried[0] < search.best < tried[-1]
+        if grid_edge:  # an edge of the grid given: extended, or flagged
+            assert search.extended or search.edge
     assert "steps to target" in report
     assert "B_simple over the second half of the trace run" in report
 
@@ -95,15 +199,27 @@ def test_report_regenerates_from_the_directory(studies):
     assert path.read_text() == first
 
 
-def test_analysis_fits_recover_known_curves():
-    from ddp_reduce.analysis.studies.lr_batch import fit_knee, interpolated_optimum
-    from ddp_reduce.analysis.studies.noise_scale import fit_critical_batch
+def test_all_failed_study_exits_non_zero_naming_the_failures(tmp_path, capsys):
+    from ddp_reduce.analysis.study import main
 
-    # a parabola in log-log sampled on a decade grid: the vertex is found between grid points
-    pts = [(lr, math.exp((math.log(lr) - math.log(0.3)) ** 2)) for lr in (0.01, 0.1, 1.0, 10.0)]
-    assert interpolated_optimum(pts) == pytest.approx(0.3, rel=1e-9)
-    assert interpolated_optimum([(0.1, 1.0), (1.0, 2.0)]) == 0.1  # at the edge: the grid point
-    lr_max, b = fit_knee([(n, 0.8 / (1 + 50 / n)) for n in (1, 4, 16, 64, 256, 1024)])
-    assert lr_max == pytest.approx(0.8, rel=0.01) and b == pytest.approx(50, rel=0.05)
-    s_min, b_crit = fit_critical_batch([(n, 20 * (1 + 100 / n)) for n in (8, 32, 128, 512)])
-    assert s_min == pytest.approx(20) and b_crit == pytest.approx(100)
+    # an override after --quick, applied to every run: each of them is refused by the schema
+    rc = main(["ragged", "--quick", "--out", str(tmp_path / "s"), "data.vocab_size=1"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "3 of 3 runs failed" in err and "the first 3 runs all failed" in err
+    assert "reference: data.vocab_size=1 is not allowed" in err
+    report = (tmp_path / "s" / "report.md").read_text()
+    assert "Every run failed" in report and "## Failed runs" in report
+
+
+def test_a_conflicting_override_is_refused_before_any_run(tmp_path, capsys):
+    from ddp_reduce.analysis.study import main
+
+    rc = main(["lr_batch", "--quick", "optim.lr=0.5", "--out", str(tmp_path / "s")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "optim.lr=0.5 is not allowed" in err and "sets optim.lr in its own runs" in err
+    assert not (tmp_path / "s").exists()
+    # a key only the study's YAML sets (here a config group) is refused the same way
+    assert main(["ragged", "--quick", "model=mlp", "--out", str(tmp_path / "t")]) == 2
+    assert "the study ragged sets model" in capsys.readouterr().err

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import subprocess
@@ -445,6 +446,27 @@ def report(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+LOADED_PER_CORE = 0.5  # 1-minute load average per core above which timings are suspect
+
+
+def load_warning(cores: int | None = None, load: float | None = None) -> str | None:
+    """A sentence when the machine is busy before a measurement (os.getloadavg() per core),
+    else None; None too where the load average is not available."""
+    if load is None:
+        try:
+            load = os.getloadavg()[0]
+        except (AttributeError, OSError):
+            return None
+    cores = cores or available_cores()
+    if load / cores <= LOADED_PER_CORE:
+        return None
+    return (
+        f"the machine is loaded (1-minute load average {load:.2f} on {cores} cores, "
+        f"{load / cores:.2f} per core > {LOADED_PER_CORE}): other processes compete for the "
+        "cores and the timings below may be slower and noisier than this code is"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ddp_reduce.bench", description=__doc__)
     parser.add_argument("what", choices=["reduce", "scaling", "sweep", "memory", "data", "all"])
@@ -461,11 +483,27 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda":
         what = [w for w in what if w == "reduce"]  # the others are CPU figures
     results: dict[str, Any] = {}
-    for w in what:
+    # before measuring only: later, the load average holds this benchmark's own ranks
+    warning = load_warning()
+    if warning:
+        print(f"bench: warning: {warning}", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    for i, w in enumerate(what, 1):
+        print(f"bench: [{i}/{len(what)}] {w} ...", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
         if w == "reduce":
             results[w] = bench_reduce(args.device, args.quick, args.model)
         else:
             results[w] = globals()[f"bench_{w}"](args.quick)
+        now = time.perf_counter()
+        left = len(what) - i
+        eta = f", about {(now - start) / i * left:.0f} s left" if left else ""
+        print(
+            f"bench: [{i}/{len(what)}] {w} done in {now - t0:.0f} s ({now - start:.0f} s in all"
+            f"{eta})",
+            file=sys.stderr,
+            flush=True,
+        )
         print(report({w: results[w]}), flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib
+import inspect
 import json
 import math
 import sys
@@ -57,7 +58,11 @@ def read_records(study_dir: Path) -> list[dict[str, Any]]:
 
 
 def _runs_of(path: Path) -> list[dict[str, Any]]:
-    """Each run under ``path``: name, directory, config overrides (if known), summary."""
+    """Each run under ``path``: name, directory, config overrides (if known), summary.
+
+    The runs of a Hydra sweep are named by the overrides that differ between them (what was
+    swept), with those keys and values in ``labels``.
+    """
     records = read_records(path)
     if records:
         return [{**r, "dir": path / "runs" / r["name"]} for r in records]
@@ -65,7 +70,7 @@ def _runs_of(path: Path) -> list[dict[str, Any]]:
         candidates = [path]
     else:
         candidates = sorted((p.parent for p in path.glob("*/" + SUMMARY)), key=_sweep_order)
-    return [
+    runs = [
         {
             "name": p.name,
             "dir": p,
@@ -75,6 +80,31 @@ def _runs_of(path: Path) -> list[dict[str, Any]]:
         }
         for p in candidates
     ]
+    swept = swept_keys([r["overrides"] for r in runs])
+    for r in runs:
+        values = _override_values(r["overrides"])
+        r["labels"] = {k: values.get(k) for k in swept}
+        if swept:
+            r["name"] = " ".join(f"{k}={values[k]}" for k in swept if k in values) or r["name"]
+    return runs
+
+
+def _override_values(overrides: list[str]) -> dict[str, str]:
+    out = {}
+    for o in overrides:
+        key, sep, value = o.partition("=")
+        if sep:
+            out[key.lstrip("+~")] = value
+    return out
+
+
+def swept_keys(overrides: list[list[str]]) -> list[str]:
+    """The keys whose value is not the same in every run (in the order first seen)."""
+    if len(overrides) < 2:
+        return []
+    values = [_override_values(o) for o in overrides]
+    keys = list(dict.fromkeys(k for v in values for k in v))
+    return [k for k in keys if len({v.get(k) for v in values}) > 1]
 
 
 def _sweep_order(run_dir: Path) -> tuple:
@@ -128,6 +158,9 @@ def _loss_curves(path: Path, runs: list[dict[str, Any]], limit: int = 12) -> str
     return name
 
 
+MAX_TABLE_ROWS = 200
+
+
 def write_report(path: Path) -> Path:
     """Write report.md (with runs.csv and plots) into ``path`` and return its path."""
     path = Path(path)
@@ -137,13 +170,57 @@ def write_report(path: Path) -> Path:
     _write_csv(path, runs)
     parts = []
     spec_path = path / SPEC
+    module = None
+    failed = [r for r in runs if r["summary"].get("status") == "failed"]
     if spec_path.exists():
         spec = json.loads(spec_path.read_text())
         title = f"# Study: {spec['study']}" + (" (quick variant)" if spec["quick"] else "")
         module = importlib.import_module(f"ddp_reduce.analysis.studies.{spec['study']}")
-        parts += [title, "", module.analyze(path, spec["spec"], runs)]
+        parts += [title, ""]
+        if spec.get("common"):
+            parts += [f"Overrides for every run: `{' '.join(spec['common'])}`.", ""]
+        if len(failed) == len(runs):
+            parts.append(f"**Every run failed ({len(runs)}): there is nothing to analyse.**")
+        else:
+            extra = {}  # the overrides for every run, to an analysis that takes them
+            if "common" in inspect.signature(module.analyze).parameters:
+                extra["common"] = spec.get("common", [])
+            parts.append(module.analyze(path, spec["spec"], runs, **extra))
     else:
         parts.append(f"# Runs in {path}")
+        swept = list(runs[0]["labels"])
+        if swept:
+            fixed = _override_values(runs[0]["overrides"])
+            same = [k for k in fixed if k not in swept]
+            parts += [
+                "",
+                "Swept (each run's `.hydra/overrides.yaml`): "
+                + ", ".join(f"`{k}`" for k in swept)
+                + (
+                    "; the same in every run: " + " ".join(f"`{k}={fixed[k]}`" for k in same)
+                    if same
+                    else ""
+                )
+                + ".",
+            ]
+    if failed:
+        parts += [
+            "",
+            "## Failed runs",
+            "",
+            f"{len(failed)} of {len(runs)} runs failed; each error's first line:",
+            "",
+            table(
+                ["run", "error"],
+                [
+                    [
+                        r["name"],
+                        (str(r["summary"].get("error") or "?").strip().splitlines() or ["?"])[0],
+                    ]
+                    for r in failed
+                ],
+            ),
+        ]
     counts: dict[str, int] = {}
     for r in runs:
         counts[r["summary"].get("status", "?")] = counts.get(r["summary"].get("status", "?"), 0) + 1
@@ -157,14 +234,18 @@ def write_report(path: Path) -> Path:
         f"`tensorboard --logdir {path} --host 127.0.0.1`.",
         "",
     ]
+    extra = dict(getattr(module, "RUN_COLUMNS", {})) if module else {}
+    swept = [] if module else list(runs[0]["labels"]) if runs else []
     rows = []
     for r in runs:
         s = r["summary"]
         rows.append(
             [
                 r["name"],
+                *(r["labels"].get(k) for k in swept),
                 s.get("status"),
-                f"{s.get('reduce_loss')}/{s.get('reduce_op')}",
+                *(fn(s) for fn in extra.values()),
+                f"{s['reduce_loss']}/{s.get('reduce_op')}" if s.get("reduce_loss") else None,
                 s.get("world_size"),
                 s.get("global_batch_size"),
                 s.get("grad_scale"),
@@ -172,13 +253,22 @@ def write_report(path: Path) -> Path:
                 s.get("final_eval_accuracy"),
             ]
         )
-    if len(rows) <= 60:
-        parts.append(
-            table(
-                ["run", "status", "loss/op", "W", "N", "c", "final train loss", "eval accuracy"],
-                rows,
-            )
-        )
+    header = [
+        "run",
+        *swept,
+        "status",
+        *extra,
+        "loss/op",
+        "W",
+        "N",
+        "c",
+        "final train loss",
+        "eval accuracy",
+    ]
+    if len(rows) <= MAX_TABLE_ROWS:
+        parts.append(table(header, rows))
+    else:
+        parts.append(f"({len(rows)} runs: the table is in [{CSV}]({CSV}).)")
     curves = _loss_curves(path, runs) if not spec_path.exists() else None
     if curves:
         parts += ["", f"![training loss]({curves})"]

@@ -1,12 +1,20 @@
-"""The studies: each module runs its sweep (``run``) and analyses it (``analyze``)."""
+"""The studies: each module runs its sweep (``run``) and analyses it (``analyze``).
+
+Shared here: reading a run's weights, the blow-up criterion, and a one-dimensional search over a
+log-spaced parameter (a learning rate) that the studies run and their reports replay.
+"""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+GOLDEN = (3 - math.sqrt(5)) / 2  # 0.382: where golden-section search puts its next probe
 
 
 def weights(run_dir: Path) -> torch.Tensor | None:
@@ -26,7 +34,7 @@ def relative_weight_difference(a: Path, b: Path) -> float | None:
 
 
 def finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def blew_up(summary: dict[str, Any]) -> bool:
@@ -39,6 +47,106 @@ def blew_up(summary: dict[str, Any]) -> bool:
     return finite(initial) and final > initial
 
 
+BLOW_UP_COLUMN = "blew up (NaN/inf, failed, or final > initial loss)"
+
+
 def overrides_for(mode: str) -> list[str]:
     loss, op = mode.split("/")
     return [f"reduce.loss={loss}", f"reduce.op={op}"]
+
+
+@dataclass
+class LogSearch:
+    """The outcome of :func:`minimize_log`.
+
+    ``scores`` holds every probe (x -> score, in the order probed); ``best`` the probe of lowest
+    score; ``bracket`` the final interval around it, None on a side where ``best`` is the last
+    point tried (``edge`` then says "low" or "high"); ``extended`` the points added beyond the grid.
+    """
+
+    scores: dict[float, Any] = field(default_factory=dict)
+    best: float | None = None
+    bracket: tuple[float | None, float | None] = (None, None)
+    edge: str | None = None
+    extended: int = 0
+    rounds: int = 0
+
+
+def minimize_log(
+    score: Callable[[float], Any],
+    grid: list[float],
+    extend: int = 0,
+    rounds: int = 0,
+) -> LogSearch:
+    """Minimize ``score`` over x > 0 on a log scale: the grid first; while its best point is on
+    an edge of the points tried, one more point beyond that edge at the grid's spacing (at most
+    ``extend`` times); then ``rounds`` steps of golden-section search inside the best point's
+    two neighbours, each step one new probe.
+
+    Scores need only compare (floats, or tuples); use ``math.inf`` for a probe that blew up, so
+    that it counts as worse than any finite one. Ties go to the smaller x. The search is
+    deterministic given the scores, so a report replays it from the recorded probes.
+    """
+    if not grid:
+        raise ValueError("an empty grid")
+    out = LogSearch()
+
+    def probe(x: float) -> Any:
+        if x not in out.scores:
+            out.scores[x] = score(x)
+        return out.scores[x]
+
+    xs = sorted(grid)
+    for x in xs:
+        probe(x)
+    spacing = (xs[-1] / xs[0]) ** (1 / (len(xs) - 1)) if len(xs) > 1 else 10.0
+    while True:
+        pts = sorted(out.scores)
+        i = min(range(len(pts)), key=lambda k: out.scores[pts[k]])  # first of equal scores
+        if 0 < i < len(pts) - 1:
+            break
+        if out.extended >= extend:
+            out.best = pts[i]
+            out.edge = "low" if i == 0 else "high"
+            lower = pts[i - 1] if i > 0 else None
+            upper = pts[i + 1] if i < len(pts) - 1 else None
+            out.bracket = (lower, upper)
+            return out
+        probe(pts[0] / spacing if i == 0 else pts[-1] * spacing)
+        out.extended += 1
+    la, lm, lb = (math.log(x) for x in pts[i - 1 : i + 2])
+    fm = out.scores[pts[i]]
+    best_x = pts[i]
+    for _ in range(rounds):
+        right = lb - lm > lm - la  # probe the larger side
+        lx = lm + GOLDEN * (lb - lm) if right else lm - GOLDEN * (lm - la)
+        x = math.exp(lx)
+        fx = probe(x)
+        out.rounds += 1
+        if fx < fm:
+            la, lb = (lm, lb) if right else (la, lm)
+            lm, fm, best_x = lx, fx, x
+        elif right:
+            lb = lx
+        else:
+            la = lx
+    out.best = best_x
+    out.bracket = (math.exp(la), math.exp(lb))
+    return out
+
+
+def grad_scale_of(overrides: list[str]) -> float:
+    """c of the run these overrides compose (equal counts: the nominal factor of its summary)."""
+    from ddp_reduce.config import load_config
+    from ddp_reduce.reduction import nominal_scale
+    from ddp_reduce.run.compose import compose_config
+
+    cfg = load_config(compose_config(list(overrides))[0])
+    world = cfg.dist.nproc
+    accum = cfg.train.accum_steps
+    local = (
+        cfg.data.global_batch_size // (world * accum)
+        if cfg.data.global_batch_size
+        else cfg.data.batch_size
+    )
+    return nominal_scale(cfg.reduce.loss, cfg.reduce.op, world, local, accum)

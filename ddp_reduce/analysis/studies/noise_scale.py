@@ -5,21 +5,46 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ddp_reduce.analysis.studies import finite
+from ddp_reduce.analysis.studies import LogSearch, finite, minimize_log
 from ddp_reduce.analysis.tables import table
 from ddp_reduce.run.rundir import read_metrics
+
+SETS = (
+    "data.batch_size",
+    "optim.lr",
+    "train.steps",
+    "train.target_loss",
+    "train.eval_every",
+)
+
+
+def planned_runs(spec) -> int:
+    return 1 + len(spec["global_batch"]) * len(spec["lr"])
+
+
+def score(summary: dict[str, Any]) -> tuple:
+    """Reached the target (fewer steps, then lower loss, first), then not reached (lower final
+    loss first), then blew up or failed."""
+    loss = summary.get("final_train_loss")
+    if summary.get("status") != "completed" or not finite(loss):
+        return (2, 0, 0.0)
+    steps = summary.get("steps_to_target")
+    if steps is None:
+        return (1, 0, loss)
+    return (0, steps, loss)
 
 
 def run(spec, runner) -> None:
     runner.run("trace", [*spec.common, *spec.trace], role="trace")
     for n in spec.global_batch:
-        for lr in spec.lr:
-            runner.run(
-                f"N{n}_lr{lr:g}",
+
+        def probe(lr: float, n=n) -> tuple:
+            summary = runner.run(
+                f"N{n}_lr{lr:.3g}",
                 [
                     *spec.common,
                     f"data.batch_size={n // 2}",
-                    f"optim.lr={lr}",
+                    f"optim.lr={lr!r}",
                     f"train.steps={spec.max_steps}",
                     f"train.target_loss={spec.target_loss}",
                     f"train.eval_every={spec.eval_every}",
@@ -28,6 +53,26 @@ def run(spec, runner) -> None:
                 global_batch=n,
                 lr=lr,
             )
+            return score(summary)
+
+        minimize_log(probe, list(spec.lr), extend=spec.extend)
+
+
+def searches(spec: dict[str, Any], runs: list[dict[str, Any]]) -> dict[int, LogSearch | None]:
+    """Each N's search, replayed from the recorded runs (None where a probe is missing)."""
+    by: dict[int, dict[float, dict]] = {}
+    for r in runs:
+        if r["labels"]["role"] == "target":
+            by.setdefault(r["labels"]["global_batch"], {})[r["labels"]["lr"]] = r["summary"]
+    out = {}
+    for n, probes in by.items():
+        try:
+            out[n] = minimize_log(
+                lambda lr, probes=probes: score(probes[lr]), list(spec["lr"]), extend=spec["extend"]
+            )
+        except KeyError:
+            out[n] = None
+    return out
 
 
 def fit_critical_batch(points: list[tuple[float, float]]) -> tuple[float, float] | None:
@@ -47,7 +92,9 @@ def fit_critical_batch(points: list[tuple[float, float]]) -> tuple[float, float]
     return s_min, slope / s_min
 
 
-def analyze(study_dir: Path, spec: dict[str, Any], runs: list[dict[str, Any]]) -> str:
+def analyze(
+    study_dir: Path, spec: dict[str, Any], runs: list[dict[str, Any]], common: list[str] = ()
+) -> str:
     import matplotlib.pyplot as plt
 
     trace = next((r for r in runs if r["labels"]["role"] == "trace"), None)
@@ -58,23 +105,47 @@ def analyze(study_dir: Path, spec: dict[str, Any], runs: list[dict[str, Any]]) -
             for m in read_metrics(trace["dir"])
             if finite(m.get("noise/b_simple"))
         ]
+    found = searches(spec, runs)
+    by_lr = {
+        (r["labels"]["global_batch"], r["labels"]["lr"]): r["summary"]
+        for r in runs
+        if r["labels"]["role"] == "target"
+    }
     best: dict[int, dict[str, Any]] = {}
-    for r in runs:
-        if r["labels"]["role"] != "target":
+    rows, edges = [], []
+    for n in sorted(found):
+        search = found[n]
+        if search is None:
+            rows.append([n, None, None, None, None, None, "probes missing"])
             continue
-        s, n = r["summary"], r["labels"]["global_batch"]
+        s = by_lr[(n, search.best)]
+        tried = sorted(search.scores)
+        note = ""
+        if search.edge:
+            edges.append(n)
+            note = f"**on the {search.edge} edge** of the lrs tried"
+        elif search.extended:
+            note = f"grid extended by {search.extended}"
         steps = s.get("steps_to_target")
-        if steps is not None and (n not in best or steps < best[n]["steps"]):
+        if steps is not None:
             best[n] = {
                 "steps": steps,
-                "lr": r["labels"]["lr"],
+                "lr": search.best,
                 "b_simple": (s.get("noise_scale") or {}).get("b_simple"),
             }
+        rows.append(
+            [
+                n,
+                search.best if steps is not None else None,
+                ", ".join(f"{lr:.3g}" for lr in tried),
+                steps,
+                n * steps if steps is not None else None,
+                (s.get("noise_scale") or {}).get("b_simple"),
+                note,
+            ]
+        )
     points = sorted((n, b["steps"]) for n, b in best.items())
     fit = fit_critical_batch(points)
-    rows = [
-        [n, b["lr"], b["steps"], n * b["steps"], b["b_simple"]] for n, b in sorted(best.items())
-    ]
     missing = sorted(set(spec["global_batch"]) - set(best))
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -87,7 +158,17 @@ def analyze(study_dir: Path, spec: dict[str, Any], runs: list[dict[str, Any]]) -
         )
         axes[0].legend(fontsize=8)
     if points:
-        axes[1].plot(*zip(*points, strict=True), "o", label="steps to target (best lr)")
+        inner = [(n, v) for n, v in points if n not in edges]
+        outer = [(n, v) for n, v in points if n in edges]
+        if inner:
+            axes[1].plot(*zip(*inner, strict=True), "o", label="steps to target (best lr)")
+        if outer:
+            axes[1].plot(
+                *zip(*outer, strict=True),
+                "o",
+                mfc="none",
+                label="best lr on an edge of those tried (an upper bound)",
+            )
         if fit:
             ns = [n for n, _ in points]
             axes[1].plot(
@@ -122,13 +203,30 @@ def analyze(study_dir: Path, spec: dict[str, Any], runs: list[dict[str, Any]]) -
     lines = [
         f"Target: loss {spec['target_loss']} on the whole training set (checked every "
         f"{spec['eval_every']} steps, at most {spec['max_steps']} steps); for each global batch "
-        f"the best of lr in {list(spec['lr'])}. Perfect scaling is S ~ 1/N (examples N*S "
-        "constant), saturation is S ~ S_min.",
+        f"the best of lr in {list(spec['lr'])} (fewest steps to the target; among runs that "
+        "miss it, the lowest final loss), the grid extended by one point at its spacing while "
+        f"the best lr is on an edge of those tried (at most {spec['extend']} times). Perfect "
+        "scaling is S ~ 1/N (examples N*S constant), saturation is S ~ S_min.",
         "",
         table(
-            ["N", "best lr", "steps to target", "examples (N x steps)", "B_simple at the end"], rows
+            [
+                "N",
+                "best lr",
+                "lrs tried",
+                "steps to target",
+                "examples (N x steps)",
+                "B_simple at the end",
+                "note",
+            ],
+            rows,
         ),
     ]
+    if edges:
+        lines += [
+            "",
+            f"**The best lr is on an edge of the lrs tried at N = {edges}**: the optimum may lie "
+            "beyond it, and those steps to target are an upper bound.",
+        ]
     if missing:
         lines += ["", f"Not reached within the step budget: N = {missing}."]
     lines.append("")
