@@ -84,6 +84,7 @@ def main() -> None:
 
     if rank == 0 and a.out:
         torch.save(model.module.state_dict(), a.out)
+    dist.barrier()  # nobody tears the group down while a peer still talks to it
     dist.destroy_process_group()
 
 
