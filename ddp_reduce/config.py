@@ -84,6 +84,14 @@ class Device(Enum):
     cuda = "cuda"
 
 
+class Precision(Enum):
+    """What the model computes in: fp32, or autocast to bf16 / fp16 (fp16 with a loss scaler)."""
+
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
 class Strategy(Enum):
     ddp = "ddp"  # every rank holds the whole model: DistributedDataParallel
     fsdp = "fsdp"  # parameters, gradients and optimizer state sharded: FSDP2 (fully_shard)
@@ -274,10 +282,14 @@ class ReduceConfig:
     # Where the division by the op's divisor happens: before the all-reduce (full), split
     # (sqrt), after (none), or a number: divide by it before and by divisor/it after.
     predivide: str = "full"
+    # A logged step whose low-precision reduction is off the float64 one by more than this
+    # (relative) is counted as lossy (reduce/lossy_logged_steps).
+    lossy_threshold: float = 0.01
 
     def __post_init__(self) -> None:
         why = check_combination(self.loss, self.op, self.impl)
         require(why is None, "reduce.op", self.op, why or "")
+        _positive("reduce.lossy_threshold", self.lossy_threshold)
         try:
             parse_predivide(self.predivide)
         except ValueError as exc:
@@ -313,9 +325,14 @@ class TrainConfig:
     # A run whose all-reduced training loss exceeds this multiple of its initial loss (on a
     # logged step, or at the end) has blown up: it ends as diverged. Null: only NaN/inf count.
     blowup_factor: float | None = 1000.0
+    precision: Precision = Precision.fp32  # autocast of the forward and the loss
+    # fp16: the loss scaler's first factor (PyTorch's default). A summed loss's gradients are c
+    # times a mean's: overflowing steps are skipped while the scaler halves it, or start lower.
+    loss_scale_init: float = 65536.0
 
     def __post_init__(self) -> None:
         _positive("train.steps", self.steps)
+        _positive("train.loss_scale_init", self.loss_scale_init)
         if self.blowup_factor is not None:
             require(
                 self.blowup_factor > 1 and math.isfinite(self.blowup_factor),

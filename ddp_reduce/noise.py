@@ -109,6 +109,46 @@ class NoiseTruth:
         return self.trace_sigma / self.grad_sq
 
 
+def _per_item(model: nn.Module, task: Task):
+    """A function of (params, x, y) giving every item's gradient (torch.func: vmap of grad),
+    its parameters and buffers; per-sample tasks only."""
+    if task is Task.lm:
+        raise ValueError("per-item gradients work on per-sample tasks (digits, linear)")
+    from torch.func import functional_call, grad, vmap
+
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    buffers = {k: v.detach() for k, v in model.named_buffers()}
+
+    def item_loss(p, x, y):
+        batch = Batch(x[None], y[None], None)
+        out = functional_call(model, (p, buffers), (batch.x,))
+        return loss_sums(task, out, batch)[0]
+
+    return vmap(grad(item_loss), in_dims=(None, 0, 0)), params
+
+
+def _chunks(model: nn.Module, task: Task, split: Split, chunk: int):
+    """Per-item gradients of a split, chunk by chunk, flattened, in float64 (eval mode: per-sample
+    gradients need per-sample forwards, so batch norm uses its running statistics)."""
+    per_item, params = _per_item(model, task)
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(split), chunk):
+            x, y = split.x[start : start + chunk], split.y[start : start + chunk]
+            g = per_item(params, x, y)
+            yield torch.cat([v.reshape(v.shape[0], -1) for v in g.values()], dim=1).double()
+    finally:
+        model.train(was_training)
+
+
+def per_item_gradients(
+    model: nn.Module, task: Task, split: Split, chunk: int = 256
+) -> torch.Tensor:
+    """Every item's gradient at the current weights: an items x parameters float64 matrix."""
+    return torch.cat(list(_chunks(model, task, split, chunk)))
+
+
 def exact_noise(model: nn.Module, task: Task, split: Split, chunk: int = 256) -> NoiseTruth:
     """|G|² and tr(Σ) over a whole split at the current weights, from per-item gradients.
 
@@ -116,31 +156,12 @@ def exact_noise(model: nn.Module, task: Task, split: Split, chunk: int = 256) ->
     mean. Per-sample gradients come from torch.func (vmap over grad); for ``lm`` an item is a
     token, and the tokens of one sequence share a forward pass, so that task is not supported.
     """
-    if task is Task.lm:
-        raise ValueError("exact_noise works on per-sample tasks (digits, linear)")
-    from torch.func import functional_call, grad, vmap
-
-    params = {k: v.detach() for k, v in model.named_parameters()}
-    buffers = {k: v.detach() for k, v in model.named_buffers()}
-    was_training = model.training
-    model.eval()  # per-sample gradients need per-sample forwards (batch norm: running stats)
-
-    def item_loss(p, x, y):
-        batch = Batch(x[None], y[None], None)
-        out = functional_call(model, (p, buffers), (batch.x,))
-        return loss_sums(task, out, batch)[0]
-
-    per_item = vmap(grad(item_loss), in_dims=(None, 0, 0))
     total = None
     total_sq = torch.zeros((), dtype=torch.float64)
-    n = len(split)
-    for start in range(0, n, chunk):
-        x, y = split.x[start : start + chunk], split.y[start : start + chunk]
-        g = per_item(params, x, y)
-        flat = torch.cat([v.reshape(v.shape[0], -1) for v in g.values()], dim=1).double()
+    for flat in _chunks(model, task, split, chunk):
         total = flat.sum(0) if total is None else total + flat.sum(0)
         total_sq += flat.pow(2).sum()
-    model.train(was_training)
+    n = len(split)
     mean = total / n
     grad_sq = float(mean.pow(2).sum())
     return NoiseTruth(grad_sq, float(total_sq / n) - grad_sq)

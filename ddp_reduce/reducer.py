@@ -83,6 +83,7 @@ class _Step:
     err_sq: torch.Tensor | None = None  # audit: |reduced - reduced in float64|²
     ref_sq: torch.Tensor | None = None  # audit: |reduced in float64|²
     small_batch: tuple[float, float] | None = None  # (items, |mean gradient|²) given by caller
+    amp: float = 1.0  # the losses were multiplied by this too (a mixed-precision loss scaler)
 
     def wait_count(self) -> torch.Tensor | None:
         if self.count_work is not None:
@@ -215,10 +216,12 @@ class Reducer:
         global_items: int | None = None,
         micro_equal: bool | None = None,
         log: bool = False,
+        amp: float = 1.0,
     ) -> tuple[float, ...]:
         """:meth:`loss_scale` for each micro-batch of the step, given its item count
         (``micro_equal``: every micro-batch of every rank held the same count, for
-        ``loss=micro_mean``'s exactness)."""
+        ``loss=micro_mean``'s exactness; ``amp``: the losses are also multiplied by this, a
+        loss scaler's factor, which the gradient norms read in the reduction take out)."""
         given = counts is not None or global_items is not None
         if self._counts_given is None:
             self._counts_given = given
@@ -267,6 +270,7 @@ class Reducer:
             count_work=work,
             collect_sq=self.collect_sq or (log and self.route is not Route.ddp_builtin),
             audit=log and self._low_precision(),
+            amp=amp,
         )
         self._report = None
         if self.route is Route.fsdp_native:
@@ -279,6 +283,8 @@ class Reducer:
 
     def _choose_route(self, counts_given: bool) -> Route:
         divisor_known = self.op is not R.ReduceOp.global_mean or counts_given
+        if self.sharded and self.world_size == 1:
+            return Route.fsdp_native  # one rank: FSDP runs no reduce-scatter, only its division
         if self.sharded:
             # FSDP's own reduce-scatter divides in the collective (NCCL's PREMUL_SUM or AVG):
             # used on CUDA where nothing must happen inside the reduction; gloo has no PREMUL_SUM
@@ -446,7 +452,7 @@ def _reduce_bucket(reducer: Reducer, bucket: dist.GradBucket) -> torch.futures.F
     buffer = bucket.buffer()
     comm_dtype = TORCH_DTYPES[reducer.dtype]
     if step.collect_sq:
-        sq = _sq(buffer) * (step.plan.to_local_mean**2)
+        sq = _sq(buffer) * (step.plan.to_local_mean / step.amp) ** 2
         step.local_sq = sq if step.local_sq is None else step.local_sq + sq
     low = comm_dtype in (torch.bfloat16, torch.float16)
     if low:
@@ -517,7 +523,7 @@ class _FSDPReduceScatter:
     def __call__(self, output_tensor, input_tensor, group, op, async_op: bool = False):
         step = self.reducer._step
         if step.collect_sq:
-            sq = _sq(input_tensor) * (step.plan.to_local_mean**2)
+            sq = _sq(input_tensor) * (step.plan.to_local_mean / step.amp) ** 2
             step.local_sq = sq if step.local_sq is None else step.local_sq + sq
         if input_tensor.dtype in (torch.bfloat16, torch.float16):
             amax = input_tensor.abs().max().float()
@@ -551,7 +557,7 @@ def _reduce_manually(reducer: Reducer) -> None:
     the backward, the squared norms in float64 in a collective of their own."""
     step, group = reducer._step, reducer.process_group
     grads = [p.grad for p in reducer.params if p.grad is not None]
-    local_sq = sum(_sq(g.flatten()) for g in grads) * step.plan.to_local_mean**2
+    local_sq = sum(_sq(g.flatten()) for g in grads) * (step.plan.to_local_mean / step.amp) ** 2
     ranks_sq = local_sq.clone()
     dist.all_reduce(ranks_sq, group=group)
     if step.collect_sq:

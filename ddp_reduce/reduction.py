@@ -238,6 +238,8 @@ def plan_step(
     total (``global_items``). ``micro_items``: this rank's count per micro-batch; for
     ``micro_mean``, ``micro_equal`` says whether every micro-batch of every rank held the same
     count (None: not known)."""
+    if counts is None and global_items is None and world_size == 1:
+        counts = [local_items]  # one rank knows every count
     if counts is not None:
         if len(counts) != world_size:
             raise ValueError(f"counts of {len(counts)} ranks for a world of {world_size}")

@@ -16,6 +16,7 @@ import sys
 from hydra.errors import HydraException
 
 from ddp_reduce.config import ConfigError
+from ddp_reduce.distributed import exit_now
 from ddp_reduce.run.compose import compose_config
 from ddp_reduce.run.launch import (
     claim_run_dir,
@@ -64,4 +65,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())  # the group is torn down and the results written: see exit_now

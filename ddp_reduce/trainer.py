@@ -9,6 +9,7 @@ receives c·G. The loss that is logged is the all-reduced one, per item (c = 1 u
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +19,15 @@ from torch import nn
 
 from ddp_reduce import parallel
 from ddp_reduce.batches import LoaderBatches, MemoryBatches, as_dataset, eval_batches
-from ddp_reduce.config import BatchGeometry, ConfigError, Loader, RunConfig, batch_geometry, to_dict
+from ddp_reduce.config import (
+    BatchGeometry,
+    ConfigError,
+    Loader,
+    Precision,
+    RunConfig,
+    batch_geometry,
+    to_dict,
+)
 from ddp_reduce.data import Dataset, GlobalBatchSampler, Split, UserData, load_data
 from ddp_reduce.distributed import DistContext
 from ddp_reduce.models import Objective, build_model, build_objective, check_model_for_data
@@ -113,6 +122,7 @@ class StepOutcome:
 
     report: StepReport  # c, exactness, item counts, |c·G|, noise statistics
     diverged: bool  # a NaN or inf in some rank's loss or in the reduced gradient
+    cause: str | None = None  # then where it came from: loss | backward | reduction | gradient
     loss: float | None = None  # all-reduced loss per item of the global batch; logged steps
     local_norm_mean: float | None = None  # mean over ranks of |local mean gradient|; logged
 
@@ -186,6 +196,10 @@ class Trainer:
         self.step = 0  # optimizer steps done
         self.c_range = CRange()
         self.initial_loss: float | None = None  # over the training set, before the first step
+        # fp16: a loss scaler (its unscale_ divides the reduced gradient, c·G·S, by S: c stays)
+        self.scaler = (
+            torch.amp.GradScaler(ctx.device.type, init_scale=cfg.train.loss_scale_init) if cfg.train.precision is Precision.fp16 else None
+        )
         self._batches: MemoryBatches | LoaderBatches | None = None
 
     def batches(self) -> MemoryBatches | LoaderBatches:
@@ -222,14 +236,17 @@ class Trainer:
         micro_equal = None
         if self.cfg.reduce.loss is LossReduction.micro_mean:  # exact only if all are equal
             micro_equal = self.batches().micro_equal(step)
+        amp = self.scaler.get_scale() if self.scaler is not None else 1.0
         scales = self.reducer.loss_scales(
-            micro_items, counts=counts, micro_equal=micro_equal, log=log
+            micro_items, counts=counts, micro_equal=micro_equal, log=log, amp=amp
         )
         loss_local = torch.zeros((), dtype=torch.float64, device=ctx.device)
         correct_local = torch.zeros_like(loss_local)
         for a, batch in enumerate(micro):
             with self.reducer.micro_batch(last=a == len(micro) - 1):
-                loss_sum, correct = self.objective(self.wrapped(batch.x), batch)
+                with self._autocast():
+                    loss_sum, correct = self.objective(self.wrapped(batch.x), batch)
+                loss_sum = loss_sum.float()
                 if self._poisoned(step):
                     loss_sum = loss_sum * float("nan")
                 objective = loss_sum * scales[a]
@@ -242,18 +259,23 @@ class Trainer:
                 # of their own. (x 1.0 when finite: the gradient is unchanged, bit for bit.)
                 finite = torch.isfinite(loss_sum.detach())
                 objective = objective * torch.where(finite, 1.0, float("nan"))
-                objective.backward()
+                # fp16: the loss scaler's factor too, taken out again by unscale_ below
+                (self.scaler.scale(objective) if self.scaler is not None else objective).backward()
             loss_local += loss_sum.detach()
             if correct is not None:
                 correct_local += correct
             if a == 0 and self.noise_source is NoiseSource.micro:
                 # One rank, A >= 2: the first micro-batch's own gradient is the small batch.
-                sq = torch.nn.utils.get_total_norm([p.grad for p in self.params]).double() ** 2
-                mean_sq = sq / (scales[0] * micro_items[0]) ** 2
+                sq = parallel.total_norm(self.params).double() ** 2
+                mean_sq = sq / (scales[0] * amp * micro_items[0]) ** 2
                 self.reducer.small_batch(micro_items[0], mean_sq.item())
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
         report = self.reducer.last_step
         # The reduced gradient is the same on every rank, so is this verdict.
         outcome = StepOutcome(report, diverged=not bool(torch.isfinite(report.grad_norm)))
+        if outcome.diverged:
+            outcome.cause = self._cause(loss_local, report)
         if log:
             local_sq = report.local_sq
             local_norm = local_sq.sqrt() if local_sq is not None else torch.zeros_like(loss_local)
@@ -266,6 +288,32 @@ class Trainer:
             )
         return outcome
 
+    def _cause(self, loss_local: torch.Tensor, report: StepReport) -> str:
+        """Where a non-finite reduced gradient came from, the same verdict on every rank (one
+        small collective, on such a step only): a rank's loss, a rank's own gradient (the
+        backward), or the reduction itself (the communication overflowed)."""
+        amax = report.local_amax
+        flags = torch.tensor(
+            [
+                float(not torch.isfinite(loss_local)),
+                float(amax is not None and not torch.isfinite(amax)),
+                float(amax is None),  # this rank's gradient was not looked at before reducing
+            ],
+            device=self.ctx.device,
+        )
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        loss_bad, grad_bad, unseen = flags.tolist()
+        if loss_bad:
+            return "loss"
+        if grad_bad:
+            return "backward"
+        return "gradient" if unseen else "reduction"
+
+    def _autocast(self):
+        if self.cfg.train.precision is Precision.fp32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.ctx.device.type, dtype=_AUTOCAST[self.cfg.train.precision])
+
     def _poisoned(self, step: int) -> bool:
         fault = self.cfg.fault
         return fault.nan_at_step == step and fault.nan_rank == self.ctx.rank
@@ -273,7 +321,11 @@ class Trainer:
     def optimizer_step(self, outcome: StepOutcome) -> None:
         if self.cfg.optim.clip_norm is not None:
             parallel.clip(self.params, self.cfg.optim.clip_norm, outcome.report.grad_norm)
-        self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)  # skipped where a gradient is not finite
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         self.schedule.step()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -316,6 +368,7 @@ class Trainer:
             "c_range": self.c_range.state_dict(),
             "initial_loss": self.initial_loss,
             "reducer": self.reducer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
         }
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
@@ -330,6 +383,8 @@ class Trainer:
         self.c_range.load_state_dict(state["c_range"])
         self.initial_loss = state["initial_loss"]
         self.reducer.load_state_dict(state["reducer"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs, the model and optimizer state whole (keyed by
@@ -352,3 +407,6 @@ class Trainer:
 def _on(split: Any, device: torch.device) -> Any:
     """A built-in split on ``device``; your own data stay where they are."""
     return split.to(device) if isinstance(split, Split) else split
+
+
+_AUTOCAST = {Precision.bf16: torch.bfloat16, Precision.fp16: torch.float16}

@@ -68,6 +68,11 @@ class _Progress:
     last_loss: float | None = None  # the all-reduced training loss of the last logged step
     noise: NoiseEstimate | None = None
     window: _Window = field(default_factory=_Window)
+    reduce_overflow_at: int | None = None  # the reduction itself made the gradient non-finite
+    amp_skipped: int = 0  # fp16: steps the loss scaler skipped (a non-finite gradient)
+    amp_skipped_in_a_row: int = 0
+    lossy_logged: int = 0  # logged steps whose low-precision reduction was off by more than
+    rel_error_max: float | None = None  # ... reduce.lossy_threshold; the largest such error
 
 
 def train(
@@ -154,12 +159,11 @@ def _train_step(trainer: Trainer, step: int, progress: _Progress) -> dict[str, f
     lr = trainer.optimizer.param_groups[0]["lr"]
     outcome = trainer.forward_backward(step, log=log)
     trainer.c_range.add(outcome.report)
-    why = "a NaN or inf in the loss or the reduced gradient" if outcome.diverged else None
-    why = why or _blown_up(trainer, outcome.loss)
+    why = _nonfinite_why(trainer, outcome, step, progress) or _blown_up(trainer, outcome.loss)
     if why:  # the step is not taken: the weights stay the last sound ones
         progress.status, progress.diverged_at, progress.diverged_why = "diverged", step, why
         return {"train/loss": outcome.loss} if outcome.loss is not None else {}
-    trainer.apply(outcome)
+    trainer.apply(outcome)  # fp16: the loss scaler skips a step whose gradient is not finite
     if ctx.device.type == "cuda":
         torch.cuda.synchronize(ctx.device)
     progress.window.add(time.perf_counter() - t0, outcome.report.global_items)
@@ -170,6 +174,38 @@ def _train_step(trainer: Trainer, step: int, progress: _Progress) -> dict[str, f
     scalars = _step_scalars(trainer, outcome, progress, lr, before)
     progress.window = _Window()
     return scalars
+
+
+AMP_SKIPS_IN_A_ROW = 20  # fp16: this many skipped steps in a row is a divergence, not bad luck
+
+CAUSES = {
+    "loss": "a NaN or inf in a rank's loss",
+    "backward": "a NaN or inf in a rank's own gradient (the backward overflowed)",
+    "reduction": "the gradient all-reduce overflowed (reduce.dtype={dtype}): every rank's "
+    "own gradient was finite, the reduced one is not",
+    "gradient": "a NaN or inf in the reduced gradient",
+}
+
+
+def _nonfinite_why(
+    trainer: Trainer, outcome: StepOutcome, step: int, progress: _Progress
+) -> str | None:
+    """Why a non-finite step ends the run, or None (a finite step, or one fp16's loss scaler
+    skips). A reduction that overflowed is named as such: the communication, not the loss."""
+    if not outcome.diverged:
+        progress.amp_skipped_in_a_row = 0
+        return None
+    cause = outcome.cause or "gradient"
+    if cause == "reduction" and progress.reduce_overflow_at is None:
+        progress.reduce_overflow_at = step
+    why = CAUSES[cause].format(dtype=trainer.cfg.reduce.dtype.name)
+    if trainer.scaler is not None and cause != "loss":
+        progress.amp_skipped += 1
+        progress.amp_skipped_in_a_row += 1
+        if progress.amp_skipped_in_a_row < AMP_SKIPS_IN_A_ROW:
+            return None
+        return f"{why}, {AMP_SKIPS_IN_A_ROW} steps in a row (the loss scaler skips them)"
+    return why
 
 
 def _blown_up(trainer: Trainer, loss: float | None) -> str | None:
@@ -200,7 +236,10 @@ def _step_scalars(
         "grad/global_norm_c1": grad_norm / report.c,
         "grad/local_norm_mean": outcome.local_norm_mean,
         "reduce/grad_scale": report.c,
-        "reduce/comm_rel_error": report.comm_rel_error,
+        "reduce/comm_rel_error": _lossy(trainer, report.comm_rel_error, progress),
+        "reduce/lossy_logged_steps": progress.lossy_logged
+        if report.comm_rel_error is not None
+        else None,
         "optim/update_to_weight": parallel.update_to_weight(before, trainer.params),
         "perf/items_per_s": window.items / window.time_s,
         "perf/step_time_s": window.time_s / window.steps,
@@ -216,6 +255,17 @@ def _step_scalars(
             }
         )
     return scalars
+
+
+def _lossy(trainer: Trainer, rel_error: float | None, progress: _Progress) -> float | None:
+    """Count a logged step whose low-precision reduction lost more than reduce.lossy_threshold
+    against the float64 one (measured on logged steps only: it costs a collective)."""
+    if rel_error is None:
+        return None
+    progress.rel_error_max = max(progress.rel_error_max or 0.0, rel_error)
+    if not rel_error <= trainer.cfg.reduce.lossy_threshold:
+        progress.lossy_logged += 1
+    return rel_error
 
 
 def _eval_due(cfg: RunConfig, step: int) -> bool:
@@ -305,6 +355,11 @@ def _summary(
         "reduce_route": trainer.reducer.route.name if trainer.reducer.route else None,
         "reduce_dtype": rc.dtype.name,
         "reduce_predivide": rc.predivide,
+        "reduce_overflow_at_step": progress.reduce_overflow_at,
+        "reduce_lossy_logged_steps": progress.lossy_logged,
+        "reduce_comm_rel_error_max": progress.rel_error_max,
+        "precision": cfg.train.precision.name,
+        "amp_skipped_steps": progress.amp_skipped if trainer.scaler is not None else None,
         "world_size": geom.world_size,
         "local_batch_size": geom.local_batch_size,
         "accum_steps": geom.accum_steps,

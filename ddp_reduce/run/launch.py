@@ -29,6 +29,7 @@ from ddp_reduce.distributed import (
     DistContext,
     die_with_parent,
     distributed,
+    exit_now,
     resolve_device,
     under_launcher,
 )
@@ -252,13 +253,15 @@ def _rank_entry(rank: int, nproc: int, store: str, attempt: int, cfg_dict: dict,
     )
     os.environ.setdefault("GLOO_SOCKET_IFNAME", LOOPBACK)
     die_with_parent()
+    code = 0
     try:
         rank_main(cfg_dict, run_dir, f"file://{store}")
     except Stopped:
-        sys.exit(143)  # its status is recorded; no traceback for a stop
+        code = 143  # its status is recorded; no traceback for a stop
     except Exception:
         traceback.print_exc()
-        sys.exit(1)
+        code = 1
+    exit_now(code)
 
 
 GRACE_S = 10.0  # how long a rank may take to record its status and exit once told to stop

@@ -24,7 +24,7 @@ from typing import Any
 import torch.multiprocessing as mp
 
 from ddp_reduce.config import DistConfig
-from ddp_reduce.distributed import die_with_parent, distributed
+from ddp_reduce.distributed import die_with_parent, distributed, exit_now
 
 
 class PoolError(RuntimeError):
@@ -50,6 +50,7 @@ def _worker(
                 detail = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
                 outbox.put((rank, "error", detail))
                 raise
+    exit_now(0)
 
 
 class RankPool:
