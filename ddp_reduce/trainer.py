@@ -198,7 +198,9 @@ class Trainer:
         self.initial_loss: float | None = None  # over the training set, before the first step
         # fp16: a loss scaler (its unscale_ divides the reduced gradient, c·G·S, by S: c stays)
         self.scaler = (
-            torch.amp.GradScaler(ctx.device.type, init_scale=cfg.train.loss_scale_init) if cfg.train.precision is Precision.fp16 else None
+            torch.amp.GradScaler(ctx.device.type, init_scale=cfg.train.loss_scale_init)
+            if cfg.train.precision is Precision.fp16
+            else None
         )
         self._batches: MemoryBatches | LoaderBatches | None = None
 
