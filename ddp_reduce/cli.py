@@ -60,6 +60,9 @@ Hydra's own flags: --cfg job|hydra, --resolve, --info, --hydra-help.
 
 def _train() -> None:
     """The Hydra app (imported only now: torch and Hydra take a second to load)."""
+    from ddp_reduce.run.ranks import start_rank_server
+
+    start_rank_server()  # the ranks' imports run while this process composes the config
     import hydra
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode

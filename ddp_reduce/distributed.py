@@ -68,19 +68,41 @@ def resolve_backend(cfg: DistConfig, device: torch.device) -> str:
     return cfg.backend.name
 
 
-def die_with_parent() -> None:
-    """Have Linux send this process SIGTERM when the process that started it dies, so a
-    launcher killed outright (SIGKILL) leaves no rank training on; SIGTERM, not SIGKILL, so the
-    rank still records its status. Elsewhere nothing (prctl is Linux's)."""
+def die_with(launcher: int | None = None) -> None:
+    """Send this process SIGTERM when its launcher dies, so a launcher killed outright
+    (SIGKILL) leaves no rank training on; SIGTERM, not SIGKILL, so the rank still records its
+    status. Linux only (elsewhere nothing).
+
+    ``launcher``: the launcher's PID when it is not this process's parent (ranks forked from a
+    forkserver, which outlives the launcher while its children live): a thread waits on a
+    pidfd of it. Without it, the parent is the launcher (torchrun) and the kernel is told to
+    signal at the parent's death (PR_SET_PDEATHSIG).
+    """
     if not sys.platform.startswith("linux"):
         return
-    import ctypes
+    if launcher is None:
+        import ctypes
 
-    pr_set_pdeathsig = 1
-    parent = os.getppid()
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-    if os.getppid() != parent:  # the parent died before the request took effect
+        pr_set_pdeathsig = 1
+        parent = os.getppid()
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before the request took effect
+            os.kill(os.getpid(), signal.SIGTERM)
+        return
+    import select
+    import threading
+
+    try:
+        pidfd = os.pidfd_open(launcher)
+    except ProcessLookupError:  # already gone
         os.kill(os.getpid(), signal.SIGTERM)
+        return
+
+    def watch() -> None:
+        select.select([pidfd], [], [])  # readable once the launcher has exited
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="ddp-reduce-launcher-watch", daemon=True).start()
 
 
 def _store_on_master_addr(rank: int, world: int, timeout: timedelta) -> dist.Store | None:

@@ -201,7 +201,9 @@ class Objective:
     def count(self, batch: Batch) -> int:
         return len(batch.y)
 
-    def __call__(self, out: Any, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def __call__(
+        self, out: Any, batch: Batch, accuracy: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         raise NotImplementedError
 
 
@@ -215,8 +217,10 @@ class TaskObjective(Objective):
     def count(self, batch: Batch) -> int:
         return int(batch.mask.sum()) if self.task is Task.lm else len(batch.y)
 
-    def __call__(self, out: Any, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
-        loss, correct = loss_sums(self.task, out, batch)
+    def __call__(
+        self, out: Any, batch: Batch, accuracy: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        loss, correct = loss_sums(self.task, out, batch, accuracy)
         return loss, (None if self.task is Task.regression else correct)
 
 
@@ -232,7 +236,9 @@ class UserLoss(Objective):
     def count(self, batch: Batch) -> int:
         return int(self.fn.count(batch.y)) if hasattr(self.fn, "count") else len(batch.y)
 
-    def __call__(self, out: Any, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def __call__(
+        self, out: Any, batch: Batch, accuracy: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         result = self.fn(out, batch.y)
         if not (isinstance(result, (tuple, list)) and len(result) == 2):
             raise TypeError(
@@ -265,8 +271,10 @@ def build_objective(cfg: RunConfig, data: Dataset | UserData) -> Objective:
     return TaskObjective(data.task or Task.classification)
 
 
-def loss_sums(task: Task, out: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum of the items' losses, number of correct predictions) of one batch.
+def loss_sums(
+    task: Task, out: torch.Tensor, batch: Batch, accuracy: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(sum of the items' losses, number of correct predictions or None) of one batch.
 
     Always a *sum* over items: the division that makes it a mean, if any, is the reduction
     layer's (``ddp_reduce.reduction.loss_scale``), so it can span all of the step's micro-batches.
@@ -279,5 +287,5 @@ def loss_sums(task: Task, out: torch.Tensor, batch: Batch) -> tuple[torch.Tensor
     else:
         y = batch.y
     loss = F.cross_entropy(out, y, reduction="sum")
-    correct = (out.argmax(-1) == y).sum()
+    correct = (out.argmax(-1) == y).sum() if accuracy else None
     return loss, correct

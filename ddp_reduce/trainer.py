@@ -203,6 +203,8 @@ class Trainer:
             else None
         )
         self._batches: MemoryBatches | LoaderBatches | None = None
+        self._one = torch.ones((), device=ctx.device)  # the NaN guard's two outcomes
+        self._nan = torch.full((), float("nan"), device=ctx.device)
 
     def batches(self) -> MemoryBatches | LoaderBatches:
         """Where the steps' micro-batches come from (made at the first step, after a resume)."""
@@ -246,8 +248,8 @@ class Trainer:
         correct_local = torch.zeros_like(loss_local)
         for a, batch in enumerate(micro):
             with self.reducer.micro_batch(last=a == len(micro) - 1):
-                with self._autocast():
-                    loss_sum, correct = self.objective(self.wrapped(batch.x), batch)
+                with self._autocast():  # accuracy on logged steps only: it costs a pass
+                    loss_sum, correct = self.objective(self.wrapped(batch.x), batch, log)
                 loss_sum = loss_sum.float()
                 if self._poisoned(step):
                     loss_sum = loss_sum * float("nan")
@@ -260,7 +262,7 @@ class Trainer:
                 # all-reduce carries to every rank: all stop at this step, with no collective
                 # of their own. (x 1.0 when finite: the gradient is unchanged, bit for bit.)
                 finite = torch.isfinite(loss_sum.detach())
-                objective = objective * torch.where(finite, 1.0, float("nan"))
+                objective = objective * torch.where(finite, self._one, self._nan)
                 # fp16: the loss scaler's factor too, taken out again by unscale_ below
                 (self.scaler.scale(objective) if self.scaler is not None else objective).backward()
             loss_local += loss_sum.detach()

@@ -135,14 +135,20 @@ def _tree(pid: int) -> list[int]:
     return out
 
 
+def _cmdline(pid: int) -> bytes:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+
+
+def _parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
 def _ranks(pid: int) -> list[int]:
-    """The rank processes under a launcher, in rank order (they are started in it)."""
-    procs = []
-    for p in _tree(pid)[1:]:
-        cmd = Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ")
-        if b"spawn_main" in cmd and b"resource_tracker" not in cmd:
-            procs.append(p)
-    return sorted(procs)
+    """The rank processes under a launcher, in rank order (they are started in it): forked
+    from its forkserver, whose command line they share."""
+    tree = _tree(pid)
+    forked = [p for p in tree if b"forkserver" in _cmdline(p)]
+    return sorted(p for p in forked if _parent(p) in forked)
 
 
 def _start(run: Path, *overrides: str) -> subprocess.Popen:

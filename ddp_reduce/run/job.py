@@ -396,8 +396,9 @@ def _noise_summary(trainer: Trainer, progress: _Progress) -> dict[str, Any]:
 def _maybe_crash(cfg: RunConfig, ctx: DistContext, step: int) -> None:
     """fault.crash_*: kill this rank as an outside fault would, in the first attempt only."""
     fault = cfg.fault
-    first_attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0
-    if fault.crash_at_step == step and fault.crash_rank == ctx.rank and first_attempt:
+    if fault.crash_at_step != step or fault.crash_rank != ctx.rank:
+        return
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) == 0:
         print(f"ddp-reduce: fault injected: killing rank {ctx.rank} at step {step}", flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
 

@@ -27,7 +27,7 @@ import torch.multiprocessing as mp
 from ddp_reduce.config import ConfigError, RunConfig, load_config
 from ddp_reduce.distributed import (
     DistContext,
-    die_with_parent,
+    die_with,
     distributed,
     exit_now,
     resolve_device,
@@ -154,7 +154,10 @@ def _signals_as_errors() -> Iterator[dict[str, bool]]:
         return
 
     def stop(signum: int, frame: Any) -> None:
+        # the first signal stops the run; one more (Ctrl-C, then the launcher's SIGTERM) must
+        # neither replace the first's status nor cut the writing of it
         if not state["recording"]:
+            state["recording"] = True
             raise Stopped(signum)
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -200,7 +203,7 @@ def rank_main(
 ) -> dict[str, Any] | None:
     """Entry point of one rank: form the group, run, tear down."""
     if under_launcher() and init_method is None:
-        die_with_parent()  # a launcher killed outright takes its ranks with it
+        die_with()  # a launcher killed outright takes its ranks with it
     cfg = load_config(cfg_dict)
     with distributed(cfg.dist, init_method) as ctx:
         return run_job(ctx, cfg_dict, run_dir)
@@ -243,7 +246,9 @@ def launch_local(
     raise AssertionError("unreachable")
 
 
-def _rank_entry(rank: int, nproc: int, store: str, attempt: int, cfg_dict: dict, run_dir: str):
+def _rank_entry(
+    rank: int, nproc: int, store: str, attempt: int, cfg_dict: dict, run_dir: str, launcher: int
+):
     os.environ.update(
         RANK=str(rank),
         WORLD_SIZE=str(nproc),
@@ -252,7 +257,7 @@ def _rank_entry(rank: int, nproc: int, store: str, attempt: int, cfg_dict: dict,
         TORCHELASTIC_RESTART_COUNT=str(attempt),  # as torchrun names it (fault injection)
     )
     os.environ.setdefault("GLOO_SOCKET_IFNAME", LOOPBACK)
-    die_with_parent()
+    die_with(launcher)
     code = 0
     try:
         rank_main(cfg_dict, run_dir, f"file://{store}")
@@ -268,11 +273,13 @@ GRACE_S = 10.0  # how long a rank may take to record its status and exit once to
 
 
 def _attempt(cfg_dict: dict, run_dir: str, nproc: int, attempt: int) -> dict[str, Any]:
-    ctx = mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")  # ranks forked with torch imported (start_rank_server)
     folder = tempfile.mkdtemp(prefix="ddp-reduce-ranks-")
     store = os.path.join(folder, "store")
     procs = [
-        ctx.Process(target=_rank_entry, args=(r, nproc, store, attempt, cfg_dict, run_dir))
+        ctx.Process(
+            target=_rank_entry, args=(r, nproc, store, attempt, cfg_dict, run_dir, os.getpid())
+        )
         for r in range(nproc)
     ]
     try:

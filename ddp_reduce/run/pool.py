@@ -24,7 +24,7 @@ from typing import Any
 import torch.multiprocessing as mp
 
 from ddp_reduce.config import DistConfig
-from ddp_reduce.distributed import die_with_parent, distributed, exit_now
+from ddp_reduce.distributed import die_with, distributed, exit_now
 
 
 class PoolError(RuntimeError):
@@ -32,9 +32,9 @@ class PoolError(RuntimeError):
 
 
 def _worker(
-    rank: int, world: int, store: str, dist_cfg: DistConfig, inbox: Any, outbox: Any
+    rank: int, world: int, store: str, dist_cfg: DistConfig, inbox: Any, outbox: Any, owner: int
 ) -> None:
-    die_with_parent()
+    die_with(owner)
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world)
     )
@@ -59,15 +59,15 @@ class RankPool:
         self.nproc = nproc
         self._folder = tempfile.mkdtemp(prefix="ddp-reduce-pool-")
         store = os.path.join(self._folder, "store")
-        ctx = mp.get_context("spawn")
+        ctx = mp.get_context("forkserver")  # ranks forked with torch imported (start_rank_server)
         self._outbox = ctx.Queue()
         self._inboxes = [ctx.Queue() for _ in range(nproc)]
         self._procs = [
             ctx.Process(
                 target=_worker,
-                args=(r, nproc, store, dist_cfg, self._inboxes[r], self._outbox),
+                args=(r, nproc, store, dist_cfg, self._inboxes[r], self._outbox, os.getpid()),
                 # not daemonic: a rank may start DataLoader workers; it dies with this process
-                # (die_with_parent) and is closed at exit (atexit, below)
+                # (die_with) and is closed at exit (atexit, below)
                 daemon=False,
             )
             for r in range(nproc)
