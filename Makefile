@@ -1,10 +1,16 @@
 # make run    set up (once) and train the default run: an MLP on digits, 2 CPU ranks
 # make test   set up (once) and run the checks: ruff, then the test suite
+# make test-fast  the quick subset for working on the code (under a minute): the arithmetic,
+#                 the config, convert, the public API in a real W=2 group
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup run test lint format clean
+.PHONY: setup run test test-fast lint format clean
+
+FAST = tests/test_reduction.py tests/test_sampler.py tests/test_architecture.py \
+       tests/test_models.py tests/test_config.py tests/test_api.py tests/test_bench.py \
+       tests/test_convert.py
 
 setup: $(VENV)/.installed
 
@@ -26,6 +32,9 @@ lint: setup
 
 test: setup lint
 	$(BIN)/python -m pytest -q
+
+test-fast: setup lint
+	$(BIN)/python -m pytest -q $(FAST) -k "not exact_verdicts_hold and not approximate_batch_rule"
 
 format: setup
 	$(BIN)/ruff check --fix .

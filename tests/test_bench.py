@@ -106,3 +106,45 @@ def test_bench_refuses_unknown_benchmarks(what, capsys):
         main([what])
     assert exit_info.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_report_renders_the_targets_of_the_trainer_the_start_and_the_strategies():
+    interval = {"ratio": 1.02, "low": 0.99, "high": 1.04}
+    results = {
+        "reduce": {
+            "world_size": 2,
+            "device": "cpu",
+            "models": {},
+            "trainer": {"m": {"mean + noise": interval}},
+        },
+        "startup": {
+            "rounds": 3,
+            "median_s": {"import floor": 1.0, "one-step run": 2.0},
+            "ratio_to_floor": {"ratio": 2.0, "low": 1.9, "high": 2.6},
+            "run_inside_ranks_s": 0.1,
+            "calculator": {"convert": {"ratio": 0.05, "low": 0.04, "high": 0.06}},
+        },
+        "fsdp": {
+            2: {
+                "bytes": {
+                    s: {"parameters": 2**20, "gradients": 2**20, "optimizer": 2**21}
+                    for s in ("ddp", "fsdp")
+                },
+                "state_ratio": 0.5,
+                "step_ratio": interval,
+                "median_step_ms": {"ddp": 1.0, "fsdp": 2.0},
+            }
+        },
+        "precision": {
+            "world_size": 2,
+            "device": "cpu",
+            "median_ms": {"fp32": 2.0, "bf16": 1.9},
+            "ratios": {"bf16": interval},
+        },
+    }
+    text = report(results)
+    assert "| m | mean + noise | 1.020 [0.990, 1.040] | <= 1.05 | yes |" in text
+    assert "2.00x [1.90, 2.60] (target <= 2.5: within noise)" in text
+    assert "| convert | 0.050 [0.040, 0.060] | <= 0.3 | yes |" in text
+    assert "state fsdp/ddp 0.500 (1/W = 0.500)" in text
+    assert "| bf16 | 1.900 | 1.020 [0.990, 1.040] |" in text

@@ -59,6 +59,9 @@ VARIANTS = {
 TARGETS = {"mean": 1.02, "sum": 1.02, "global_mean": 1.05}
 NOISE_TARGET = 1.05
 BARE = "bare DDP loop"  # no bookkeeping at all: a reference, not a target
+# The trainer against the bare loop: its defaults (noise estimate on) and without the estimate.
+TRAINER_VS_BARE = ("mean + noise", "mean")
+TRAINER_TARGET = 1.05
 
 
 def _cfg(device: str, *overrides: str) -> dict:
@@ -184,6 +187,10 @@ def bench_reduce(device: str, quick: bool, models: list[str] | None = None) -> d
                     "cpu_ratio": paired_ratio(cpu[name], cpu["builtin"])["ratio"],
                 }
             results["models"][model_name] = rows
+            # the trainer's own bookkeeping: its step over a bare DDP loop's, same round
+            results.setdefault("trainer", {})[model_name] = {
+                name: paired_ratio(wall[name], wall[BARE]) for name in TRAINER_VS_BARE
+            }
     finally:
         pool.close()
     return results
@@ -227,6 +234,158 @@ def bench_data(quick: bool) -> dict[str, Any]:
     finally:
         pool.close()
     return out
+
+
+def _timed(argv: list[str], env: dict | None = None) -> float:
+    t0 = time.perf_counter()
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv[:3])} ... failed:\n{proc.stderr[-2000:]}")
+    return wall
+
+
+STARTUP_TARGET = 2.5  # a one-step default run over the import floor
+CALCULATOR_TARGET_S = 0.3  # ddp-reduce convert and --help, absolute
+
+
+def bench_startup(quick: bool) -> dict[str, Any]:
+    """Cold start: a one-step default run against the import floor, rounds interleaved, and
+    where its time goes (each part timed on its own, the rest by difference)."""
+    py = sys.executable
+    exe = str(Path(sys.executable).parent / "ddp-reduce")
+    rounds = 3 if quick else 7
+    probes = {
+        "import floor": [py, "-c", "import torch, torch.distributed, hydra"],
+        "launcher: import + compose": [
+            py,
+            "-c",
+            "from ddp_reduce.run.compose import compose_config; compose_config([])",
+        ],
+        "a rank's imports": [py, "-c", "import torch, torch._dynamo, ddp_reduce.run.launch"],
+        "convert": [
+            exe,
+            "convert",
+            "--from",
+            "sum/sum",
+            "--to",
+            "mean/mean",
+            "--world-size",
+            "2",
+            "--batch-size",
+            "16",
+            "--optim",
+            "sgd",
+            "--lr",
+            "0.1",
+        ],
+        "--help": [exe, "--help"],
+    }
+    times: dict[str, list[float]] = {name: [] for name in [*probes, "one-step run"]}
+    inside: list[float] = []
+    order = list(times)
+    rng = random.Random(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(rounds):
+            rng.shuffle(order)
+            for name in order:
+                if name == "one-step run":
+                    run = Path(tmp) / f"run{r}"
+                    argv = [exe, "train.steps=1", "train.eval_every=0", f"hydra.run.dir={run}"]
+                    times[name].append(_timed(argv))
+                    inside.append(json.loads((run / "summary.json").read_text())["wall_time_s"])
+                else:
+                    times[name].append(_timed(probes[name]))
+    med = {name: statistics.median(v) for name, v in times.items()}
+    return {
+        "rounds": rounds,
+        "median_s": med,
+        "ratio_to_floor": paired_ratio(times["one-step run"], times["import floor"]),
+        "run_inside_ranks_s": statistics.median(inside),
+        "calculator": {n: _interval(times[n]) for n in ("convert", "--help")},
+    }
+
+
+def _interval(samples: list[float], seed: int = 0) -> dict[str, float]:
+    """Median with a 95% bootstrap interval."""
+    rng = random.Random(seed)
+    boot = sorted(statistics.median(rng.choices(samples, k=len(samples))) for _ in range(1000))
+    return {"ratio": statistics.median(samples), "low": boot[25], "high": boot[974]}
+
+
+FSDP_MODEL = ("model=mlp", "model.hidden=[4096,4096]", "data.batch_size=16", "optim=adam")
+
+
+def _fsdp_job(ctx: DistContext, cfgs: dict[str, dict], rounds: int) -> dict[str, Any]:
+    """Per strategy: this rank's parameter, gradient and optimizer bytes, and step times."""
+    from ddp_reduce.parallel import local_state_bytes
+
+    trainers = {name: Trainer(load_config(cfg), ctx) for name, cfg in cfgs.items()}
+    memory = {}
+    for name, t in trainers.items():
+        t.forward_backward(t.step + 1)  # gradients exist: measured before the step
+        memory[name] = local_state_bytes(t.wrapped, t.optimizer)
+        t.optimizer_step(t.forward_backward(t.step + 1))  # optimizer state exists
+        memory[name]["optimizer"] = local_state_bytes(t.wrapped, t.optimizer)["optimizer"]
+    wall: dict[str, list[float]] = {name: [] for name in trainers}
+    order = list(trainers)
+    rng = random.Random(0)
+    for _ in range(rounds):
+        rng.shuffle(order)
+        for name in order:
+            _sync(ctx)
+            t0 = time.perf_counter()
+            trainers[name].train_step()
+            _sync(ctx)
+            wall[name].append(time.perf_counter() - t0)
+    for t in trainers.values():
+        t.close()
+    return {"memory": memory, "wall": wall}
+
+
+def bench_fsdp(quick: bool) -> dict[str, Any]:
+    """Per-rank state under DDP and FSDP at W=2 and 4 (an MLP of ~17M parameters, Adam), as
+    ratios, and the step-time ratio fsdp/ddp, interleaved."""
+    out: dict[str, Any] = {}
+    for world in (2, 4):
+        cfgs = {
+            s: _cfg("cpu", *FSDP_MODEL, f"dist.strategy={s}", NO_NOISE, "train.steps=100000")
+            for s in ("ddp", "fsdp")
+        }
+        pool = RankPool(DistConfig(threads_per_rank=1), world)
+        try:
+            res = pool.call(_fsdp_job, cfgs, 3 if quick else 10)[0]
+        finally:
+            pool.close()
+        mem = res["memory"]
+        total = {s: sum(mem[s].values()) for s in mem}
+        out[world] = {
+            "bytes": mem,
+            "state_ratio": total["fsdp"] / total["ddp"],
+            "step_ratio": paired_ratio(res["wall"]["fsdp"], res["wall"]["ddp"]),
+            "median_step_ms": {s: 1e3 * statistics.median(v) for s, v in res["wall"].items()},
+        }
+    return out
+
+
+def bench_precision(device: str, quick: bool) -> dict[str, Any]:
+    """Step time with gradients travelling in bf16 (and fp16) against fp32, small MLP, W=2."""
+    nproc = 2 if device == "cpu" else min(2, torch.cuda.device_count())
+    cfgs = {
+        d: _cfg(device, *MODELS["small MLP (communication-bound)"], f"reduce.dtype={d}", NO_NOISE)
+        for d in ("fp32", "bf16", "fp16")
+    }
+    pool = RankPool(DistConfig(device=Device[device], threads_per_rank=1), nproc)
+    try:
+        wall = pool.call(_interleaved_job, cfgs, 10, 30 if quick else 300, 10)[0]["wall"]
+    finally:
+        pool.close()
+    return {
+        "world_size": nproc,
+        "device": device,
+        "median_ms": {d: 1e3 * statistics.median(v) for d, v in wall.items()},
+        "ratios": {d: paired_ratio(wall[d], wall["fp32"]) for d in ("bf16", "fp16")},
+    }
 
 
 _STEPPERS: dict[str, _Stepper] = {}  # kept in a pool's ranks between calls
@@ -353,6 +512,10 @@ def bench_memory(quick: bool) -> dict[str, Any]:
     return {"steps": steps, "warmup_steps": steps // 10, "ranks": per_rank}
 
 
+def _shown(r: dict[str, float]) -> str:
+    return f"{r['ratio']:.3f} [{r['low']:.3f}, {r['high']:.3f}]"
+
+
 def report(results: dict[str, Any]) -> str:
     lines: list[str] = []
     if "reduce" in results:
@@ -412,6 +575,99 @@ def report(results: dict[str, Any]) -> str:
                 f"{w['overhead_per_point_s']:.2f} |"
             )
         lines += ["", "Target: <= 1 s per point (with reuse_ranks).", ""]
+    if "trainer" in results.get("reduce", {}):
+        rows = [
+            [
+                model,
+                name,
+                f"{r['ratio']:.3f} [{r['low']:.3f}, {r['high']:.3f}]",
+                f"<= {TRAINER_TARGET}",
+                verdict(r, TRAINER_TARGET),
+            ]
+            for model, by in results["reduce"]["trainer"].items()
+            for name, r in by.items()
+        ]
+        lines += [
+            "## The trainer against a bare DDP loop (step time, same round, [95% interval])",
+            "",
+            "The trainer with everything on (the noise estimate its default), logging on",
+            "logged steps only; a bare loop: forward, mean loss, backward, optimizer step.",
+            "",
+            table(["model", "trainer variant", "trainer / bare", "target", "met"], rows),
+            "",
+        ]
+    if "startup" in results:
+        st = results["startup"]
+        r = st["ratio_to_floor"]
+        rows = [[name, f"{v:.2f}"] for name, v in st["median_s"].items()]
+        rows.append(
+            ["  of which inside the ranks (summary wall_time_s)", f"{st['run_inside_ranks_s']:.2f}"]
+        )
+        calc = [
+            [
+                name,
+                f"{c['ratio']:.3f} [{c['low']:.3f}, {c['high']:.3f}]",
+                f"<= {CALCULATOR_TARGET_S}",
+                verdict(c, CALCULATOR_TARGET_S),
+            ]
+            for name, c in st["calculator"].items()
+        ]
+        lines += [
+            f"## Cold start ({st['rounds']} interleaved rounds, medians in seconds)",
+            "",
+            table(["what", "median (s)"], rows),
+            "",
+            f"A one-step default run over the import floor: {r['ratio']:.2f}x [{r['low']:.2f}, "
+            f"{r['high']:.2f}] (target <= {STARTUP_TARGET}: {verdict(r, STARTUP_TARGET)}). The "
+            "ranks' imports run beside the launcher's (a forkserver imports them once).",
+            "",
+            table(["calculator", "median (s) [95% interval]", "target", "met"], calc),
+            "",
+        ]
+    if "fsdp" in results:
+        rows = []
+        for world, r in results["fsdp"].items():
+            for s in ("ddp", "fsdp"):
+                b = r["bytes"][s]
+                rows.append(
+                    [
+                        world,
+                        s,
+                        *(f"{b[k] / 2**20:.1f}" for k in ("parameters", "gradients", "optimizer")),
+                        f"{r['median_step_ms'][s]:.1f}",
+                    ]
+                )
+        lines += [
+            "## FSDP against DDP (per rank; MiB of this rank's own shards)",
+            "",
+            table(
+                ["W", "strategy", "parameters", "gradients", "optimizer", "median step (ms)"], rows
+            ),
+            "",
+        ]
+        for world, r in results["fsdp"].items():
+            sr = r["step_ratio"]
+            lines.append(
+                f"- W={world}: state fsdp/ddp {r['state_ratio']:.3f} (1/W = {1 / int(world):.3f}); "
+                f"step time fsdp/ddp {sr['ratio']:.2f} [{sr['low']:.2f}, {sr['high']:.2f}]"
+            )
+        lines.append("")
+    if "precision" in results:
+        pr = results["precision"]
+        rows = [
+            [
+                d,
+                f"{pr['median_ms'][d]:.3f}",
+                _shown(pr["ratios"][d]) if d in pr["ratios"] else "1",
+            ]
+            for d in pr["median_ms"]
+        ]
+        lines += [
+            f"## Gradients in low precision (small MLP, W={pr['world_size']}, {pr['device']})",
+            "",
+            table(["reduce.dtype", "median step (ms)", "ratio to fp32"], rows),
+            "",
+        ]
     if "data" in results:
         rows = [
             [
@@ -469,7 +725,20 @@ def load_warning(cores: int | None = None, load: float | None = None) -> str | N
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ddp_reduce.bench", description=__doc__)
-    parser.add_argument("what", choices=["reduce", "scaling", "sweep", "memory", "data", "all"])
+    parser.add_argument(
+        "what",
+        choices=[
+            "reduce",
+            "startup",
+            "scaling",
+            "sweep",
+            "memory",
+            "data",
+            "fsdp",
+            "precision",
+            "all",
+        ],
+    )
     parser.add_argument("--quick", action="store_true", help="fewer steps (a smoke run)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
@@ -479,9 +748,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
-    what = ["reduce", "scaling", "sweep", "memory", "data"] if args.what == "all" else [args.what]
+    every = ["reduce", "startup", "scaling", "sweep", "memory", "data", "fsdp", "precision"]
+    what = every if args.what == "all" else [args.what]
     if args.device == "cuda":
-        what = [w for w in what if w == "reduce"]  # the others are CPU figures
+        what = [w for w in what if w in ("reduce", "precision")]  # the others are CPU figures
     results: dict[str, Any] = {}
     # before measuring only: later, the load average holds this benchmark's own ranks
     warning = load_warning()
@@ -493,6 +763,8 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         if w == "reduce":
             results[w] = bench_reduce(args.device, args.quick, args.model)
+        elif w == "precision":
+            results[w] = bench_precision(args.device, args.quick)
         else:
             results[w] = globals()[f"bench_{w}"](args.quick)
         now = time.perf_counter()
