@@ -506,6 +506,10 @@ def _reduce_bucket(reducer: Reducer, bucket: dist.GradBucket) -> torch.futures.F
     return torch.futures.collect_all(futures).then(finish)
 
 
+# reduce_scatter_single in current torch; reduce_scatter_tensor, its older name, before it
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
 class _FSDPReduceScatter:
     """FSDP2's reduce-scatter, with the planned division around a SUM, the ranks' own
     gradient norms read before it (noise scale), and the float64 audit on logged steps.
@@ -537,10 +541,10 @@ class _FSDPReduceScatter:
             ref_out = torch.empty(
                 output_tensor.shape, dtype=torch.float64, device=output_tensor.device
             )
-            dist.reduce_scatter_single(ref_out, reference, group=group)
+            _reduce_scatter(ref_out, reference, group=group)
         if isinstance(before, torch.Tensor) or before != 1:
             input_tensor.div_(before)
-        dist.reduce_scatter_single(output_tensor, input_tensor, op=dist.ReduceOp.SUM, group=group)
+        _reduce_scatter(output_tensor, input_tensor, op=dist.ReduceOp.SUM, group=group)
         if isinstance(after, torch.Tensor) or after != 1:
             output_tensor.div_(after)
         if reference is not None:

@@ -1,7 +1,9 @@
 """CUDA and NCCL paths. Skipped where there is no GPU; run by scripts/gpu_check.sh where there is.
 
-One GPU allows one NCCL rank, so these check the CUDA side of the reduction layer (the hook's
-AVG path, the scalars riding in the buckets, batch norm, the launchers) against CPU references.
+One GPU allows one NCCL rank, so these check the CUDA side of the reduction layer (the hook,
+DDP's own path where the arithmetic is DDP's, the scalars riding in the buckets, the comm dtype,
+FSDP's own divide factor, autocast and the loss scaler, batch norm, the launchers) against CPU
+references.
 """
 
 from __future__ import annotations
@@ -44,27 +46,47 @@ def _reference(cfg_dict: dict) -> torch.Tensor:
     return torch.cat([p.grad.flatten() for p in model.parameters()])
 
 
-@pytest.mark.parametrize("noise", ["true", "false"])
+VARIANTS = {
+    # name: (overrides, tolerance, expected route)
+    "hook, noise": (("noise.enabled=true",), 1e-5, "hook"),
+    "ddp own path": (("noise.enabled=false",), 1e-5, "ddp_builtin"),
+    "bf16 comm": (("noise.enabled=false", "reduce.dtype=bf16"), 1e-2, "hook"),
+    "fsdp": (("noise.enabled=false", "dist.strategy=fsdp"), 1e-5, "fsdp_native"),
+    "bf16 autocast": (("noise.enabled=false", "train.precision=bf16"), 2e-2, "ddp_builtin"),
+    "fp16 autocast": (
+        ("noise.enabled=false", "train.precision=fp16", "train.loss_scale_init=256"),
+        1e-2,
+        "ddp_builtin",
+    ),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("loss,op,c", PAIRS)
-def test_received_gradient_on_cuda_is_c_times_G(loss, op, c, noise):
+def test_received_gradient_on_cuda_is_c_times_G(loss, op, c, variant):
+    overrides, tol, route = VARIANTS[variant]
     cfg = config_dict(
         "dist.device=cuda",
         f"data.batch_size={B}",
         "train.accum_steps=1",
         f"reduce.loss={loss}",
         f"reduce.op={op}",
-        f"noise.enabled={noise}",
+        *overrides,
     )
     with distributed(load_config(cfg).dist) as ctx:
         assert ctx.backend == "nccl" and ctx.device.type == "cuda"
         trainer = Trainer(load_config(cfg), ctx)
         out = trainer.forward_backward(1, log=True)
-        grad = torch.cat([p.grad.flatten() for p in trainer.params]).cpu()
+        grads = [
+            p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+            for p in trainer.params
+        ]
+        grad = torch.cat([g.flatten().float() for g in grads]).cpu()
         trainer.close()
-    assert out.report.c == c
+    assert out.report.c == c and out.report.route.name == route
     g = _reference(cfg)
     err = ((grad - c * g).norm() / (c * g).norm()).item()
-    assert err < 1e-5, err
+    assert err < tol, err
 
 
 def test_cuda_training_matches_cpu_training(tmp_path):
@@ -98,3 +120,21 @@ def test_launchers_on_cuda(tmp_path, launcher):
         "cuda:0",
     )
     assert summary["grad_scale"] == 1 and summary["grad_scale_exact"]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("dist.strategy=fsdp",),
+        ("train.precision=bf16",),
+        ("train.precision=fp16",),
+        ("reduce.dtype=bf16",),
+    ],
+)
+def test_cuda_variants_train_end_to_end(tmp_path, overrides):
+    summary = rank_main(
+        config_dict("dist.device=cuda", "train.steps=40", "train.eval_every=0", *overrides),
+        str(tmp_path / "run"),
+    )
+    assert summary["status"] == "completed" and summary["device"] == "cuda:0"
+    assert summary["final_train_loss"] < summary["initial_train_loss"]
