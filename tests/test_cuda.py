@@ -48,7 +48,7 @@ def _reference(cfg_dict: dict) -> torch.Tensor:
 
 VARIANTS = {
     # name: (overrides, tolerance, expected route)
-    "hook, noise": (("noise.enabled=true",), 1e-5, "hook"),
+    "hook": (("noise.enabled=true", "reduce.predivide=sqrt"), 1e-5, "hook"),  # W=1: no noise
     "ddp own path": (("noise.enabled=false",), 1e-5, "ddp_builtin"),
     "bf16 comm": (("noise.enabled=false", "reduce.dtype=bf16"), 1e-2, "hook"),
     "fsdp": (("noise.enabled=false", "dist.strategy=fsdp"), 1e-5, "fsdp_native"),
