@@ -71,12 +71,14 @@ def _train() -> None:
     from ddp_reduce.config import ConfigError, register_schema, to_dict
     from ddp_reduce.run.launch import (
         LaunchError,
+        Terminated,
         check_run_dir,
         claim_run_dir,
         error_message,
         fail,
         format_summary,
         launch_local,
+        sigterm_as_exception,
         validate,
     )
     from ddp_reduce.run.pool import PoolError
@@ -130,12 +132,18 @@ def _train() -> None:
                 return stop("failed", f"{exc}\nrun directory {path}", 1)
             except KeyboardInterrupt:
                 fail(f"interrupted; run directory {path} (status: interrupted)", code=130)
+            except Terminated:
+                fail(f"stopped by SIGTERM; run directory {path} (status: failed)", code=143)
         print(format_summary(summary), flush=True)
         tally[summary["status"]] = tally.get(summary["status"], 0) + 1
         # What a sweeper minimizes; a diverged run is a result, not a crash.
         return summary["final_eval_loss"] if summary["status"] == "completed" else float("inf")
 
-    app()
+    try:
+        with sigterm_as_exception():
+            app()
+    except Terminated:
+        fail("stopped by SIGTERM", code=143)
     if sum(tally.values()) > 1 or tally.keys() - {"completed", "diverged"}:
         counts = ", ".join(
             f"{tally.get(k, 0)} {k}" for k in ("completed", "diverged", "failed", "refused")

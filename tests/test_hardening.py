@@ -151,11 +151,11 @@ def _ranks(pid: int) -> list[int]:
     return sorted(p for p in forked if _parent(p) in forked)
 
 
-def _start(run: Path, *overrides: str) -> subprocess.Popen:
+def _start(run: Path, *overrides: str, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen(
         [str(VENV_BIN / "ddp-reduce"), *LONG, *overrides, f"hydra.run.dir={run}"],
         cwd=REPO,
-        env=project_env(),
+        env=project_env(env),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -234,14 +234,42 @@ def test_a_hung_rank_ends_the_job_within_the_timeout_and_is_named(tmp_path, hung
 
 
 def test_ctrl_c_records_interrupted(tmp_path):
-    run = tmp_path / "run"
-    proc = _start(run)
+    run, tmp = tmp_path / "run", tmp_path / "tmp"
+    tmp.mkdir()
+    proc = _start(run, env={"TMPDIR": str(tmp)})
     _wait_training(run, proc)
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends every process of the job
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err[-2000:]
     assert json.loads((run / "summary.json").read_text())["status"] == "interrupted"
     assert "Traceback" not in err
+    assert not _temporaries(tmp)  # the ranks' store and the forkserver's folder are gone
+
+
+def test_sigterm_to_the_launcher_stops_the_ranks_and_cleans_up(tmp_path):
+    """kill PID, or a scheduler cancelling the job: the ranks record their status and the
+    launcher leaves none of its temporary folders behind."""
+    run, tmp = tmp_path / "run", tmp_path / "tmp"
+    tmp.mkdir()
+    proc = _start(run, env={"TMPDIR": str(tmp)})
+    _wait_training(run, proc)
+    ranks = _ranks(proc.pid)
+    assert len(ranks) == 2 and _temporaries(tmp)  # the store's folder exists while running
+    os.kill(proc.pid, signal.SIGTERM)  # the launcher only
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert "stopped by SIGTERM" in err and "Traceback" not in err
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "failed" and "SIGTERM" in summary["error"]
+    assert not (run / "model.pt").exists()
+    assert not [r for r in ranks if Path(f"/proc/{r}").exists() and "Z" not in _state_of(r)]
+    assert not _temporaries(tmp)
+
+
+def _temporaries(tmp: Path) -> list[str]:
+    """The launcher's temporary folders (its ranks' store; multiprocessing's forkserver) in
+    TMPDIR; torch's own compile cache (torchinductor_*) is torch's to keep."""
+    return [p.name for p in tmp.iterdir() if not p.name.startswith("torchinductor_")]
 
 
 def test_ranks_die_with_a_killed_launcher(tmp_path):

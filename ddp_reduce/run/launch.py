@@ -213,6 +213,35 @@ class LaunchError(RuntimeError):
     """A rank failed or hung; the message names it."""
 
 
+class Terminated(BaseException):
+    """The launcher itself got SIGTERM (``kill``, a scheduler cancelling the job).
+
+    Python's default would end the launcher on the spot, skipping every ``finally`` and
+    ``atexit``: its ranks would die with it (see die_with) but its temporary folders (the
+    ranks' store, the forkserver's socket) would stay behind. Raised instead, like Ctrl-C's
+    KeyboardInterrupt, it stops the ranks (which record their status) and cleans up.
+    """
+
+
+@contextmanager
+def sigterm_as_exception() -> Iterator[None]:
+    """In the launcher's main thread, SIGTERM raises :class:`Terminated` (once: a second one
+    during the clean-up is ignored, so the clean-up finishes; SIGKILL still ends it)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def launch_local(
     cfg_dict: dict, run_dir: str, nproc: int, max_restarts: int = 0, reuse_ranks: bool = False
 ) -> dict[str, Any]:
@@ -294,8 +323,8 @@ def _attempt(cfg_dict: dict, run_dir: str, nproc: int, attempt: int) -> dict[str
                 if code != 0:
                     stopped = _stop(procs)
                     raise LaunchError(_failure(rank, code, stopped, cfg_dict, run_dir, nproc))
-    except KeyboardInterrupt:
-        _stop(procs)  # each rank records "interrupted" on its own SIGINT
+    except (KeyboardInterrupt, Terminated):
+        _stop(procs)  # a rank records "interrupted" on SIGINT, "failed" on SIGTERM
         raise
     finally:
         for p in procs:
