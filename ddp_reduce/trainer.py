@@ -10,6 +10,7 @@ receives c·G. The loss that is logged is the all-reduced one, per item (c = 1 u
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -328,9 +329,15 @@ class Trainer:
         if self.scaler is not None:
             self.scaler.step(self.optimizer)  # skipped where a gradient is not finite
             self.scaler.update()
+            with warnings.catch_warnings():
+                # The schedule follows the step count, a skipped step included (the lr of
+                # step t is the same with or without a loss scaler); PyTorch warns when the
+                # first optimizer step was the one skipped.
+                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step")
+                self.schedule.step()
         else:
             self.optimizer.step()
-        self.schedule.step()
+            self.schedule.step()
         self.optimizer.zero_grad(set_to_none=True)
 
     def apply(self, outcome: StepOutcome) -> None:

@@ -351,6 +351,7 @@ def _summary(
         "grad_scale_exact": trainer.c_range.exact,
         "reduce_loss": rc.loss.name,
         "reduce_op": rc.op.name,
+        "strategy": cfg.dist.strategy.name,
         "reduce_impl": rc.impl.name,
         "reduce_route": trainer.reducer.route.name if trainer.reducer.route else None,
         "reduce_dtype": rc.dtype.name,

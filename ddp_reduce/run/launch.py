@@ -410,7 +410,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     s = summary
     head = f"ddp-reduce: {s['status']}"
     if s["status"] == "diverged":
-        head += f" at step {s['diverged_at_step']} (a NaN or inf in the loss or gradient)"
+        head += f" at step {s['diverged_at_step']} ({s.get('diverged_why') or 'NaN or inf'})"
     head += f", {s['steps_done']} steps in {s['wall_time_s']:.1f} s"
 
     def metric(name: str, loss: float, acc: float | None) -> str:
@@ -423,12 +423,28 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"  W={s['world_size']} b={s['local_batch_size']} A={s['accum_steps']} "
         f"N={s['global_batch_size']}  reduce: loss={s['reduce_loss']} op={s['reduce_op']}",
         f"  gradient factor c = {s['grad_scale']:g}  [{s['grad_scale_rule']}]{exact}",
+        f"  {s.get('strategy', 'ddp')}, gradients reduced in {s.get('reduce_dtype', 'fp32')} "
+        f"({s.get('reduce_route') or 'no route'}), model in {s.get('precision', 'fp32')}"
+        + _precision_note(s),
         metric("train", s["final_train_loss"], s["final_train_accuracy"]),
         metric("test", s["final_eval_loss"], s["final_eval_accuracy"]),
         f"  run directory: {s['run_dir']}",
         f"  TensorBoard:   tensorboard --logdir {s['run_dir']} --host 127.0.0.1",
     ]
     return "\n".join(lines)
+
+
+def _precision_note(s: dict[str, Any]) -> str:
+    """What low precision cost, where it was measured."""
+    note = ""
+    if s.get("reduce_comm_rel_error_max") is not None:
+        note += (
+            f"; reduction error up to {s['reduce_comm_rel_error_max']:.2g} (relative), "
+            f"{s.get('reduce_lossy_logged_steps') or 0} lossy logged steps"
+        )
+    if s.get("amp_skipped_steps"):
+        note += f"; {s['amp_skipped_steps']} steps skipped by the loss scaler"
+    return note
 
 
 def error_message(exc: BaseException) -> str:

@@ -1,4 +1,5 @@
-"""Each claim of docs/design.md §2 against its c = 1 twin: predicted and measured verdicts."""
+"""Each claim of docs/design.md §2 against its twin (the c = 1 run, or the same run under DDP
+for a sharded row): predicted and measured verdicts."""
 
 from __future__ import annotations
 
@@ -82,8 +83,9 @@ def analyze(
             ]
         )
     head = (
-        f"Each row runs a setting (subject) and its c = 1 twin for {spec['steps']} steps and "
-        f"compares the final weights: r = max|w - w_twin| / max|w_twin|. Measured verdict: "
+        f"Each row runs a setting (subject) and its twin (the c = 1 run; for the fsdp_* rows, "
+        f"the same setting under DDP) for {spec['steps']} steps and compares the final "
+        f"weights: r = max|w - w_twin| / max|w_twin|. Measured verdict: "
         f"exact if r <= {spec['exact_below']:g}, approximate if r <= {spec['approx_below']:g}, "
         f"else differs.\n\n**{agree} of {len(rows)} rows agree with the prediction.**\n"
     )
@@ -142,7 +144,7 @@ def _plot(study_dir: Path, spec: dict[str, Any], plotted: list[tuple]) -> None:
         xlim=(BITWISE_FLOOR / 3, 10),
         xlabel=f"r = max|w - w_twin| / max|w_twin| (0 drawn at {BITWISE_FLOOR:g})\n"
         f"exact <= {spec['exact_below']:g} < approximate <= {spec['approx_below']:g} < differs",
-        title="each setting against its c = 1 twin",
+        title="each setting against its twin (c = 1, or DDP for fsdp_*)",
     )
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
