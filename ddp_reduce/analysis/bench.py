@@ -1,9 +1,14 @@
 """Benchmarks: every figure is a ratio or a median measured in one run, never a timed unit test.
 
-    python -m ddp_reduce.bench reduce     # reduction layer vs DDP's built-in mean, interleaved
+    python -m ddp_reduce.bench reduce     # reduction layer vs DDP's built-in mean, interleaved;
+                                          # the trainer vs a bare DDP loop
+    python -m ddp_reduce.bench startup    # a one-step run vs the import floor; convert, --help
     python -m ddp_reduce.bench scaling    # items/s: W=1 vs W=2 vs one process with 2 threads
     python -m ddp_reduce.bench sweep      # start-up cost per point of a 16-point multirun
     python -m ddp_reduce.bench memory     # peak RSS per rank, growth over a 2,000-step run
+    python -m ddp_reduce.bench data       # in-memory batches vs a DataLoader
+    python -m ddp_reduce.bench fsdp       # sharded state and step time, FSDP vs DDP, W=2 and 4
+    python -m ddp_reduce.bench precision  # bf16/fp16 communication vs fp32
     python -m ddp_reduce.bench all [--quick] [--device cuda] [--json results.json]
 
 The machine is shared and noisy: variants are interleaved step by step in a shuffled order
@@ -724,7 +729,11 @@ def load_warning(cores: int | None = None, load: float | None = None) -> str | N
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ddp_reduce.bench", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m ddp_reduce.bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument(
         "what",
         choices=[
