@@ -442,6 +442,8 @@ def _precision_note(s: dict[str, Any]) -> str:
             f"; reduction error up to {s['reduce_comm_rel_error_max']:.2g} (relative), "
             f"{s.get('reduce_lossy_logged_steps') or 0} lossy logged steps"
         )
+    if s.get("reduce_op") == "sum" and s.get("reduce_predivide", "full") != "full":
+        note += f"; reduce.predivide={s['reduce_predivide']} is moot with op=sum (divisor 1)"
     if s.get("amp_skipped_steps"):
         note += f"; {s['amp_skipped_steps']} steps skipped by the loss scaler"
     return note

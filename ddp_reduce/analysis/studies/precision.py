@@ -266,8 +266,9 @@ def recommendations(rows) -> dict[str, str]:
         choice = f"predivide={pre}" if len(tie) == 1 else f"any of {', '.join(tie)} (they tie)"
         others = "; ".join(f"{p}: {f} failed, {o} overflowed" for f, _, o, p, _ in scored[1:])
         out[dtype] = (
-            f"{choice}: {fails} of {n} cases failed (overflow, or more than {FAIL_ERROR:.0%} "
-            f"lost), {overflows} of them by overflow, median error {median:.2g}"
+            f"{choice}: {fails} of {n} cases failed (overflow, a relative error above "
+            f"{FAIL_ERROR:.0%}, or more than {FAIL_ERROR:.0%} of the entries flushed to 0), "
+            f"{overflows} of them by overflow, median error {median:.2g}"
             + (f" (against {others})" if others else "")
         )
     return out
