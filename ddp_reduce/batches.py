@@ -144,9 +144,8 @@ class MemoryBatches:
 
     def step(self, step: int) -> tuple[list[Batch], list[int] | None]:
         """Step ``step`` (1-based): this rank's micro-batches and every rank's item count."""
-        t = step - 1
-        micro = self.sampler.micro_batches(t, self.rank, self.world_size, self.accum_steps)
-        shares = self.sampler.rank_shares(t, self.world_size)
+        shares = self.sampler.rank_shares(step - 1, self.world_size)
+        micro = torch.tensor_split(shares[self.rank], self.accum_steps)  # as micro_batches does
         return [self.split.batch(idx) for idx in micro], [self.split.items(s) for s in shares]
 
 

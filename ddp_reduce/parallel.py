@@ -55,6 +55,11 @@ def total_norm(params: list[torch.Tensor]) -> torch.Tensor:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(())
+    if all(type(g) is torch.Tensor and g.dtype is torch.float32 for g in grads):
+        # whole fp32 gradients (DDP): one fused kernel for the norms; PyTorch's get_total_norm
+        # (below) does the same after grouping by device and dtype, which costs more than the
+        # norms of a small model
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
     norm = torch.nn.utils.get_total_norm(grads)
     return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 

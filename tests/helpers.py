@@ -14,6 +14,7 @@ import torch
 import torch.multiprocessing as mp
 
 from ddp_reduce.config import RunConfig, load_config
+from ddp_reduce.distributed import exit_now
 from ddp_reduce.run.compose import compose_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,6 +39,9 @@ def _entry(rank: int, fn: Callable, world_size: int, store: str, out: str, args:
     )
     result = fn(f"file://{store}", *args)
     torch.save(result, os.path.join(out, f"rank{rank}.pt"))
+    # As the project's ranks end (exit_now): the group is torn down and the result written;
+    # the interpreter's own teardown of PyTorch's collective threads can abort (SIGABRT).
+    exit_now(0)
 
 
 def spawn(fn: Callable, world_size: int, tmp_path: Path, *args: Any) -> list[Any]:
