@@ -427,6 +427,23 @@ def test_a_run_directory_that_is_a_file_is_refused(tmp_path):
     assert target.read_text() == "not a folder"
 
 
+@pytest.mark.parametrize("content", ['{"status": "compl', "[1, 2]", "\xff\xfe"])
+def test_an_unreadable_summary_is_named_never_a_traceback(tmp_path, content):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "summary.json").write_bytes(content.encode("latin-1"))
+    # a run directory holding it is refused, the file left alone
+    proc = ddp_reduce("train.steps=2", f"hydra.run.dir={run}")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "summary.json" in proc.stderr and "Traceback" not in proc.stderr
+    assert (run / "summary.json").read_bytes() == content.encode("latin-1")
+    # a report lists the run as unreadable, says why, and exits 1
+    proc = ddp_reduce("report", str(run))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "run run:" in proc.stderr and "summary.json" in proc.stderr
+    assert "| run | unreadable |" in (run / "report.md").read_text()
+
+
 def test_torchrun_refuses_dist_nproc_it_does_not_run(tmp_path):
     proc = run_cli(
         str(VENV_BIN / "torchrun"), "--standalone", "--nproc-per-node=1", "-m", "ddp_reduce.train",

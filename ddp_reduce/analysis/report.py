@@ -23,7 +23,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 from ddp_reduce.analysis.tables import table  # noqa: E402
-from ddp_reduce.run.rundir import SUMMARY, read_metrics  # noqa: E402
+from ddp_reduce.run.rundir import SUMMARY, read_metrics, read_summary  # noqa: E402
 
 REPORT = "report.md"
 CSV = "runs.csv"
@@ -76,7 +76,7 @@ def _runs_of(path: Path) -> list[dict[str, Any]]:
             "dir": p,
             "overrides": _hydra_overrides(p),
             "labels": {},
-            "summary": json.loads((p / SUMMARY).read_text()),
+            "summary": _summary_of(p),
         }
         for p in candidates
     ]
@@ -87,6 +87,17 @@ def _runs_of(path: Path) -> list[dict[str, Any]]:
         if swept:
             r["name"] = " ".join(f"{k}={values[k]}" for k in swept if k in values) or r["name"]
     return runs
+
+
+UNREADABLE = "unreadable"  # a run whose summary.json cannot be read
+
+
+def _summary_of(run_dir: Path) -> dict[str, Any]:
+    """A run's summary; one that cannot be read is reported as such, not skipped."""
+    try:
+        return read_summary(run_dir) or {"status": "unreadable", "error": "no summary"}
+    except (OSError, ValueError) as exc:
+        return {"status": UNREADABLE, "error": str(exc)}
 
 
 def _override_values(overrides: list[str]) -> dict[str, str]:
@@ -171,7 +182,7 @@ def write_report(path: Path) -> Path:
     parts = []
     spec_path = path / SPEC
     module = None
-    failed = [r for r in runs if r["summary"].get("status") == "failed"]
+    failed = [r for r in runs if r["summary"].get("status") in ("failed", UNREADABLE)]
     if spec_path.exists():
         spec = json.loads(spec_path.read_text())
         title = f"# Study: {spec['study']}" + (" (quick variant)" if spec["quick"] else "")
@@ -208,7 +219,8 @@ def write_report(path: Path) -> Path:
             "",
             "## Failed runs",
             "",
-            f"{len(failed)} of {len(runs)} runs failed; each error's first line:",
+            f"{len(failed)} of {len(runs)} runs failed or could not be read; each error's "
+            "first line:",
             "",
             table(
                 ["run", "error"],
@@ -228,7 +240,7 @@ def write_report(path: Path) -> Path:
         "",
         "## All runs",
         "",
-        f"{len(runs)} runs: "
+        f"{len(runs)} run{'s' if len(runs) != 1 else ''}: "
         + ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
         + f". Every run's numbers: [{CSV}]({CSV}); TensorBoard (HParams view): "
         f"`tensorboard --logdir {path} --host 127.0.0.1`.",
@@ -289,4 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ddp-reduce: error: {exc}", file=sys.stderr)
         return 2
     print(f"ddp-reduce: report: {out}")
-    return 0
+    unreadable = [r for r in _runs_of(a.path) if r["summary"].get("status") == UNREADABLE]
+    for r in unreadable:
+        print(f"ddp-reduce: error: run {r['name']}: {r['summary']['error']}", file=sys.stderr)
+    return 1 if unreadable else 0

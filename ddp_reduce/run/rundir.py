@@ -83,10 +83,18 @@ def save_model(run_dir: Path, state_dict: dict) -> None:
 
 
 def read_summary(run_dir: Path) -> dict | None:
+    """The run's summary; None where there is none. ValueError where it is not a JSON object
+    (a truncated or foreign file), naming what is wrong."""
     path = Path(run_dir) / SUMMARY
     if not path.exists():
         return None
-    return json.loads(path.read_text())
+    try:
+        summary = json.loads(path.read_bytes())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is not JSON: {exc}") from None
+    if not isinstance(summary, dict):
+        raise ValueError(f"{path} holds a {type(summary).__name__}, not a run's summary")
+    return summary
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
