@@ -253,6 +253,24 @@ def test_converting_still_requires_its_options(capsys):
     assert "required: --world-size, --batch-size, --optim, --lr" in err
 
 
+@pytest.mark.parametrize("world", [2, 256])
+def test_the_printed_commands_fit_the_world_size(capsys, world):
+    """A few ranks run on this machine; beyond that convert also gives the torchrun form,
+    which leaves the world size to torchrun (a dist.nproc there is refused)."""
+    main(
+        ["--from", "sum/sum", "--to", "mean/mean", "--world-size", str(world)]
+        + "--batch-size 32 --optim sgd --lr 0.0001".split()
+    )
+    out = capsys.readouterr().out
+    commands = out.split("run the target with:\n", 1)[1].strip().splitlines()
+    assert f"dist.nproc={world}" in commands[0] and commands[0].lstrip().startswith("ddp-reduce")
+    if world == 2:
+        assert len(commands) == 1
+    else:
+        assert len(commands) == 2 and "torchrun" in commands[1]
+        assert "dist.nproc" not in commands[1] and "optim.lr=0.8192" in commands[1]
+
+
 _ARGS = "--world-size 4 --batch-size 8 --accum 2 --optim sgd --lr 0.1 --momentum 0.9"
 _ARGS += " --weight-decay 1e-4 --clip-norm 2"
 

@@ -46,6 +46,7 @@ from ddp_reduce.scaling import LrScaling, ScalingError, scale
 EXACT, APPROX = "exact", "approximate"
 RULES = tuple(r.name for r in LrScaling)
 OPTIMIZERS = ("sgd", "adam", "adamw")
+LOCAL_RANKS_HINT = 8  # above this many ranks, convert also prints the torchrun form
 
 
 class ConvertError(ValueError):
@@ -347,6 +348,20 @@ class Setting:
             self.accum_steps,
         )
 
+    def commands(self) -> list[str]:
+        """How to run this setting: ddp-reduce starts every rank on this machine; beyond a few
+        ranks that is a cluster's job (torchrun decides the world size there: no dist.nproc)."""
+        overrides = self.overrides()
+        lines = [f"  ddp-reduce {' '.join(overrides)}"]
+        if self.world_size > LOCAL_RANKS_HINT:
+            rest = " ".join(o for o in overrides if not o.startswith("dist.nproc="))
+            lines[0] += f"    # {self.world_size} ranks on this machine"
+            lines.append(
+                f"  torchrun --nnodes=NODES --nproc-per-node={self.world_size}/NODES "
+                f"-m ddp_reduce.train {rest}    # on a cluster"
+            )
+        return lines
+
     def overrides(self) -> list[str]:
         """Hydra overrides that run this setting with ddp-reduce (or torchrun)."""
         out = [
@@ -413,7 +428,7 @@ class Conversion:
             table(["knob", "source", "target", "verdict", "why"], rows, digits=6),
             "",
             "run the target with:",
-            "  ddp-reduce " + " ".join(self.target.overrides()),
+            *self.target.commands(),
         ]
         return "\n".join(lines)
 
