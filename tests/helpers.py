@@ -19,6 +19,20 @@ from ddp_reduce.run.compose import compose_config
 
 REPO = Path(__file__).resolve().parents[1]
 
+# The layout of the c·G tests (DDP and FSDP): W ranks of B items, A micro-steps. Each
+# (reduce.loss, reduce.op) pair with its c, written out by hand: the reference the layer's c
+# and its gradients are checked against.
+W, B, A = 2, 8, 2
+N = W * B * A
+PAIRS = [
+    ("mean", "mean", 1),
+    ("mean", "sum", W),
+    ("sum", "mean", B * A),
+    ("sum", "sum", N),
+    ("sum", "global_mean", 1),
+]
+RTOL = 1e-5  # relative: the received gradient against c·G
+
 
 def config_dict(*overrides: str) -> dict:
     """The composed config, exactly as the launchers see it."""

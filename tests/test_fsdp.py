@@ -15,18 +15,7 @@ from ddp_reduce.models import build_model, loss_sums
 from ddp_reduce.parallel import local_state_bytes
 from ddp_reduce.run.launch import rank_main
 from ddp_reduce.trainer import Trainer
-from tests.helpers import config_dict, ddp_reduce, spawn
-
-W, B, A = 2, 8, 2
-N = W * B * A
-RTOL = 1e-5
-PAIRS = [
-    ("mean", "mean", 1),
-    ("mean", "sum", W),
-    ("sum", "mean", B * A),
-    ("sum", "sum", N),
-    ("sum", "global_mean", 1),
-]
+from tests.helpers import PAIRS, RTOL, A, B, W, config_dict, ddp_reduce, spawn
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:

@@ -16,19 +16,7 @@ from ddp_reduce.data import GlobalBatchSampler, load_dataset
 from ddp_reduce.distributed import distributed
 from ddp_reduce.models import build_model, loss_sums
 from ddp_reduce.trainer import Trainer
-from tests.helpers import config_dict, spawn
-
-W, B, A = 2, 8, 2
-N = W * B * A
-RTOL = 1e-5
-
-PAIRS = [
-    ("mean", "mean", 1),
-    ("mean", "sum", W),
-    ("sum", "mean", B * A),
-    ("sum", "sum", N),
-    ("sum", "global_mean", 1),
-]
+from tests.helpers import PAIRS, RTOL, A, B, N, W, config_dict, spawn
 
 
 def _float(t) -> float:
