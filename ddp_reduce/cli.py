@@ -33,6 +33,12 @@ def config_groups() -> dict[str, list[str]]:
 
 
 def help_text() -> str:
+    from ddp_reduce.choices import Device, Precision, Strategy
+    from ddp_reduce.reduction import CommDtype, LossReduction, ReduceOp
+
+    def choices(enum) -> str:
+        return "|".join(member.name for member in enum)
+
     groups = "\n".join(
         f"  {name:<11} {' | '.join(options)}" for name, options in config_groups().items()
     )
@@ -49,8 +55,11 @@ commands (each takes --help):
 config groups (choose one with group=option):
 {groups}
 
-common keys: reduce.loss=sum|mean  reduce.op=sum|mean|global_mean  dist.nproc=N
-  dist.device=cpu|cuda  data.batch_size=b  train.accum_steps=A  train.steps  optim.lr
+common keys: reduce.loss={choices(LossReduction)}  reduce.op={choices(ReduceOp)}
+  dist.nproc=N  dist.strategy={choices(Strategy)}  dist.device={choices(Device)}
+  data.batch_size=b  train.accum_steps=A  train.steps  optim.lr
+  reduce.dtype={choices(CommDtype)}  reduce.predivide=full|sqrt|none|k
+  train.precision={choices(Precision)}
   hydra.run.dir=PATH (the run directory); every key: ddp-reduce --cfg job
   your own model and data: +model._target_=pkg.Class  +data._target_=pkg.make_splits
 

@@ -16,6 +16,17 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from ddp_reduce.choices import (  # noqa: F401 (the schema's types, imported from here too)
+    Backend,
+    Device,
+    LastBatch,
+    Loader,
+    OptimName,
+    Precision,
+    Schedule,
+    SeqArch,
+    Strategy,
+)
 from ddp_reduce.reduction import (
     CommDtype,
     LossReduction,
@@ -47,60 +58,6 @@ def _positive(key: str, value: float | int) -> None:
 
 def _non_negative(key: str, value: float | int) -> None:
     require(value >= 0 and math.isfinite(value), key, value, "a number >= 0")
-
-
-# OmegaConf matches an Enum by member *name*: the names are the values users type.
-class Loader(Enum):
-    auto = "auto"
-    memory = "memory"
-    loader = "loader"
-
-
-class LastBatch(Enum):
-    drop = "drop"  # an epoch's final partial global batch is skipped
-    keep = "keep"  # ... or used as it is, smaller (ragged); never padded with duplicated items
-
-
-class SeqArch(Enum):
-    gru = "gru"
-    transformer = "transformer"
-
-
-class OptimName(Enum):
-    sgd = "sgd"
-    adam = "adam"
-    adamw = "adamw"
-
-
-class Schedule(Enum):
-    constant = "constant"
-    cosine = "cosine"
-    linear = "linear"
-
-
-class Device(Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
-
-
-class Precision(Enum):
-    """What the model computes in: fp32, or autocast to bf16 / fp16 (fp16 with a loss scaler)."""
-
-    fp32 = "fp32"
-    bf16 = "bf16"
-    fp16 = "fp16"
-
-
-class Strategy(Enum):
-    ddp = "ddp"  # every rank holds the whole model: DistributedDataParallel
-    fsdp = "fsdp"  # parameters, gradients and optimizer state sharded: FSDP2 (fully_shard)
-
-
-class Backend(Enum):
-    auto = "auto"
-    gloo = "gloo"
-    nccl = "nccl"
 
 
 @dataclass
@@ -342,7 +299,13 @@ class TrainConfig:
             )
         if self.target_loss is not None:
             _positive("train.target_loss", self.target_loss)
-            _positive("train.eval_every", self.eval_every)
+            require(
+                self.eval_every > 0,
+                "train.eval_every",
+                self.eval_every,
+                f"a positive number with train.target_loss={self.target_loss} (the target is "
+                "checked at evaluations), or train.target_loss=null",
+            )
         _non_negative("train.checkpoint_every", self.checkpoint_every)
         _positive("train.keep_checkpoints", self.keep_checkpoints)
         _positive("train.accum_steps", self.accum_steps)

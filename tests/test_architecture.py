@@ -178,3 +178,15 @@ def test_the_calculator_and_the_help_load_neither_torch_nor_hydra(argv):
     )
     loaded = _modules_loaded(code)
     assert "torch" not in loaded and "hydra" not in loaded and "omegaconf" not in loaded
+
+
+def test_every_config_group_is_packaged():
+    """An installed (non-editable) package carries conf/ as ddp_reduce.conf: each group folder
+    must be a package of its own, or setuptools leaves its YAML files out."""
+    import tomllib
+
+    setup = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    groups = sorted(d.name for d in (REPO / "conf").iterdir() if d.is_dir())
+    for group in groups:
+        assert f"ddp_reduce.conf.{group}" in setup["packages"], group
+        assert setup["package-data"][f"ddp_reduce.conf.{group}"] == ["*.yaml"], group

@@ -53,6 +53,7 @@ BAD = [
     (["data.batch_size=1000"], 2, "data.batch_size", "at most the 1438 training items"),
     (["train.accum_steps=0"], 2, "train.accum_steps", "positive"),
     (["train.steps=0"], 2, "train.steps", "positive"),
+    (["train.target_loss=1.5", "train.eval_every=0"], 2, "train.eval_every", "target_loss=1.5"),
     (["optim.momentum=1.5"], 2, "optim.momentum", "0 <= momentum < 1"),
     (["optim.nesterov=true", "optim.momentum=0"], 2, "optim.nesterov", "momentum > 0"),
     (["optim.clip_norm=0"], 2, "optim.clip_norm", "positive"),

@@ -401,6 +401,9 @@ BAD_VALUES = [
     (["hydra.run.dir="], "hydra.run.dir"),
     (["hydra.run.dir=/proc/1/not-here"], "hydra.run.dir"),
     ([f"hydra.run.dir=/tmp/{'x' * 300}"], "hydra.run.dir"),
+    (["reduce.predivide=banana"], "reduce.predivide"),
+    (["reduce.predivide=0"], "reduce.predivide"),
+    (["model.hidden=abc"], "model.hidden"),
 ]
 
 
@@ -416,6 +419,7 @@ def test_bad_values_are_refused_cleanly(tmp_path, overrides, key):
     proc = ddp_reduce(*overrides, *run)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert f"ddp-reduce: error: {key}" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr  # one line, said once
     assert not list(tmp_path.glob("**/summary.json"))
 
 

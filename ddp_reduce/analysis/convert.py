@@ -355,10 +355,13 @@ class Setting:
         lines = [f"  ddp-reduce {' '.join(overrides)}"]
         if self.world_size > LOCAL_RANKS_HINT:
             rest = " ".join(o for o in overrides if not o.startswith("dist.nproc="))
-            lines[0] += f"    # {self.world_size} ranks on this machine"
+            per_node = next(k for k in (8, 4, 2, 1) if self.world_size % k == 0)
+            nodes = self.world_size // per_node
+            lines[0] += f"    # all {self.world_size} ranks on this one machine"
             lines.append(
-                f"  torchrun --nnodes=NODES --nproc-per-node={self.world_size}/NODES "
-                f"-m ddp_reduce.train {rest}    # on a cluster"
+                f"  torchrun --nnodes={nodes} --nproc-per-node={per_node} "
+                f"--rdzv-backend=c10d --rdzv-endpoint=HOST:29400 -m ddp_reduce.train {rest}"
+                f"    # on each of {nodes} nodes (W = {nodes} x {per_node})"
             )
         return lines
 

@@ -384,6 +384,8 @@ def _failure(
         message = (
             f"{names}; rank {rank} stopped waiting for it ({how}) after dist.timeout_s={timeout}"
         )
+    elif code < 0:
+        message = f"rank {rank} was killed by {how} (from outside: it could print no error)"
     else:
         message = f"rank {rank} failed with {how} (its error is above)"
     path = Path(run_dir)
@@ -450,15 +452,26 @@ def _precision_note(s: dict[str, Any]) -> str:
 
 
 def error_message(exc: BaseException) -> str:
-    """The exception's message with those of its causes (Hydra keeps OmegaConf's detail there)."""
-    parts, seen = [], set()
+    """The exception's message with those of its causes (Hydra keeps OmegaConf's detail there),
+    but not a context its raiser suppressed (``raise ... from None``), not what an earlier part
+    already says, and not OmegaConf's bookkeeping lines (full_key, object_type)."""
+    parts: list[str] = []
+    seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        text = str(exc).strip()
-        if text and text not in parts:
+        lines = [
+            line
+            for line in str(exc).strip().splitlines()
+            if not line.strip().startswith(BOOKKEEPING)
+        ]
+        text = "\n".join(lines).strip()
+        if text and not any(text in part for part in parts):
             parts.append(text)
-        exc = exc.__cause__ or exc.__context__
+        exc = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
     return "\n".join(parts)
+
+
+BOOKKEEPING = ("full_key:", "reference_type=", "object_type=", "Set the environment variable")
 
 
 def fail(message: str, code: int = 2) -> None:
