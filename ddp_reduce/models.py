@@ -7,6 +7,7 @@ with a data set are derived, not listed), plus a YAML in ``conf/model/``.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,15 @@ from torch import nn
 
 from ddp_reduce.config import ConfigError, ModelConfig, RunConfig, SeqArch
 from ddp_reduce.data import Batch, Dataset, Task, UserData, dataset_entry
+
+# torch.distributed.nn.functional.all_reduce warns that it is deprecated for the functional
+# collectives, but those have no all_reduce with a backward in this torch: it is still the one
+# differentiable all-reduce. Only that warning is silenced.
+warnings.filterwarnings(
+    "ignore",
+    message=r"torch\.distributed\.nn\.functional\.all_reduce is deprecated",
+    category=FutureWarning,
+)
 
 
 class GlobalBatchNorm(nn.Module):
@@ -96,12 +106,14 @@ class DigitsCNN(nn.Module):
                 layers.append(_norm_layer(cfg, c, 2))
             layers.append(nn.ReLU())
             c_in = c
-        layers += [nn.MaxPool2d(2), nn.Flatten()]
+        layers.append(nn.MaxPool2d(2))
         self.features = nn.Sequential(*layers)
         self.head = _mlp(cfg, c_in * 16, n_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+        # flattened here, not as the last layer of features: under FSDP2 each child is a unit,
+        # and a unit should not return a view (an in-place op on it would skip FSDP's hooks)
+        return self.head(self.features(x).flatten(1))
 
 
 class SeqModel(nn.Module):
