@@ -91,7 +91,7 @@ def _train() -> None:
         validate,
     )
     from ddp_reduce.run.pool import PoolError
-    from ddp_reduce.run.rundir import register_resolvers
+    from ddp_reduce.run.rundir import discard_refused, register_resolvers
 
     register_schema()
     register_resolvers()  # the sweep's folder names (conf/config.yaml: hydra.sweep.subdir)
@@ -127,6 +127,7 @@ def _train() -> None:
                 run_cfg = validate(cfg, cfg.dist.nproc)
                 path = held.enter_context(claim_run_dir(run_dir, run_cfg.train.overwrite))
             except ConfigError as exc:
+                discard_refused(run_dir)  # Hydra made its folder before the checks
                 return stop("refused", error_message(exc), 2)
             try:
                 summary = launch_local(

@@ -421,6 +421,8 @@ def test_bad_values_are_refused_cleanly(tmp_path, overrides, key):
     assert f"ddp-reduce: error: {key}" in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr  # one line, said once
     assert not list(tmp_path.glob("**/summary.json"))
+    if run:  # nothing that looks like a run is left (Hydra made the folder before the checks)
+        assert not (tmp_path / "r").exists()
 
 
 def test_a_run_directory_that_is_a_file_is_refused(tmp_path):

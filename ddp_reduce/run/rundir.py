@@ -7,6 +7,7 @@ leaves a half-written file that looks complete.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -100,6 +101,24 @@ def read_summary(run_dir: Path) -> dict | None:
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / METRICS
     return [record for _, record in _records(path)] if path.exists() else []
+
+
+def discard_refused(run_dir: str | Path) -> None:
+    """Remove the folder Hydra made for a run that was then refused, when it holds nothing but
+    Hydra's own record (``.hydra/``): a refused run leaves no directory that looks like a run.
+    A folder with anything else in it is left as it is."""
+    import shutil
+
+    path = Path(run_dir)
+    if not str(run_dir).strip() or not path.is_dir() or path.is_symlink():
+        return
+    if {entry.name for entry in path.iterdir()} - {".hydra"}:
+        return
+    hydra = path / ".hydra"
+    if hydra.is_dir() and not hydra.is_symlink():
+        shutil.rmtree(hydra, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        path.rmdir()
 
 
 def clear_results(run_dir: Path) -> None:
