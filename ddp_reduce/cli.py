@@ -100,7 +100,8 @@ def _train() -> None:
     # refused here, with the key, rather than as Hydra's own traceback.
     for arg in sys.argv[1:]:
         key, _, value = arg.partition("=")
-        if key.lstrip("+") in ("hydra.run.dir", "hydra.sweep.dir") and value.strip():
+        if key.lstrip("+") in ("hydra.run.dir", "hydra.sweep.dir"):
+            # an empty one too: Hydra would take the current folder and write into it
             if "${" not in value:
                 try:
                     check_run_dir(value, overwrite=True)

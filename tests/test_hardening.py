@@ -416,8 +416,11 @@ def test_bad_values_are_refused_cleanly(tmp_path, overrides, key):
         if any(o.startswith("hydra.run.dir") for o in overrides)
         else [f"hydra.run.dir={tmp_path / 'r'}"]
     )
+    hydra_record_here = (REPO / ".hydra").exists()  # the folder the command runs in
     proc = ddp_reduce(*overrides, *run)
     assert proc.returncode == 2, proc.stdout + proc.stderr
+    if not hydra_record_here:  # an empty hydra.run.dir must not make it Hydra's output folder
+        assert not (REPO / ".hydra").exists()
     assert f"ddp-reduce: error: {key}" in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr  # one line, said once
     assert not list(tmp_path.glob("**/summary.json"))
