@@ -412,7 +412,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     s = summary
     head = f"ddp-reduce: {s['status']}"
     if s["status"] == "diverged":
-        head += f" at step {s['diverged_at_step']} ({s.get('diverged_why') or 'NaN or inf'})"
+        head += f" at step {s['diverged_at_step']} ({s['diverged_why']})"
     head += f", {s['steps_done']} steps in {s['wall_time_s']:.1f} s"
 
     def metric(name: str, loss: float, acc: float | None) -> str:
@@ -425,8 +425,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"  W={s['world_size']} b={s['local_batch_size']} A={s['accum_steps']} "
         f"N={s['global_batch_size']}  reduce: loss={s['reduce_loss']} op={s['reduce_op']}",
         f"  gradient factor c = {s['grad_scale']:g}  [{s['grad_scale_rule']}]{exact}",
-        f"  {s.get('strategy', 'ddp')}, gradients reduced in {s.get('reduce_dtype', 'fp32')} "
-        f"({s.get('reduce_route') or 'no route'}), model in {s.get('precision', 'fp32')}"
+        f"  {s['strategy']}, gradients reduced in {s['reduce_dtype']} "
+        f"({s['reduce_route'] or 'no route'}), model in {s['precision']}"
         + _precision_note(s),
         metric("train", s["final_train_loss"], s["final_train_accuracy"]),
         metric("test", s["final_eval_loss"], s["final_eval_accuracy"]),
@@ -439,14 +439,14 @@ def format_summary(summary: dict[str, Any]) -> str:
 def _precision_note(s: dict[str, Any]) -> str:
     """What low precision cost, where it was measured."""
     note = ""
-    if s.get("reduce_comm_rel_error_max") is not None:
+    if s["reduce_comm_rel_error_max"] is not None:
         note += (
             f"; reduction error up to {s['reduce_comm_rel_error_max']:.2g} (relative), "
-            f"{s.get('reduce_lossy_logged_steps') or 0} lossy logged steps"
+            f"{s['reduce_lossy_logged_steps']} lossy logged steps"
         )
-    if s.get("reduce_op") == "sum" and s.get("reduce_predivide", "full") != "full":
+    if s["reduce_op"] == "sum" and s["reduce_predivide"] != "full":
         note += f"; reduce.predivide={s['reduce_predivide']} is moot with op=sum (divisor 1)"
-    if s.get("amp_skipped_steps"):
+    if s["amp_skipped_steps"]:
         note += f"; {s['amp_skipped_steps']} steps skipped by the loss scaler"
     return note
 
