@@ -426,8 +426,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"N={s['global_batch_size']}  reduce: loss={s['reduce_loss']} op={s['reduce_op']}",
         f"  gradient factor c = {s['grad_scale']:g}  [{s['grad_scale_rule']}]{exact}",
         f"  {s['strategy']}, gradients reduced in {s['reduce_dtype']} "
-        f"({s['reduce_route'] or 'no route'}), model in {s['precision']}"
-        + _precision_note(s),
+        f"({s['reduce_route'] or 'no route'}), model in {s['precision']}" + _precision_note(s),
         metric("train", s["final_train_loss"], s["final_train_accuracy"]),
         metric("test", s["final_eval_loss"], s["final_eval_accuracy"]),
         f"  run directory: {s['run_dir']}",
