@@ -4,8 +4,7 @@
 #   scripts/gpu_check.sh
 #   OUT=results scripts/gpu_check.sh -x      # also keep the logs and the benchmark's JSON in results/
 set -euo pipefail
-HERE=$(cd "$(dirname "$0")" && pwd)
-[ -x "$HERE/../.venv/bin/python" ] && export PATH="$HERE/../.venv/bin:$PATH"  # make setup's
+source "$(dirname "$0")/project-env.bash"
 OUT=${OUT:-$(mktemp -d)}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"

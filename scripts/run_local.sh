@@ -5,8 +5,7 @@
 #   NPROC=4 MAX_RESTARTS=2 RUN_DIR=outputs/mine scripts/run_local.sh train.checkpoint_every=50
 # The run directory is pinned before launch, so a restarted attempt finds its checkpoints.
 set -euo pipefail
-HERE=$(cd "$(dirname "$0")" && pwd)
-[ -x "$HERE/../.venv/bin/ddp-reduce" ] && export PATH="$HERE/../.venv/bin:$PATH"  # make setup's
+source "$(dirname "$0")/project-env.bash"
 NPROC=${NPROC:-2}
 MAX_RESTARTS=${MAX_RESTARTS:-0}
 RUN_DIR=${RUN_DIR:-outputs/$(date +%Y-%m-%d/%H-%M-%S)}

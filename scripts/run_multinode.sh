@@ -6,8 +6,7 @@
 # MASTER_ADDR is the node that hosts the rendezvous (127.0.0.1: all nodes on this machine).
 # RUN_DIR must be the same path on every node (rank 0 writes it; shared storage or not).
 set -euo pipefail
-HERE=$(cd "$(dirname "$0")" && pwd)
-[ -x "$HERE/../.venv/bin/python" ] && export PATH="$HERE/../.venv/bin:$PATH"  # make setup's
+source "$(dirname "$0")/project-env.bash"
 NNODES=${NNODES:-2}
 NPROC=${NPROC:-1}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}

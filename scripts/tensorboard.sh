@@ -6,8 +6,7 @@
 # tensorboard. With more than 40 runs, TensorBoard's Custom Scalars and Scalars dashboards start
 # with no run selected (empty charts): for such a directory this prints links that select them all.
 set -euo pipefail
-HERE=$(cd "$(dirname "$0")" && pwd)
-[ -x "$HERE/../.venv/bin/tensorboard" ] && export PATH="$HERE/../.venv/bin:$PATH"  # make setup's
+source "$(dirname "$0")/project-env.bash"
 LOGDIR=${1:-.}
 shift || true
 HOST=${TB_HOST:-127.0.0.1}
