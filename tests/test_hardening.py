@@ -16,8 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from ddp_reduce.config import DistConfig
 from ddp_reduce.run import checkpoint
 from ddp_reduce.run.launch import rank_main
+from ddp_reduce.run.pool import RankPool
 from ddp_reduce.run.rundir import json_ready
 from tests.helpers import REPO, VENV_BIN, config_dict, ddp_reduce, project_env, run_cli
 
@@ -189,6 +191,28 @@ def test_a_one_machine_run_listens_on_loopback_only(tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+def _all_reduce_ones(ctx) -> tuple[float, str | None]:
+    t = torch.ones(1)
+    torch.distributed.all_reduce(t)
+    return t.item(), os.environ.get("GLOO_SOCKET_IFNAME")
+
+
+def test_the_rank_pools_ranks_listen_on_loopback_only(monkeypatch):
+    # the pool that sweeps and studies use forks its ranks as the launcher does; gloo would
+    # otherwise bind the address the host name resolves to (loopback on some machines, this
+    # one included: hence the interface the ranks were given is checked too)
+    monkeypatch.delenv("GLOO_SOCKET_IFNAME", raising=False)
+    pool = RankPool(DistConfig(threads_per_rank=1), 2)
+    try:
+        assert pool.call(_all_reduce_ones) == [(2.0, "lo"), (2.0, "lo")]
+        open_ = {p.pid: _listening(p.pid) for p in pool._procs}
+        assert all(open_.values()), f"the ranks' gloo sockets should be seen: {open_}"
+        wide = {pid: a for pid, addrs in open_.items() for a in addrs if not _is_loopback(a)}
+        assert not wide, f"listening beyond loopback: {wide}"
+    finally:
+        pool.close()
 
 
 # -- faults: every one leaves a status, none loses a result ---------------------------------

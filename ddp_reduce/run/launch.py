@@ -27,6 +27,7 @@ import torch.multiprocessing as mp
 from ddp_reduce.config import ConfigError, RunConfig, load_config
 from ddp_reduce.distributed import (
     DistContext,
+    become_local_rank,
     die_with,
     distributed,
     exit_now,
@@ -38,7 +39,6 @@ from ddp_reduce.run.pool import shared_pool
 from ddp_reduce.run.rundir import SUMMARY, read_summary, versions, write_json
 from ddp_reduce.trainer import prepare
 
-LOOPBACK = "lo"  # the interface of one-machine gloo sockets
 # A run directory whose summary says this holds a result: nothing may replace it but a run
 # asked to (train.overwrite=true), which clears it first.
 FINISHED = ("completed", "diverged")
@@ -278,15 +278,8 @@ def launch_local(
 def _rank_entry(
     rank: int, nproc: int, store: str, attempt: int, cfg_dict: dict, run_dir: str, launcher: int
 ):
-    os.environ.update(
-        RANK=str(rank),
-        WORLD_SIZE=str(nproc),
-        LOCAL_RANK=str(rank),
-        LOCAL_WORLD_SIZE=str(nproc),
-        TORCHELASTIC_RESTART_COUNT=str(attempt),  # as torchrun names it (fault injection)
-    )
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", LOOPBACK)
-    die_with(launcher)
+    # TORCHELASTIC_RESTART_COUNT: as torchrun names it (fault injection reads it)
+    become_local_rank(rank, nproc, launcher, TORCHELASTIC_RESTART_COUNT=str(attempt))
     code = 0
     try:
         rank_main(cfg_dict, run_dir, f"file://{store}")

@@ -24,7 +24,7 @@ from typing import Any
 import torch.multiprocessing as mp
 
 from ddp_reduce.config import DistConfig
-from ddp_reduce.distributed import die_with, distributed, exit_now
+from ddp_reduce.distributed import become_local_rank, distributed, exit_now
 
 
 class PoolError(RuntimeError):
@@ -34,10 +34,7 @@ class PoolError(RuntimeError):
 def _worker(
     rank: int, world: int, store: str, dist_cfg: DistConfig, inbox: Any, outbox: Any, owner: int
 ) -> None:
-    die_with(owner)
-    os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world)
-    )
+    become_local_rank(rank, world, owner)
     with distributed(dist_cfg, init_method=f"file://{store}") as ctx:
         while True:
             job = inbox.get()
