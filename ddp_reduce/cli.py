@@ -91,7 +91,7 @@ def _train() -> None:
         validate,
     )
     from ddp_reduce.run.pool import PoolError
-    from ddp_reduce.run.rundir import discard_refused, register_resolvers
+    from ddp_reduce.run.rundir import FINISHED, discard_refused, register_resolvers
 
     register_schema()
     register_resolvers()  # the sweep's folder names (conf/config.yaml: hydra.sweep.subdir)
@@ -104,9 +104,9 @@ def _train() -> None:
             # an empty one too: Hydra would take the current folder and write into it
             if "${" not in value:
                 try:
-                    check_run_dir(value, overwrite=True)
+                    check_run_dir(value, overwrite=True, key=key.lstrip("+"))
                 except ConfigError as exc:
-                    fail(str(exc).replace("hydra.run.dir", key.lstrip("+"), 1))
+                    fail(str(exc))
 
     @hydra.main(version_base="1.3", config_path="pkg://ddp_reduce.conf", config_name="config")
     def app(cfg: DictConfig) -> float | None:
@@ -155,10 +155,8 @@ def _train() -> None:
             app()
     except Terminated:
         fail("stopped by SIGTERM", code=143)
-    if sum(tally.values()) > 1 or tally.keys() - {"completed", "diverged"}:
-        counts = ", ".join(
-            f"{tally.get(k, 0)} {k}" for k in ("completed", "diverged", "failed", "refused")
-        )
+    if sum(tally.values()) > 1 or tally.keys() - set(FINISHED):
+        counts = ", ".join(f"{tally.get(k, 0)} {k}" for k in (*FINISHED, "failed", "refused"))
         print(f"ddp-reduce: {sum(tally.values())} points: {counts}", flush=True)
         if tally.get("failed") or tally.get("refused"):
             sys.exit(1)

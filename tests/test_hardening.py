@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from ddp_reduce.config import DistConfig
-from ddp_reduce.run import checkpoint
+from ddp_reduce.run import checkpoint, launch
 from ddp_reduce.run.launch import rank_main
 from ddp_reduce.run.pool import RankPool
 from ddp_reduce.run.rundir import json_ready
@@ -474,6 +474,24 @@ def test_an_unreadable_summary_is_named_never_a_traceback(tmp_path, content):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "run run:" in proc.stderr and "summary.json" in proc.stderr
     assert "| run | unreadable |" in (run / "report.md").read_text()
+
+
+def test_a_failure_is_recorded_over_an_unreadable_summary_never_over_a_result(tmp_path):
+    # the launcher records a rank's failure in the run's summary: one made unreadable during
+    # the run (by another program) is replaced by the record, a finished run's is kept
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "summary.json").write_text('{"status": "runn')
+    launch._failure(1, -9, {}, {}, str(run), 2)
+    record = json.loads((run / "summary.json").read_text())
+    assert (record["status"], record["failed_rank"], record["world_size"]) == ("failed", 1, 2)
+    assert "SIGKILL" in record["error"]
+    done = json.dumps({"status": "completed", "final_eval_loss": 0.5})
+    (run / "summary.json").write_text(done)
+    launch._failure(0, 1, {}, {}, str(run), 2)
+    assert (run / "summary.json").read_text() == done
+    launch._failure(0, 1, {}, {}, str(tmp_path / "gone"), 2)  # no folder: none is made
+    assert not (tmp_path / "gone").exists()
 
 
 def test_torchrun_refuses_dist_nproc_it_does_not_run(tmp_path):

@@ -37,10 +37,9 @@ import torch.distributed as dist
 
 from ddp_reduce import parallel
 from ddp_reduce.config import to_dict
-from ddp_reduce.run.rundir import atomic_write, write_json
+from ddp_reduce.run.rundir import CHECKPOINTS, atomic_write, write_json
 from ddp_reduce.trainer import Trainer
 
-DIR = "checkpoints"
 MANIFEST = "manifest.json"
 EXTRA = "extra.pt"  # in a .dcp folder: everything but the model and the optimizer
 FORMAT = 2
@@ -190,7 +189,7 @@ def _record(
 
 def save(run_dir: Path, state: dict[str, Any], keep: int) -> Path:
     """Write ``state`` as the checkpoint of ``state['step']``; keep the newest ``keep``."""
-    folder = run_dir / DIR
+    folder = run_dir / CHECKPOINTS
     folder.mkdir(parents=True, exist_ok=True)
     entries = _read_manifest(folder)  # refuses a corrupt manifest before anything is written
     remove_stale_temporaries(folder)
@@ -225,7 +224,7 @@ def _load_verified(folder: Path, entry: dict) -> dict[str, Any]:
 
 def load_latest(run_dir: Path) -> Found | None:
     """The newest valid checkpoint, falling back past corrupt ones; None if there are none."""
-    folder = run_dir / DIR
+    folder = run_dir / CHECKPOINTS
     entries = _read_manifest(folder)
     if not entries:
         if folder.exists() and any(folder.glob("step_*.*")):
@@ -295,7 +294,7 @@ def save_trainer(run_dir: Path, trainer: Trainer, keep: int) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    folder, name = run_dir / DIR, f"step_{trainer.step:08d}.dcp"
+    folder, name = run_dir / CHECKPOINTS, f"step_{trainer.step:08d}.dcp"
 
     def begin() -> tuple[list[dict], str]:
         folder.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,7 @@ from ddp_reduce.optim import effective_optim
 from ddp_reduce.reduction import nominal_scale, scale_rule
 from ddp_reduce.run import checkpoint
 from ddp_reduce.run.rundir import (
+    FINISHED,
     SUMMARY,
     HParam,
     MetricsLogger,
@@ -122,7 +123,7 @@ def train(
 
 def _open_run_dir(cfg: RunConfig, run_dir: Path) -> None:
     previous = read_summary(run_dir)
-    if cfg.train.overwrite and previous and previous.get("status") in ("completed", "diverged"):
+    if cfg.train.overwrite and previous and previous.get("status") in FINISHED:
         clear_results(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_config(run_dir, to_dict(cfg))

@@ -36,21 +36,23 @@ from ddp_reduce.distributed import (
 )
 from ddp_reduce.run.job import train
 from ddp_reduce.run.pool import shared_pool
-from ddp_reduce.run.rundir import SUMMARY, read_summary, versions, write_json
+from ddp_reduce.run.rundir import (
+    FINISHED,
+    SUMMARY,
+    read_summary,
+    unfinished_summary,
+    versions,
+    write_json,
+)
 from ddp_reduce.trainer import prepare
-
-# A run directory whose summary says this holds a result: nothing may replace it but a run
-# asked to (train.overwrite=true), which clears it first.
-FINISHED = ("completed", "diverged")
-
 
 LOCK = ".lock"  # in the run directory: held (flock) by the one process that runs it
 
 
-def check_run_dir(run_dir: str | Path, overwrite: bool) -> Path:
+def check_run_dir(run_dir: str | Path, overwrite: bool, key: str = "hydra.run.dir") -> Path:
     """The run directory, created; refused when it cannot hold a run, or already holds a
-    finished result (completed or diverged) and ``overwrite`` is not asked for."""
-    key = "hydra.run.dir"
+    finished result (completed or diverged) and ``overwrite`` is not asked for. ``key``: the
+    setting that named it, for the refusal."""
     if not str(run_dir).strip():
         raise ConfigError(
             key, "''", "a folder for this run (empty would write into the current directory)"
@@ -179,11 +181,7 @@ def run_job(ctx: DistContext, cfg_dict: dict, run_dir: str) -> dict[str, Any] | 
             summary = train(cfg, path, ctx)
         except BaseException as exc:
             signals["recording"] = True
-            try:
-                previous = read_summary(path) if ctx.is_main else None
-            except (OSError, ValueError):
-                previous = None  # unreadable: replaced by this run's record
-            if ctx.is_main and path.is_dir() and (previous or {}).get("status") not in FINISHED:
+            if ctx.is_main and unfinished_summary(path) is not None:
                 write_json(
                     path / SUMMARY,
                     {
@@ -382,8 +380,8 @@ def _failure(
     else:
         message = f"rank {rank} failed with {how} (its error is above)"
     path = Path(run_dir)
-    previous = read_summary(path) or {}
-    if previous.get("status") not in FINISHED and path.is_dir():
+    previous = unfinished_summary(path)
+    if previous is not None:
         record = {
             **previous,
             "status": previous.get("status")

@@ -28,6 +28,10 @@ METRICS = "metrics.jsonl"
 CONFIG = "config.yaml"
 MODEL = "model.pt"
 TB_DIR = "tb"
+CHECKPOINTS = "checkpoints"
+# A summary with one of these statuses holds a result: nothing replaces it but a run asked to
+# (train.overwrite=true), which clears it first; a later failure is never recorded over it.
+FINISHED = ("completed", "diverged")
 
 
 def atomic_write(path: Path, write) -> None:
@@ -98,6 +102,19 @@ def read_summary(run_dir: Path) -> dict | None:
     return summary
 
 
+def unfinished_summary(run_dir: Path) -> dict | None:
+    """For recording a failure: the summary so far (``{}`` where there is none, or where it is
+    unreadable: the failure's record replaces it), or None where nothing may be written (the
+    folder is gone, or it holds a finished run)."""
+    if not Path(run_dir).is_dir():
+        return None
+    try:
+        previous = read_summary(run_dir) or {}
+    except (OSError, ValueError):
+        return {}
+    return None if previous.get("status") in FINISHED else previous
+
+
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / METRICS
     return [record for _, record in _records(path)] if path.exists() else []
@@ -127,7 +144,7 @@ def clear_results(run_dir: Path) -> None:
 
     for name in (SUMMARY, MODEL, METRICS):
         (run_dir / name).unlink(missing_ok=True)
-    for folder in (TB_DIR, "checkpoints"):
+    for folder in (TB_DIR, CHECKPOINTS):
         shutil.rmtree(run_dir / folder, ignore_errors=True)
 
 
