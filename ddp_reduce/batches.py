@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -118,8 +119,20 @@ def as_dataset(data: Split | Any) -> tuple[Any, Callable[[list], Batch]]:
     return data, pairs_collate
 
 
+@dataclass
+class StepBatches:
+    """A step's micro-batches on this rank and, where the data know them (the split's own
+    item counts, read on the host: no device sync), the item counts the step is planned with."""
+
+    micro: list[Batch]
+    micro_items: list[int] | None = None  # this rank's micro-batches' counts
+    counts: list[int] | None = None  # every rank's count
+    micro_equal: bool | None = None  # every micro-batch of every rank holds the same count
+
+
 class MemoryBatches:
-    """The fast path: the whole split on the device; every rank's item count known up front."""
+    """The fast path: the whole split on the device; with ``counts_known`` (the loss counts
+    the split's own items) every rank's item count known up front."""
 
     def __init__(
         self,
@@ -128,25 +141,31 @@ class MemoryBatches:
         rank: int,
         world_size: int,
         accum_steps: int,
+        counts_known: bool = True,
     ):
         self.split, self.sampler = split, sampler
         self.rank, self.world_size, self.accum_steps = rank, world_size, accum_steps
+        self.counts_known = counts_known
 
-    def micro_equal(self, step: int) -> bool:
-        """Every micro-batch of every rank holds the same item count this step."""
-        t = step - 1
-        counts = {
-            self.split.items(idx)
-            for rank in range(self.world_size)
-            for idx in self.sampler.micro_batches(t, rank, self.world_size, self.accum_steps)
-        }
-        return len(counts) == 1
-
-    def step(self, step: int) -> tuple[list[Batch], list[int] | None]:
-        """Step ``step`` (1-based): this rank's micro-batches and every rank's item count."""
+    def step(self, step: int, micro_equal: bool = False) -> StepBatches:
+        """Step ``step`` (1-based); ``micro_equal``: also say whether all micro-batches of all
+        ranks hold the same count (what ``loss=micro_mean`` needs to be exact)."""
         shares = self.sampler.rank_shares(step - 1, self.world_size)
-        micro = torch.tensor_split(shares[self.rank], self.accum_steps)  # as micro_batches does
-        return [self.split.batch(idx) for idx in micro], [self.split.items(s) for s in shares]
+        # each rank's A micro-batches: as the sampler's micro_batches splits them
+        mine = torch.tensor_split(shares[self.rank], self.accum_steps)
+        out = StepBatches([self.split.batch(idx) for idx in mine])
+        if self.counts_known:
+            out.micro_items = [self.split.items(idx) for idx in mine]
+            out.counts = [self.split.items(s) for s in shares]
+            if micro_equal:
+                out.micro_equal = 1 == len(
+                    {
+                        self.split.items(idx)
+                        for share in shares
+                        for idx in torch.tensor_split(share, self.accum_steps)
+                    }
+                )
+        return out
 
 
 class LoaderBatches:
@@ -179,15 +198,12 @@ class LoaderBatches:
             )
         )
 
-    def micro_equal(self, step: int) -> None:
-        """Not known here: the other ranks' batches are theirs."""
-        return None
-
-    def step(self, step: int) -> tuple[list[Batch], list[int] | None]:
+    def step(self, step: int, micro_equal: bool = False) -> StepBatches:
+        """The step's micro-batches; no counts: the other ranks' batches are theirs."""
         if step != self.next_step:
             raise RuntimeError(f"the DataLoader is at step {self.next_step}, not {step}")
         self.next_step += 1
-        return [next(self._iter).to(self.device) for _ in range(self.accum_steps)], None
+        return StepBatches([next(self._iter).to(self.device) for _ in range(self.accum_steps)])
 
 
 def eval_batches(

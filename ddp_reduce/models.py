@@ -209,6 +209,9 @@ class Objective:
     the batch's item count, known before the forward (the reduction plans the step with it)."""
 
     per_sample = True  # one item per sample (the noise scale's finite-population correction)
+    # its count of a batch is the split's own item count (Split.items), which every rank can
+    # read for every rank's batch before the step; otherwise the counts are all-reduced
+    counts_split_items = False
 
     def count(self, batch: Batch) -> int:
         return len(batch.y)
@@ -221,6 +224,8 @@ class Objective:
 
 class TaskObjective(Objective):
     """The built-in tasks' losses (cross-entropy per sample also for your own data)."""
+
+    counts_split_items = True  # Split.items: the rows, or the tokens after the first
 
     def __init__(self, task: Task):
         self.task = task

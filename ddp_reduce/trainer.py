@@ -213,7 +213,12 @@ class Trainer:
             ctx, a = self.ctx, self.geom.accum_steps
             if self.in_memory:
                 self._batches = MemoryBatches(
-                    self.train_split, self.sampler, ctx.rank, ctx.world_size, a
+                    self.train_split,
+                    self.sampler,
+                    ctx.rank,
+                    ctx.world_size,
+                    a,
+                    counts_known=self.objective.counts_split_items,
                 )
             else:
                 self._batches = LoaderBatches(
@@ -236,14 +241,15 @@ class Trainer:
         all-reduced loss and accuracy (one small collective more).
         """
         ctx = self.ctx
-        micro, counts = self.batches().step(step)
-        micro_items = [self.objective.count(batch) for batch in micro]
-        micro_equal = None
-        if self.cfg.reduce.loss is LossReduction.micro_mean:  # exact only if all are equal
-            micro_equal = self.batches().micro_equal(step)
+        # micro_mean is exact only where every micro-batch holds the same count
+        got = self.batches().step(step, self.cfg.reduce.loss is LossReduction.micro_mean)
+        micro = got.micro
+        micro_items = got.micro_items
+        if micro_items is None:
+            micro_items = [self.objective.count(batch) for batch in micro]
         amp = self.scaler.get_scale() if self.scaler is not None else 1.0
         scales = self.reducer.loss_scales(
-            micro_items, counts=counts, micro_equal=micro_equal, log=log, amp=amp
+            micro_items, counts=got.counts, micro_equal=got.micro_equal, log=log, amp=amp
         )
         loss_local = torch.zeros((), dtype=torch.float64, device=ctx.device)
         correct_local = torch.zeros_like(loss_local)

@@ -111,6 +111,32 @@ def test_a_user_loss_with_its_own_arguments(tmp_path):
     assert summary["status"] == "completed" and summary["final_eval_accuracy"] is None
 
 
+def test_a_user_loss_counting_its_own_items_on_built_in_data(tmp_path):
+    # ten items per sample: the step is planned with the loss's counts, not the data's rows
+    # (the sum over every item divided by the global item count is the mean of the means)
+    common = ("+loss._target_=userpkg.losses.OneVsRestBCE", "train.steps=10", "dist.nproc=2")
+    runs = {}
+    for loss, op in (("sum", "global_mean"), ("mean", "mean"), ("sum", "sum")):
+        name = f"{loss}_{op}"
+        lr = 0.1 / 640 if op == "sum" else 0.1  # c = N = 2 x 32 x 10 items for sum/sum
+        proc = ddp_reduce(
+            *common,
+            f"reduce.loss={loss}",
+            f"reduce.op={op}",
+            f"optim.lr={lr}",
+            f"hydra.run.dir={tmp_path / name}",
+            env=USER,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        summary = json.loads((tmp_path / name / "summary.json").read_text())
+        c = 640 if op == "sum" else 1
+        assert summary["grad_scale_range"] == [c, c], summary["grad_scale_range"]
+        assert f"measured over the steps: {c}" in proc.stdout or c == 1, proc.stdout
+        runs[name] = torch.load(tmp_path / name / "model.pt")
+    _close(runs["sum_global_mean"], runs["mean_mean"])
+    _close(runs["sum_sum"], runs["mean_mean"])
+
+
 NET = "+model._target_=userpkg.nets.Classifier"
 DATA = "+data._target_=userpkg.data.make_splits"
 BAD_TARGETS = [

@@ -411,6 +411,13 @@ def format_summary(summary: dict[str, Any]) -> str:
         return text + (f"  accuracy {acc:.4f}" if acc is not None else "")
 
     exact = "" if s["grad_scale_exact"] else " (unequal counts: a mean of means, not exactly c*G)"
+    # grad_scale is c with b*A items per rank; where the items are tokens, or counted by your
+    # loss, or a batch is ragged, the steps' own c differs: say what they measured
+    low, high = s["grad_scale_range"]
+    if low is not None and not low == high == s["grad_scale"]:
+        span = f"{low:g}" if low == high else f"{low:g} to {high:g}"
+        exact += f"; measured over the steps: {span} (c counts items; {s['grad_scale']:g} is for "
+        exact += "b*A items per rank)"
     lines = [
         head,
         f"  W={s['world_size']} b={s['local_batch_size']} A={s['accum_steps']} "
