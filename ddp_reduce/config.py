@@ -499,10 +499,6 @@ class BatchGeometry:
     accum_steps: int  # A
     global_batch_size: int  # N = W·b·A
 
-    @property
-    def local_items_step(self) -> int:
-        return self.local_batch_size * self.accum_steps
-
 
 def batch_geometry(cfg: RunConfig, world_size: int, n_train: int) -> BatchGeometry:
     """Derive W, b, A, N and refuse what does not divide or fit."""

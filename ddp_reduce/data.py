@@ -40,12 +40,6 @@ class Split:
         """Inputs and targets on ``device``; lengths stay on the CPU, where items are counted."""
         return Split(self.x.to(device), self.y.to(device), self.lengths)
 
-    def item_counts(self, idx: torch.Tensor) -> torch.Tensor:
-        """Loss items held by each of the given rows."""
-        if self.lengths is None:
-            return torch.ones(len(idx), dtype=torch.int64)
-        return self.lengths[idx] - 1
-
     def items(self, idx: torch.Tensor) -> int:
         if self.lengths is None:
             return len(idx)

@@ -124,7 +124,7 @@ def local_state_bytes(module: nn.Module, optimizer: torch.optim.Optimizer) -> di
     """Bytes this rank holds of parameters, gradients and optimizer state (its shards only)."""
 
     def nbytes(t: torch.Tensor) -> int:
-        local = t.to_local() if hasattr(t, "to_local") else t
+        local = _local(t)
         return local.numel() * local.element_size()
 
     params = list(unwrapped(module).parameters())
@@ -139,10 +139,6 @@ def local_state_bytes(module: nn.Module, optimizer: torch.optim.Optimizer) -> di
         "gradients": sum(nbytes(p.grad) for p in params if p.grad is not None),
         "optimizer": optim,
     }
-
-
-def world_barrier() -> None:
-    dist.barrier()
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
