@@ -32,6 +32,7 @@ from ddp_reduce.reduction import (
     LossReduction,
     ReduceImpl,
     ReduceOp,
+    check_builtin,
     check_combination,
     parse_predivide,
 )
@@ -251,19 +252,11 @@ class ReduceConfig:
             parse_predivide(self.predivide)
         except ValueError as exc:
             raise ConfigError("reduce.predivide", self.predivide, str(exc)) from None
-        require(
-            self.impl is not ReduceImpl.builtin or self.dtype is CommDtype.fp32,
-            "reduce.dtype",
-            self.dtype,
-            "fp32 with reduce.impl=builtin (DDP's own path casts nothing); bf16 and fp16 "
-            "need reduce.impl=hook",
-        )
-        require(
-            self.impl is not ReduceImpl.builtin or self.predivide == "full",
-            "reduce.predivide",
-            self.predivide,
-            "full with reduce.impl=builtin (DDP divides before its all-reduce)",
-        )
+        refused = check_builtin(self.impl, self.dtype, self.predivide)
+        if refused:
+            key, allowed = refused
+            value = self.dtype if key == "reduce.dtype" else self.predivide
+            raise ConfigError(key, value, allowed)
 
 
 @dataclass

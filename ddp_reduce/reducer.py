@@ -161,6 +161,11 @@ class Reducer:
         why = R.check_combination(loss, op, impl)
         if why:
             raise ValueError(why)
+        refused = R.check_builtin(impl, dtype, predivide)
+        if refused:
+            key, allowed = refused
+            value = dtype.name if key == "reduce.dtype" else predivide
+            raise ValueError(f"{key.split('.')[1]}={value}: allowed {allowed}")
         self.model = model
         self.sharded = is_fsdp(model)
         if self.sharded and impl is not R.ReduceImpl.hook:

@@ -152,6 +152,27 @@ def check_combination(loss: LossReduction, op: ReduceOp, impl: ReduceImpl) -> st
     return None
 
 
+def check_builtin(
+    impl: ReduceImpl, dtype: CommDtype, predivide: str | float
+) -> tuple[str, str] | None:
+    """DDP's own path (impl=builtin) casts nothing and divides before its all-reduce: what it
+    cannot do, as (the setting, what is allowed with builtin); None where it can."""
+    if impl is not ReduceImpl.builtin:
+        return None
+    if dtype is not CommDtype.fp32:
+        return (
+            "reduce.dtype",
+            "fp32 with reduce.impl=builtin (DDP's own path casts nothing); bf16 and fp16 "
+            "need reduce.impl=hook",
+        )
+    if parse_predivide(predivide) != "full":
+        return (
+            "reduce.predivide",
+            "full with reduce.impl=builtin (DDP divides before its all-reduce)",
+        )
+    return None
+
+
 @dataclass(frozen=True)
 class StepPlan:
     """One optimizer step's arithmetic, planned before the forward from the item counts.

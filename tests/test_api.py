@@ -205,3 +205,36 @@ def test_counts_and_norms_stay_exact_in_low_precision(tmp_path, dtype, counts, s
     # the squared norms exceed what fp16 holds (65504) and still come back finite
     if dtype == "float16":
         assert max(local_sq) * (sum(counts) / 2) ** 2 > 65504
+
+
+def _refusal_job(init: str, kwargs: list[dict]) -> list[str | None]:
+    """Every rank: attach with each set of keywords; the error it raised, None if none."""
+    out = []
+    with distributed(DistConfig(threads_per_rank=1), init):
+        model = DDP(_model())
+        for kw in kwargs:
+            try:
+                ddp_reduce.attach(model, **kw)
+                out.append(None)
+            except ValueError as exc:
+                out.append(str(exc))
+    return out
+
+
+def test_ddps_own_path_refuses_what_it_cannot_do(tmp_path):
+    # DDP's C++ mean casts nothing and divides before its all-reduce: asked for another dtype
+    # or another placement of the division, attach says so rather than ignoring it
+    cases = [
+        {"impl": "builtin", "dtype": "bf16"},
+        {"impl": "builtin", "predivide": "sqrt"},
+        {"impl": "builtin", "predivide": 4.0},
+        {"impl": "builtin", "op": "sum"},
+        {"impl": "builtin"},
+        {"impl": "hook", "dtype": "bf16", "predivide": "sqrt"},
+    ]
+    (errors,) = spawn(_refusal_job, 1, tmp_path, cases)
+    assert errors[0] is not None and "dtype=bf16" in errors[0] and "fp32" in errors[0]
+    assert errors[1] is not None and "predivide=sqrt" in errors[1] and "full" in errors[1]
+    assert errors[2] is not None and "predivide=4.0" in errors[2]
+    assert errors[3] is not None and "reduce.op=mean" in errors[3]
+    assert errors[4:] == [None, None]
