@@ -12,11 +12,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import ddp_reduce
 from ddp_reduce.config import DistConfig
 from ddp_reduce.distributed import distributed
-from tests.helpers import spawn
+from tests.helpers import PAIRS as PAIRS_AND_C
+from tests.helpers import W, assert_close, spawn
 
-W = 2
-RTOL = 1e-5
-PAIRS = [("mean", "mean"), ("mean", "sum"), ("sum", "mean"), ("sum", "sum"), ("sum", "global_mean")]
+PAIRS = [(loss, op) for loss, op, _ in PAIRS_AND_C]
 
 
 def _data(n: int, dtype=torch.float64, scale: float = 1.0):
@@ -105,11 +104,6 @@ EXPECTED_C = {  # equal counts of 8: W = 2, b·A = 8, N = 16
 }
 
 
-def _close(a: torch.Tensor, b: torch.Tensor) -> None:
-    err = ((a - b).norm() / b.norm()).item()
-    assert err < RTOL, f"relative error {err:.2e}"
-
-
 @pytest.mark.parametrize(
     "i", range(len(_cases())), ids=[f"{lo}-{op}-{g}" for lo, op, g in _cases()]
 )
@@ -119,7 +113,7 @@ def test_public_api_gives_c_times_G(equal, i):
     for rank in equal:
         r = rank[i]
         assert r["c"] == EXPECTED_C[(loss, op)] and r["exact"] and r["global_items"] == 16
-        _close(r["grad"], r["c"] * g)
+        assert_close(r["grad"], r["c"] * g)
 
 
 @pytest.mark.parametrize(
@@ -133,10 +127,10 @@ def test_public_api_with_ragged_counts(ragged, i):
         assert r["global_items"] == 16
         if loss == "sum":  # exact whatever the counts: c = N_t/divisor
             assert r["exact"] and r["c"] == {"sum": 16, "mean": 8, "global_mean": 1}[op]
-            _close(r["grad"], r["c"] * g)
+            assert_close(r["grad"], r["c"] * g)
         else:  # a mean of means: no single c, and the report says so
             assert not r["exact"]
-            _close(r["grad"], sum(local) / (W if op == "mean" else 1))
+            assert_close(r["grad"], sum(local) / (W if op == "mean" else 1))
 
 
 def test_the_route_is_ddp_own_where_the_arithmetic_is_and_a_hook_elsewhere(equal):
@@ -199,8 +193,7 @@ def test_counts_and_norms_stay_exact_in_low_precision(tmp_path, dtype, counts, s
         assert r["global_items"] == sum(counts) and r["c"] == 1  # 601 is 601, 70001 is 70001
         assert r["grad"].abs().max() > 0, "the gradient must not vanish"
         # the received gradient is stored in the model's dtype: its rounding is the tolerance
-        err = ((r["grad"] - expected).norm() / expected.norm()).item()
-        assert err < 1e-2, err
+        assert_close(r["grad"], expected, 1e-2)
         assert r["ranks_sq"] == pytest.approx(sum(local_sq), rel=1e-2)
     # the squared norms exceed what fp16 holds (65504) and still come back finite
     if dtype == "float16":

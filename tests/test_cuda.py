@@ -14,12 +14,10 @@ import pytest
 import torch
 
 from ddp_reduce.config import load_config
-from ddp_reduce.data import GlobalBatchSampler, load_dataset
 from ddp_reduce.distributed import distributed
-from ddp_reduce.models import build_model, loss_sums
 from ddp_reduce.run.launch import rank_main
 from ddp_reduce.trainer import Trainer
-from tests.helpers import config_dict, ddp_reduce, torchrun
+from tests.helpers import assert_close, config_dict, ddp_reduce, reference_gradient, torchrun
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
 
@@ -31,19 +29,6 @@ PAIRS = [
     ("sum", "sum", B),
     ("sum", "global_mean", 1),
 ]
-
-
-def _reference(cfg_dict: dict) -> torch.Tensor:
-    """G on the CPU, in one process, over the global batch of step 1."""
-    cfg = load_config(cfg_dict)
-    data = load_dataset(cfg.data)
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, data)
-    idx = GlobalBatchSampler(len(data.train), B, cfg.seed, cfg.data.last_batch).global_batch(0)
-    batch = data.train.batch(idx)
-    loss, _ = loss_sums(data.task, model(batch.x), batch)
-    (loss / data.train.items(idx)).backward()
-    return torch.cat([p.grad.flatten() for p in model.parameters()])
 
 
 VARIANTS = {
@@ -84,9 +69,8 @@ def test_received_gradient_on_cuda_is_c_times_G(loss, op, c, variant):
         grad = torch.cat([g.flatten().float() for g in grads]).cpu()
         trainer.close()
     assert out.report.c == c and out.report.route.name == route
-    g = _reference(cfg)
-    err = ((grad - c * g).norm() / (c * g).norm()).item()
-    assert err < tol, err
+    g, _ = reference_gradient(cfg, 1)  # on the CPU, in one process
+    assert_close(grad, c * g, tol)
 
 
 def test_cuda_training_matches_cpu_training(tmp_path):

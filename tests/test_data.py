@@ -10,8 +10,7 @@ from ddp_reduce import rank_batch_sampler
 from ddp_reduce.config import ConfigError, DataConfig, LastBatch
 from ddp_reduce.data import GlobalBatchSampler, load_dataset
 from ddp_reduce.models import build_model, loss_sums
-from ddp_reduce.run.launch import rank_main
-from tests.helpers import config, config_dict, spawn
+from tests.helpers import config, config_dict, spawn, train_runs
 
 RUN = ("train.steps=20", "train.eval_every=0", "train.log_every=5")
 
@@ -28,10 +27,6 @@ def test_the_rank_sampler_yields_the_global_batch_slices():
         rank_batch_sampler(100, 15, rank=0, world_size=2, steps=1)
 
 
-def _runs(init, jobs):
-    return [rank_main(cfg, run, f"{init}-{i}") for i, (cfg, run) in enumerate(jobs)]
-
-
 @pytest.mark.parametrize(
     "extra",
     [(), ("data=sequences", "model=seq", "reduce.loss=sum", "reduce.op=global_mean")],
@@ -42,7 +37,7 @@ def test_the_dataloader_path_trains_the_same_weights(tmp_path, extra):
         (config_dict(*RUN, *extra, f"data.loader={kind}", *workers), str(tmp_path / kind))
         for kind, workers in (("memory", ()), ("loader", ("data.num_workers=2",)))
     ]
-    summaries = spawn(_runs, 2, tmp_path, jobs)[0]
+    summaries = spawn(train_runs, 2, tmp_path, jobs)[0]
     assert all(s["status"] == "completed" for s in summaries)
     a = torch.load(tmp_path / "memory" / "model.pt")
     b = torch.load(tmp_path / "loader" / "model.pt")

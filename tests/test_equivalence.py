@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ddp_reduce.run.launch import rank_main
-from tests.helpers import config_dict, spawn
+from tests.helpers import config_dict, spawn, train_runs
 
 STEPS = 20
 LR = 0.1
@@ -22,10 +22,6 @@ BASE = (
     "train.eval_every=0",
     "train.log_every=5",
 )
-
-
-def run_many(init_method: str, jobs: list[tuple[dict, str]]) -> list[dict | None]:
-    return [rank_main(cfg, run_dir, f"{init_method}-{i}") for i, (cfg, run_dir) in enumerate(jobs)]
 
 
 def weights(run_dir) -> torch.Tensor:
@@ -66,7 +62,7 @@ def runs(tmp_path_factory):
             f"optim.lr={lr}",
         )
         jobs.append((cfg, str(root / name)))
-    summaries = spawn(run_many, 2, root, jobs)[0]
+    summaries = spawn(train_runs, 2, root, jobs)[0]
     out.update(dict(zip(W2_CASES, summaries, strict=True)))
     return root, out
 

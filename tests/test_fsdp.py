@@ -9,42 +9,29 @@ import pytest
 import torch
 
 from ddp_reduce.config import load_config
-from ddp_reduce.data import GlobalBatchSampler, load_dataset
-from ddp_reduce.distributed import distributed
-from ddp_reduce.models import build_model, loss_sums
-from ddp_reduce.parallel import local_state_bytes
-from ddp_reduce.run.launch import rank_main
-from ddp_reduce.trainer import Trainer
-from tests.helpers import PAIRS, RTOL, A, B, W, config_dict, ddp_reduce, spawn
+from ddp_reduce.data import load_dataset
+from ddp_reduce.models import build_model
+from tests.helpers import (
+    PAIRS,
+    A,
+    B,
+    W,
+    assert_close,
+    config_dict,
+    ddp_reduce,
+    first_step,
+    reference_gradient,
+    spawn,
+    train_runs,
+)
 
 
-def _full(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
-
-
-def _received(init: str, cfg_dicts: list[dict], tamper: bool = False) -> list[dict]:
-    """Every rank: the whole gradient the optimizer receives at step 1, for each config."""
-    out = []
-    with distributed(load_config(cfg_dicts[0]).dist, init) as ctx:
-        for cfg_dict in cfg_dicts:
-            trainer = Trainer(load_config(cfg_dict), ctx)
-            if tamper:  # FSDP's own mean left on top of ours: the factor applied twice
-                trainer.reducer.loss_scales([1], counts=[1] * ctx.world_size)  # picks the route
-                for unit in trainer.reducer._fsdp_units:
-                    unit.set_gradient_divide_factor(float(ctx.world_size))
-            report = trainer.forward_backward(1, log=True).report
-            grad = torch.cat([_full(p.grad).flatten() for p in trainer.params])
-            out.append(
-                {
-                    "grad": grad,
-                    "c": report.c,
-                    "exact": report.exact,
-                    "route": report.route.name,
-                    "memory": local_state_bytes(trainer.wrapped, trainer.optimizer),
-                }
-            )
-            trainer.close()
-    return out
+def _divide_twice(trainer) -> None:
+    """FSDP's own mean left on top of ours: the factor applied twice (the public bugs)."""
+    ranks = trainer.ctx.world_size
+    trainer.reducer.loss_scales([1], counts=[1] * ranks)  # picks the route
+    for unit in trainer.reducer._fsdp_units:
+        unit.set_gradient_divide_factor(float(ranks))
 
 
 def _cfg(loss: str, op: str, data: str = "digits", **extra: str) -> dict:
@@ -61,53 +48,38 @@ def _cfg(loss: str, op: str, data: str = "digits", **extra: str) -> dict:
     )
 
 
-def _reference(cfg_dict: dict) -> torch.Tensor:
-    """G over the global batch of step 1, in one process."""
-    cfg = load_config(cfg_dict)
-    data = load_dataset(cfg.data)
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, data)
-    n = W * cfg.data.batch_size * cfg.train.accum_steps
-    idx = GlobalBatchSampler(len(data.train), n, cfg.seed, cfg.data.last_batch).global_batch(0)
-    batch = data.train.batch(idx)
-    loss, _ = loss_sums(data.task, model(batch.x), batch)
-    (loss / data.train.items(idx)).backward()
-    return torch.cat([p.grad.flatten() for p in model.parameters()])
-
-
 @pytest.fixture(scope="module")
 def received(tmp_path_factory):
     cfgs = [_cfg(loss, op) for loss, op, _ in PAIRS]
     cfgs.append(_cfg("sum", "global_mean", data="sequences", **{"data.max_len": "32"}))
-    return cfgs, spawn(_received, W, tmp_path_factory.mktemp("fsdp"), cfgs)
+    return cfgs, spawn(first_step, W, tmp_path_factory.mktemp("fsdp"), cfgs)
 
 
 @pytest.mark.parametrize("i", range(len(PAIRS)), ids=[f"{lo}-{op}" for lo, op, _ in PAIRS])
 def test_the_optimizer_receives_c_times_G_under_fsdp(received, i):
     cfgs, ranks = received
     loss, op, c = PAIRS[i]
-    g = _reference(cfgs[i])
+    g = reference_gradient(cfgs[i])[0]
     for r in ranks:
         got = r[i]
         assert got["c"] == c and got["exact"] and got["route"] == "fsdp_comm"
-        err = ((got["grad"] - c * g).norm() / (c * g).norm()).item()
-        assert err < RTOL, err
+        assert_close(got["grad"], c * g)
 
 
 def test_ragged_tokens_global_mean_under_fsdp(received):
     cfgs, ranks = received
-    g = _reference(cfgs[-1])
+    g = reference_gradient(cfgs[-1])[0]
     for r in ranks:
         assert r[-1]["c"] == 1 and r[-1]["exact"]
-        assert ((r[-1]["grad"] - g).norm() / g.norm()).item() < RTOL
+        assert_close(r[-1]["grad"], g)
 
 
 def test_a_divide_factor_applied_twice_is_caught(tmp_path):
     """FSDP averages over the mesh by default; with ours that is 1/W too much (the public
     bugs: gradients off by exactly a factor). The check above would see it: planted here."""
     cfg = _cfg("mean", "mean")
-    ranks = spawn(_received, W, tmp_path, [cfg], True)
-    g = _reference(cfg)
+    ranks = spawn(first_step, W, tmp_path, [cfg], _divide_twice)
+    g, _ = reference_gradient(cfg)
     ratio = (ranks[0][0]["grad"].norm() / g.norm()).item()
     assert ratio == pytest.approx(1 / W, rel=1e-5)  # the double division, measured
     assert abs(ratio - 1) > 0.1  # ... which the c·G check (1e-5) refuses
@@ -127,10 +99,6 @@ CASES = {
 }
 
 
-def _runs(init: str, jobs: list[tuple[dict, str]]) -> list:
-    return [rank_main(cfg, run, f"{init}-{i}") for i, (cfg, run) in enumerate(jobs)]
-
-
 @pytest.mark.parametrize("world", [2, 4])
 def test_fsdp_and_ddp_train_the_same_weights(tmp_path, world):
     jobs = []
@@ -142,7 +110,7 @@ def test_fsdp_and_ddp_train_the_same_weights(tmp_path, world):
                 *STEPS, *extra, f"dist.strategy={strategy}", "dist.threads_per_rank=1"
             )
             jobs.append((cfg, str(tmp_path / f"{name}-{strategy}")))
-    summaries = spawn(_runs, world, tmp_path, jobs)[0]
+    summaries = spawn(train_runs, world, tmp_path, jobs)[0]
     by_dir = {run: s for (_, run), s in zip(jobs, summaries, strict=True)}
     for name in CASES:
         if world == 4 and name == "adam-clip-wd-noise":

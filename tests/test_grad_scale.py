@@ -13,66 +13,20 @@ import torch
 
 from ddp_reduce.config import load_config
 from ddp_reduce.data import GlobalBatchSampler, load_dataset
-from ddp_reduce.distributed import distributed
 from ddp_reduce.models import build_model, loss_sums
-from ddp_reduce.trainer import Trainer
-from tests.helpers import PAIRS, RTOL, A, B, N, W, config_dict, spawn
-
-
-def _float(t) -> float:
-    """A statistic of the reduction, 0 where the route has none (DDP's own mean)."""
-    return 0.0 if t is None else float(t)
-
-
-def received_gradients(init_method: str, cfg_dicts: list[dict]) -> list[dict]:
-    """On every rank: for each config, the flat gradient the optimizer receives at step 1."""
-    out = []
-    with distributed(load_config(cfg_dicts[0]).dist, init_method) as ctx:
-        for cfg_dict in cfg_dicts:
-            trainer = Trainer(load_config(cfg_dict), ctx)
-            report = trainer.forward_backward(1, log=True).report
-            flat = torch.cat([p.grad.flatten() for p in trainer.params])
-            micro = trainer.sampler.micro_batches(
-                0, ctx.rank, ctx.world_size, trainer.geom.accum_steps
-            )
-            items = sum(trainer.train_split.items(idx) for idx in micro)
-            out.append(
-                {
-                    "grad": flat,
-                    "c": report.c,
-                    "exact": report.exact,
-                    "items": items,
-                    "global_items": report.global_items,
-                    "local_sq": _float(report.local_sq),
-                    "ranks_sq": _float(report.ranks_sq_mean) * report.world_size,
-                }
-            )
-            trainer.close()
-    return out
-
-
-def reference_gradient(cfg_dict: dict) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """G = (1/N)·Σ g_i over the global batch of step 1, in one process; and per-rank slices."""
-    cfg = load_config(cfg_dict)
-    data = load_dataset(cfg.data)
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, data)
-    n = W * cfg.data.batch_size * cfg.train.accum_steps
-    sampler = GlobalBatchSampler(len(data.train), n, cfg.seed, cfg.data.last_batch)
-    idx = sampler.global_batch(0)
-    batch = data.train.batch(idx)
-    loss, _ = loss_sums(data.task, model(batch.x), batch)
-    (loss / data.train.items(idx)).backward()
-    g = torch.cat([p.grad.flatten() for p in model.parameters()])
-    # each rank's local mean gradient, for the mean-of-means prediction
-    locals_ = []
-    for share in torch.tensor_split(idx, W):
-        model.zero_grad()
-        b = data.train.batch(share)
-        loss, _ = loss_sums(data.task, model(b.x), b)
-        (loss / data.train.items(share)).backward()
-        locals_.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
-    return g, locals_
+from tests.helpers import (
+    PAIRS,
+    A,
+    B,
+    N,
+    W,
+    assert_close,
+    config_dict,
+    first_step,
+    reference_gradient,
+    rel_error,
+    spawn,
+)
 
 
 def _cfg(data: str, loss: str, op: str, impl: str = "hook", **extra: str) -> dict:
@@ -87,11 +41,6 @@ def _cfg(data: str, loss: str, op: str, impl: str = "hook", **extra: str) -> dic
         f"reduce.impl={impl}",
     ] + [f"{k}={v}" for k, v in extra.items()]
     return config_dict(*overrides)
-
-
-def _assert_close(received: torch.Tensor, expected: torch.Tensor) -> None:
-    err = (received - expected).norm() / expected.norm()
-    assert err < RTOL, f"relative error {err:.2e} >= {RTOL}"
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +67,7 @@ def results(tmp_path_factory):
     for sync in ("true", "false"):
         cases.append((("digits-bn", sync), 1))
         cfgs.append(_cfg("digits", "mean", "mean", **bn, **{"model.sync_bn": sync}))
-    per_rank = spawn(received_gradients, W, tmp_path_factory.mktemp("grads"), cfgs)
+    per_rank = spawn(first_step, W, tmp_path_factory.mktemp("grads"), cfgs)
     return {
         key: (c, cfg, [r[i] for r in per_rank])
         for i, ((key, c), cfg) in enumerate(zip(cases, cfgs, strict=True))
@@ -133,7 +82,7 @@ def test_received_gradient_is_c_times_G(results, loss, op, c, impl):
     for r in ranks:
         assert r["c"] == c_expected == c
         assert r["exact"]
-        _assert_close(r["grad"], c * g)
+        assert_close(r["grad"], c * g)
     # every rank holds the same reduced gradient
     assert torch.equal(ranks[0]["grad"], ranks[1]["grad"])
 
@@ -143,7 +92,7 @@ def test_builtin_ddp_mean_is_the_same_arithmetic(results, loss, c):
     _, cfg, ranks = results[("digits", loss, "mean", "builtin")]
     g, _ = reference_gradient(cfg)
     for r in ranks:
-        _assert_close(r["grad"], c * g)
+        assert_close(r["grad"], c * g)
 
 
 def test_ragged_global_mean_equals_single_process_token_mean(results):
@@ -153,14 +102,14 @@ def test_ragged_global_mean_equals_single_process_token_mean(results):
     g, _ = reference_gradient(cfg)
     for r in ranks:
         assert r["c"] == 1 and r["exact"]
-        _assert_close(r["grad"], g)
+        assert_close(r["grad"], g)
 
 
 def test_ragged_sum_modes_follow_actual_counts(results):
     _, cfg, ranks = results[("sequences", "sum", "sum", "hook")]
     n_tokens = sum(r["items"] for r in ranks)
     g, _ = reference_gradient(cfg)
-    _assert_close(ranks[0]["grad"], n_tokens * g)
+    assert_close(ranks[0]["grad"], n_tokens * g)
     assert ranks[0]["c"] == n_tokens
 
 
@@ -170,12 +119,12 @@ def test_ragged_mean_of_means_is_biased(results):
     received = ranks[0]["grad"]
     assert not ranks[0]["exact"]
     # It is exactly the unweighted mean of the ranks' own means ...
-    _assert_close(received, sum(local_means) / W)
+    assert_close(received, sum(local_means) / W)
     # ... which measurably differs from the true per-token mean G.
-    bias = ((received - g).norm() / g.norm()).item()
+    bias = rel_error(received, g)
     assert bias > 1e-2, f"mean of means should differ from G on this case, got {bias:.2e}"
     _, _, sum_ranks = results[("sequences", "mean", "sum", "hook")]
-    _assert_close(sum_ranks[0]["grad"], sum(local_means))
+    assert_close(sum_ranks[0]["grad"], sum(local_means))
 
 
 def test_sync_batch_norm_matches_one_process_batch_norm(results):
@@ -184,13 +133,13 @@ def test_sync_batch_norm_matches_one_process_batch_norm(results):
     reference = dict(cfg, model=dict(cfg["model"], sync_bn=False))
     g, _ = reference_gradient(reference)
     for r in ranks:
-        _assert_close(r["grad"], g)
+        assert_close(r["grad"], g)
 
 
 def test_per_rank_batch_norm_differs_from_one_process(results):
     _, cfg, ranks = results[("digits-bn", "false")]
     g, _ = reference_gradient(cfg)
-    diff = ((ranks[0]["grad"] - g).norm() / g.norm()).item()
+    diff = rel_error(ranks[0]["grad"], g)
     assert diff > 1e-3, f"per-rank statistics should change the gradient, got {diff:.2e}"
 
 
@@ -232,7 +181,7 @@ def test_micro_mean_is_mean_with_equal_counts(results):
     g, _ = reference_gradient(cfg)
     for r in ranks:
         assert r["c"] == 1 and r["exact"]
-        _assert_close(r["grad"], g)
+        assert_close(r["grad"], g)
 
 
 def test_micro_mean_reproduces_the_accumulation_bug_on_ragged_counts(results):
@@ -243,6 +192,6 @@ def test_micro_mean_reproduces_the_accumulation_bug_on_ragged_counts(results):
     g, _ = reference_gradient(cfg)
     for r in ranks:
         assert not r["exact"]
-        _assert_close(r["grad"], sum(means) / len(means))
-    bias = ((ranks[0]["grad"] - g).norm() / g.norm()).item()
+        assert_close(r["grad"], sum(means) / len(means))
+    bias = rel_error(ranks[0]["grad"], g)
     assert bias > 1e-2, f"the per-micro-batch mean should differ from G here, got {bias:.2e}"

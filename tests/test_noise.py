@@ -13,7 +13,7 @@ from ddp_reduce.data import load_dataset
 from ddp_reduce.models import build_model
 from ddp_reduce.noise import NoiseScaleEstimator, exact_noise, linear_noise
 from ddp_reduce.run.launch import rank_main
-from tests.helpers import config_dict, spawn
+from tests.helpers import config_dict, spawn, train_runs
 
 
 def _population(n=100, dim=10, seed=0):
@@ -88,10 +88,6 @@ RUNS = {
 }
 
 
-def _runs(init_method, jobs):
-    return [rank_main(cfg, run, f"{init_method}-{i}") for i, (cfg, run) in enumerate(jobs)]
-
-
 @pytest.fixture(scope="module")
 def noise_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("noise")
@@ -101,7 +97,7 @@ def noise_runs(tmp_path_factory):
             *CHECK, *overrides, f"train.checkpoint_every={every}", f"train.log_every={every}"
         )
         jobs.append((cfgs[name], str(root / name)))
-    spawn(_runs, 2, root, jobs)
+    spawn(train_runs, 2, root, jobs)
     return root, cfgs
 
 

@@ -13,44 +13,18 @@ from ddp_reduce.config import DistConfig, load_config
 from ddp_reduce.data import GlobalBatchSampler, load_dataset
 from ddp_reduce.distributed import distributed
 from ddp_reduce.models import build_model, loss_sums
-from ddp_reduce.run.launch import rank_main
-from ddp_reduce.trainer import Trainer
-from tests.helpers import config_dict, spawn
+from tests.helpers import (
+    assert_close,
+    config_dict,
+    first_step,
+    reference_gradient,
+    spawn,
+    train_runs,
+)
 
 W = 2
 TOLERANCE = {"bf16": 1e-2, "fp16": 2e-3, "fp32": 1e-5}  # relative, per comm dtype
 PAIRS = [("mean", "mean", 1), ("mean", "sum", W), ("sum", "mean", 16), ("sum", "sum", 32)]
-
-
-def _grads(init: str, cfgs: list[dict]) -> list[dict]:
-    out = []
-    with distributed(load_config(cfgs[0]).dist, init) as ctx:
-        for cfg in cfgs:
-            trainer = Trainer(load_config(cfg), ctx)
-            report = trainer.forward_backward(1, log=True).report
-            out.append(
-                {
-                    "grad": torch.cat([p.grad.flatten().double() for p in trainer.params]),
-                    "c": report.c,
-                    "route": report.route.name,
-                    "rel_error": report.comm_rel_error,
-                }
-            )
-            trainer.close()
-    return out
-
-
-def _reference(cfg_dict: dict) -> torch.Tensor:
-    cfg = load_config(cfg_dict)
-    data = load_dataset(cfg.data)
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, data)
-    n = W * cfg.data.batch_size
-    idx = GlobalBatchSampler(len(data.train), n, cfg.seed, cfg.data.last_batch).global_batch(0)
-    batch = data.train.batch(idx)
-    loss, _ = loss_sums(data.task, model(batch.x), batch)
-    (loss / len(idx)).backward()
-    return torch.cat([p.grad.flatten().double() for p in model.parameters()])
 
 
 CASES = [
@@ -73,7 +47,7 @@ def _case_cfg(dtype: str, precision: str, loss: str, op: str) -> dict:
 @pytest.fixture(scope="module")
 def low(tmp_path_factory):
     cfgs = [_case_cfg(*case[:4]) for case in CASES]
-    return cfgs, spawn(_grads, W, tmp_path_factory.mktemp("prec"), cfgs)
+    return cfgs, spawn(first_step, W, tmp_path_factory.mktemp("prec"), cfgs)
 
 
 @pytest.mark.parametrize("i", range(len(CASES)), ids=["-".join(map(str, c[:4])) for c in CASES])
@@ -82,13 +56,12 @@ def test_low_precision_reductions_and_models_keep_c(low, i):
     unscale leaves c·G): the same c as fp32, the gradient c·G to the dtype's tolerance."""
     cfgs, ranks = low
     dtype, precision, _, _, c = CASES[i]
-    g = _reference(cfgs[i])
+    g, _ = reference_gradient(cfgs[i], W)
     tol = max(TOLERANCE[dtype], TOLERANCE[precision] * 5)
     for r in ranks:
         got = r[i]
         assert got["c"] == c
-        err = ((got["grad"] - c * g).norm() / (c * g).norm()).item()
-        assert err < tol, (err, tol)
+        assert_close(got["grad"], c * g, tol)
         if dtype != "fp32":  # measured on the logged step against a float64 reduction
             assert got["route"] == "hook" and got["rel_error"] < TOLERANCE[dtype]
 
@@ -142,10 +115,6 @@ def overflow_scale():
     return eig
 
 
-def _runs(init, jobs):
-    return [rank_main(cfg, run, f"{init}-{i}") for i, (cfg, run) in enumerate(jobs)]
-
-
 def test_an_fp16_sum_that_overflows_is_reported_and_sqrt_predivision_avoids_it(
     tmp_path, overflow_scale
 ):
@@ -155,7 +124,7 @@ def test_an_fp16_sum_that_overflows_is_reported_and_sqrt_predivision_avoids_it(
         for pre in ("none", "sqrt")
     ]
     jobs.append((config_dict(*OVERFLOW, *scale, "reduce.dtype=fp32"), str(tmp_path / "fp32")))
-    plain, split, reference = spawn(_runs, W, tmp_path, jobs)[0]
+    plain, split, reference = spawn(train_runs, W, tmp_path, jobs)[0]
     assert plain["status"] == "diverged" and plain["reduce_overflow_at_step"] == 1
     assert "all-reduce overflowed" in plain["diverged_why"] and "loss" not in plain["diverged_why"]
     assert split["status"] == "completed" and split["reduce_overflow_at_step"] is None
@@ -204,7 +173,7 @@ def test_a_low_precision_model_trains_end_to_end(tmp_path):
         for p in ("bf16", "fp16")
         for i, extra in enumerate([(), ("reduce.loss=sum", "reduce.op=sum", "optim.lr=0.003125")])
     ]
-    summaries = spawn(_runs, W, tmp_path, jobs)[0]
+    summaries = spawn(train_runs, W, tmp_path, jobs)[0]
     for s in summaries:
         assert s["status"] == "completed" and s["final_train_loss"] < s["initial_train_loss"]
     assert all(s["amp_skipped_steps"] is not None for s in summaries if s["precision"] == "fp16")
