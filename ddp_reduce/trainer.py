@@ -204,8 +204,6 @@ class Trainer:
             else None
         )
         self._batches: MemoryBatches | LoaderBatches | None = None
-        self._one = torch.ones((), device=ctx.device)  # the NaN guard's two outcomes
-        self._nan = torch.full((), float("nan"), device=ctx.device)
 
     def batches(self) -> MemoryBatches | LoaderBatches:
         """Where the steps' micro-batches come from (made at the first step, after a resume)."""
@@ -251,8 +249,7 @@ class Trainer:
         scales = self.reducer.loss_scales(
             micro_items, counts=got.counts, micro_equal=got.micro_equal, log=log, amp=amp
         )
-        loss_local = torch.zeros((), dtype=torch.float64, device=ctx.device)
-        correct_local = torch.zeros_like(loss_local)
+        losses, corrects = [], []  # summed only where read: a logged or a diverged step
         for a, batch in enumerate(micro):
             with self.reducer.micro_batch(last=a == len(micro) - 1):
                 with self._autocast():  # accuracy on logged steps only: it costs a pass
@@ -260,21 +257,22 @@ class Trainer:
                 loss_sum = loss_sum.float()
                 if self._poisoned(step):
                     loss_sum = loss_sum * float("nan")
-                objective = loss_sum * scales[a]
+                # The loss scale as a tensor that is NaN where this rank's loss is not finite
+                # (0·x is NaN for x = inf or NaN, 0 otherwise): such a loss turns the rank's
+                # gradient into NaN, which the all-reduce carries to every rank, and all stop
+                # at this step with no collective of their own. Where finite, the product is
+                # loss·scale, bit for bit.
+                scale = loss_sum.detach() * 0.0 + scales[a]
+                objective = loss_sum * scale
                 if self.cfg.optim.l2:
                     # (l2/2)·|w|² on every item, so the term is scaled with the loss.
                     l2 = 0.5 * sum(p.pow(2).sum() for p in self.params)
                     objective = objective + self.cfg.optim.l2 * micro_items[a] * scales[a] * l2
-                # A NaN or inf in this rank's loss turns its gradient into NaN, which the
-                # all-reduce carries to every rank: all stop at this step, with no collective
-                # of their own. (x 1.0 when finite: the gradient is unchanged, bit for bit.)
-                finite = torch.isfinite(loss_sum.detach())
-                objective = objective * torch.where(finite, self._one, self._nan)
                 # fp16: the loss scaler's factor too, taken out again by unscale_ below
                 (self.scaler.scale(objective) if self.scaler is not None else objective).backward()
-            loss_local += loss_sum.detach()
+            losses.append(loss_sum.detach())
             if correct is not None:
-                correct_local += correct
+                corrects.append(correct)
             if a == 0 and self.noise_source is NoiseSource.micro:
                 # One rank, A >= 2: the first micro-batch's own gradient is the small batch.
                 sq = parallel.total_norm(self.params).double() ** 2
@@ -285,6 +283,14 @@ class Trainer:
         report = self.reducer.last_step
         # The reduced gradient is the same on every rank, so is this verdict.
         outcome = StepOutcome(report, diverged=not bool(torch.isfinite(report.grad_norm)))
+        if not (outcome.diverged or log):
+            return outcome
+        loss_local = torch.zeros((), dtype=torch.float64, device=ctx.device)
+        for loss_sum in losses:
+            loss_local += loss_sum
+        correct_local = torch.zeros_like(loss_local)
+        for correct in corrects:
+            correct_local += correct
         if outcome.diverged:
             outcome.cause = self._cause(loss_local, report)
         if log:
