@@ -39,6 +39,7 @@ from ddp_reduce.distributed import DistContext, available_cores
 from ddp_reduce.models import build_model, loss_sums
 from ddp_reduce.run.compose import compose_config
 from ddp_reduce.run.pool import RankPool
+from ddp_reduce.run.rundir import SUMMARY, read_summary
 from ddp_reduce.sysinfo import peak_rss_mb, rss_mb
 from ddp_reduce.trainer import Trainer
 
@@ -153,10 +154,14 @@ def _interleaved_job(
 def paired_ratio(samples: list[float], base: list[float], seed: int = 0) -> dict[str, float]:
     """Median over rounds of sample/base (the two measured in the same round, so slow drift of
     the machine cancels), with a 95% bootstrap interval."""
-    ratios = [a / b for a, b in zip(samples, base, strict=True)]
+    return _interval([a / b for a, b in zip(samples, base, strict=True)], seed)
+
+
+def _interval(samples: list[float], seed: int = 0) -> dict[str, float]:
+    """Median with a 95% bootstrap interval."""
     rng = random.Random(seed)
-    boot = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(1000))
-    return {"ratio": statistics.median(ratios), "low": boot[25], "high": boot[974]}
+    boot = sorted(statistics.median(rng.choices(samples, k=len(samples))) for _ in range(1000))
+    return {"ratio": statistics.median(samples), "low": boot[25], "high": boot[974]}
 
 
 def verdict(interval: dict[str, float], target: float) -> str:
@@ -298,7 +303,7 @@ def bench_startup(quick: bool) -> dict[str, Any]:
                     run = Path(tmp) / f"run{r}"
                     argv = [exe, "train.steps=1", "train.eval_every=0", f"hydra.run.dir={run}"]
                     times[name].append(_timed(argv))
-                    inside.append(json.loads((run / "summary.json").read_text())["wall_time_s"])
+                    inside.append(read_summary(run)["wall_time_s"])
                 else:
                     times[name].append(_timed(probes[name]))
     med = {name: statistics.median(v) for name, v in times.items()}
@@ -309,13 +314,6 @@ def bench_startup(quick: bool) -> dict[str, Any]:
         "run_inside_ranks_s": statistics.median(inside),
         "calculator": {n: _interval(times[n]) for n in ("convert", "--help")},
     }
-
-
-def _interval(samples: list[float], seed: int = 0) -> dict[str, float]:
-    """Median with a 95% bootstrap interval."""
-    rng = random.Random(seed)
-    boot = sorted(statistics.median(rng.choices(samples, k=len(samples))) for _ in range(1000))
-    return {"ratio": statistics.median(samples), "low": boot[25], "high": boot[974]}
 
 
 FSDP_MODEL = ("model=mlp", "model.hidden=[4096,4096]", "data.batch_size=16", "optim=adam")
@@ -481,7 +479,7 @@ def bench_sweep(quick: bool) -> dict[str, Any]:
             if proc.returncode != 0:
                 raise RuntimeError(f"the sweep failed:\n{proc.stderr[-2000:]}")
             train = sum(
-                json.loads(p.read_text())["wall_time_s"] for p in Path(tmp).glob("*/summary.json")
+                read_summary(p.parent)["wall_time_s"] for p in Path(tmp).glob(f"*/{SUMMARY}")
             )
         out["reuse_ranks" if reuse else "fresh ranks per point"] = {
             "points": points,

@@ -26,13 +26,12 @@ from ddp_reduce.data import load_dataset
 from ddp_reduce.models import build_model
 from ddp_reduce.noise import per_item_gradients
 from ddp_reduce.reducer import TORCH_DTYPES
-from ddp_reduce.reduction import CommDtype, division_split
+from ddp_reduce.reduction import CommDtype, division_split, parse_predivide
 from ddp_reduce.run.compose import compose_config
 from ddp_reduce.run.pool import RankPool
 
 SETS = ("train.steps", "reduce.dtype", "reduce.predivide", "reduce.loss", "reduce.op")
 ARITHMETIC = "arithmetic.json"
-FP16_MAX = float(torch.finfo(torch.float16).max)
 
 
 def planned_runs(spec) -> int:
@@ -133,7 +132,7 @@ def measure(spec, progress=None) -> dict[str, Any]:
                 for scale in spec["scales"]:
                     local = base * scale
                     cases = [
-                        (dtype, float(world) if op == "mean" else 1.0, _predivide(pre), op)
+                        (dtype, float(world) if op == "mean" else 1.0, parse_predivide(pre), op)
                         for op in spec["ops"]
                         for dtype in spec["dtypes"]
                         for pre in spec["predivide"]
@@ -174,10 +173,6 @@ def measure(spec, progress=None) -> dict[str, Any]:
         if progress:
             progress(f"precision arithmetic: W={world} done")
     return {"rows": rows, "agreement": agreement, "parameters": per_item.shape[1]}
-
-
-def _predivide(name: str):
-    return name if name in ("none", "sqrt", "full") else float(name)
 
 
 # -- the sweep ------------------------------------------------------------------------------
