@@ -78,6 +78,7 @@ def _train() -> None:
     from omegaconf import DictConfig
 
     from ddp_reduce.config import ConfigError, register_schema, to_dict
+    from ddp_reduce.run.compose import override_key
     from ddp_reduce.run.launch import (
         LaunchError,
         Terminated,
@@ -99,12 +100,13 @@ def _train() -> None:
     # Hydra creates the run (or sweep) folder before the app runs: one it cannot create is
     # refused here, with the key, rather than as Hydra's own traceback.
     for arg in sys.argv[1:]:
-        key, _, value = arg.partition("=")
-        if key.lstrip("+") in ("hydra.run.dir", "hydra.sweep.dir"):
+        key = override_key(arg)
+        value = arg.split("=", 1)[-1]
+        if key in ("hydra.run.dir", "hydra.sweep.dir"):
             # an empty one too: Hydra would take the current folder and write into it
             if "${" not in value:
                 try:
-                    check_run_dir(value, overwrite=True, key=key.lstrip("+"))
+                    check_run_dir(value, overwrite=True, key=key)
                 except ConfigError as exc:
                     fail(str(exc))
 

@@ -23,6 +23,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 from ddp_reduce.analysis.tables import table  # noqa: E402
+from ddp_reduce.run.compose import override_key  # noqa: E402
 from ddp_reduce.run.rundir import SUMMARY, read_metrics, read_summary  # noqa: E402
 
 REPORT = "report.md"
@@ -103,9 +104,9 @@ def _summary_of(run_dir: Path) -> dict[str, Any]:
 def _override_values(overrides: list[str]) -> dict[str, str]:
     out = {}
     for o in overrides:
-        key, sep, value = o.partition("=")
-        if sep:
-            out[key.lstrip("+~")] = value
+        key = override_key(o)
+        if key is not None:
+            out[key] = o.split("=", 1)[1]
     return out
 
 

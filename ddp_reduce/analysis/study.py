@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import re
 import sys
 import time
 from datetime import datetime
@@ -34,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ddp_reduce.analysis.report import INDEX, REPORT, SPEC, write_report
 from ddp_reduce.config import ConfigError
-from ddp_reduce.run.compose import compose_config
+from ddp_reduce.run.compose import compose_config, override_key
 from ddp_reduce.run.launch import error_message, run_job, validate
 from ddp_reduce.run.pool import RankPool
 from ddp_reduce.run.rundir import write_json
@@ -58,15 +57,8 @@ def load_spec(name: str, quick: bool) -> DictConfig:
     return spec
 
 
-OVERRIDE = re.compile(r"^[+~]{0,2}([A-Za-z_][\w.@/-]*)=")
 RUNNER_SETS = ("train.progress",)  # what the runner adds to every run
 ABORT_AFTER = 3  # stop a study whose first runs all fail
-
-
-def override_key(override: str) -> str | None:
-    """The key an override sets (``+a.b=1``, ``a.b=1`` and ``a=x`` set ``a.b``, ``a.b``, ``a``)."""
-    m = OVERRIDE.match(override)
-    return m.group(1) if m else None
 
 
 def study_keys(spec: DictConfig, module: Any) -> set[str]:

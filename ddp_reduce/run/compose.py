@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 from omegaconf import OmegaConf
 
@@ -25,3 +26,13 @@ def compose_config(overrides: list[str]) -> tuple[dict, str]:
     container = OmegaConf.to_container(cfg, resolve=False, enum_to_str=True)
     container.pop("hydra")
     return container, run_dir
+
+
+OVERRIDE = re.compile(r"^[+~]{0,2}([A-Za-z_][\w.@/-]*)=")
+
+
+def override_key(override: str) -> str | None:
+    """The key an override sets (``+a.b=1``, ``a.b=1`` and ``a=x`` set ``a.b``, ``a.b``, ``a``);
+    None where it sets none (no ``=``, or not a key)."""
+    m = OVERRIDE.match(override)
+    return m.group(1) if m else None
