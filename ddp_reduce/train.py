@@ -24,7 +24,7 @@ from ddp_reduce.run.launch import (
     fail,
     format_summary,
     rank_main,
-    validate,
+    validate_prepared,
 )
 
 
@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.ExitStack() as held:
         try:
             cfg_dict, run_dir = compose_config(overrides)
-            run_cfg = validate(cfg_dict, world_size, local_world_size)
+            # this rank validates its own config: the data and model it prepared are kept
+            run_cfg, prepared = validate_prepared(cfg_dict, world_size, local_world_size)
             nproc = [
                 o.split("=", 1)[1] for o in overrides if o.lstrip("+").startswith("dist.nproc=")
             ]
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             if is_main:
                 fail(error_message(exc))
             sys.exit(2)
-        summary = rank_main(cfg_dict, run_dir)
+        summary = rank_main(cfg_dict, run_dir, prepared=prepared)
     if summary is not None:
         print(format_summary(summary), flush=True)
     return 0

@@ -44,7 +44,7 @@ from ddp_reduce.run.rundir import (
     versions,
     write_json,
 )
-from ddp_reduce.trainer import prepare
+from ddp_reduce.trainer import Prepared, prepare
 
 LOCK = ".lock"  # in the run directory: held (flock) by the one process that runs it
 
@@ -117,14 +117,22 @@ def claim_run_dir(run_dir: str | Path, overwrite: bool) -> Iterator[Path]:
 
 def validate(cfg_dict: dict, world_size: int, local_world_size: int | None = None) -> RunConfig:
     """Everything that can be refused before a process group exists."""
+    return validate_prepared(cfg_dict, world_size, local_world_size)[0]
+
+
+def validate_prepared(
+    cfg_dict: dict, world_size: int, local_world_size: int | None = None
+) -> tuple[RunConfig, Prepared]:
+    """:func:`validate`, keeping the data and model it prepared to check them: a rank that
+    validates its own config (under torchrun) trains with them instead of preparing twice."""
     cfg = load_config(cfg_dict)
     for key in ("nan_rank", "crash_rank"):
         rank = getattr(cfg.fault, key)
         if rank >= world_size:
             raise ConfigError(f"fault.{key}", rank, f"a rank of this run: 0 to {world_size - 1}")
-    prepare(cfg, world_size)
+    prepared = prepare(cfg, world_size)
     resolve_device(cfg.dist, (local_world_size or world_size) - 1)  # enough devices here?
-    return cfg
+    return cfg, prepared
 
 
 class Stopped(RuntimeError):
@@ -170,15 +178,18 @@ def _signals_as_errors() -> Iterator[dict[str, bool]]:
             signal.signal(sig, handler)
 
 
-def run_job(ctx: DistContext, cfg_dict: dict, run_dir: str) -> dict[str, Any] | None:
-    """One run in an existing process group. Returns the summary on rank 0, None elsewhere."""
+def run_job(
+    ctx: DistContext, cfg_dict: dict, run_dir: str, prepared: Prepared | None = None
+) -> dict[str, Any] | None:
+    """One run in an existing process group. Returns the summary on rank 0, None elsewhere.
+    ``prepared``: its data and model where this process prepared them already."""
     cfg = load_config(cfg_dict)
     agreed = [run_dir]
     dist.broadcast_object_list(agreed, src=0)  # the run directory is rank 0's
     path = Path(agreed[0])
     with _signals_as_errors() as signals:
         try:
-            summary = train(cfg, path, ctx)
+            summary = train(cfg, path, ctx, prepared)
         except BaseException as exc:
             signals["recording"] = True
             if ctx.is_main and unfinished_summary(path) is not None:
@@ -197,14 +208,17 @@ def run_job(ctx: DistContext, cfg_dict: dict, run_dir: str) -> dict[str, Any] | 
 
 
 def rank_main(
-    cfg_dict: dict, run_dir: str, init_method: str | None = None
+    cfg_dict: dict,
+    run_dir: str,
+    init_method: str | None = None,
+    prepared: Prepared | None = None,
 ) -> dict[str, Any] | None:
     """Entry point of one rank: form the group, run, tear down."""
     if under_launcher() and init_method is None:
         die_with()  # a launcher killed outright takes its ranks with it
     cfg = load_config(cfg_dict)
     with distributed(cfg.dist, init_method) as ctx:
-        return run_job(ctx, cfg_dict, run_dir)
+        return run_job(ctx, cfg_dict, run_dir, prepared)
 
 
 class LaunchError(RuntimeError):
