@@ -258,9 +258,16 @@ class Reducer:
         )
         count = work = None
         if plan.global_items is None:
-            # [Σ items, Σ items²]: equal counts iff W·Σn² = (Σn)²; float64 holds them exactly.
+            # [Σ n, Σ n², Σ m², Σ A] over the ranks' counts n and micro-batch counts m: equal
+            # counts iff W·Σn² = (Σn)², equal micro-batches iff ΣA·Σm² = (Σn)²; float64 holds
+            # them exactly
             count = torch.tensor(
-                [float(local_items), float(local_items) ** 2],
+                [
+                    float(local_items),
+                    float(local_items) ** 2,
+                    float(sum(m * m for m in micro_items)),
+                    float(len(micro_items)),
+                ],
                 dtype=torch.float64,
                 device=self.device,
             )
@@ -345,8 +352,11 @@ class Reducer:
                 dist.all_reduce(both, group=self.process_group)
                 step.err_sq, step.ref_sq = both[0], both[1]
             if plan.global_items is None:
-                total, total_sq = step.wait_count().tolist()
-                plan = plan.with_counts(int(total), self.world_size * total_sq == total * total)
+                total, total_sq, micro_sq, micro_n = step.wait_count().tolist()
+                equal = self.world_size * total_sq == total * total
+                if plan.loss is R.LossReduction.micro_mean and plan.micro_items is not None:
+                    equal = micro_n * micro_sq == total * total
+                plan = plan.with_counts(int(total), equal)
             self._report = StepReport(
                 c=plan.c,
                 exact=plan.exact,

@@ -224,7 +224,9 @@ class StepPlan:
         return divisor(self.op, self.world_size, self.global_items or 0)
 
     def with_counts(self, global_items: int, equal_counts: bool) -> StepPlan:
-        """The same step once the all-ranks count is known (learned during the reduction)."""
+        """The same step once the all-ranks count is known (learned during the reduction);
+        ``equal_counts``: for ``micro_mean`` over several micro-batches, whether every
+        micro-batch of every rank held the same count."""
         return dataclasses.replace(self, global_items=global_items, equal_counts=equal_counts)
 
     @property
@@ -268,8 +270,12 @@ def plan_step(
         equal = min(counts) == max(counts)
     else:
         equal = None
-    if loss is LossReduction.micro_mean:
-        equal = bool(equal) and bool(micro_equal)
+    if loss is LossReduction.micro_mean and micro_items is not None and len(micro_items) > 1:
+        # exact only where every micro-batch of every rank holds the same count
+        if micro_equal is None and world_size == 1:
+            micro_equal = len(set(micro_items)) == 1  # one rank sees every micro-batch
+        if equal is not None:  # else learned with the all-reduced counts (with_counts)
+            equal = equal and bool(micro_equal)
     micro = tuple(micro_items) if micro_items is not None else None
     return StepPlan(loss, op, world_size, local_items, global_items, equal, micro)
 

@@ -258,8 +258,9 @@ class Trainer:
                 if self._poisoned(step):
                     loss_sum = loss_sum * float("nan")
                 # The loss scale as a tensor that is NaN where this rank's loss is not finite
-                # (0·x is NaN for x = inf or NaN, 0 otherwise): such a loss turns the rank's
-                # gradient into NaN, which the all-reduce carries to every rank, and all stop
+                # (0·x is NaN for x = inf or NaN, 0 otherwise): such a loss makes the rank's
+                # gradient NaN (at least the layers whose backward multiplies, the last one
+                # included), which the all-reduce carries to every rank, and all stop
                 # at this step with no collective of their own. Where finite, the product is
                 # loss·scale, bit for bit.
                 scale = loss_sum.detach() * 0.0 + scales[a]

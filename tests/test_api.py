@@ -231,3 +231,29 @@ def test_ddps_own_path_refuses_what_it_cannot_do(tmp_path):
     assert errors[2] is not None and "predivide=4.0" in errors[2]
     assert errors[3] is not None and "reduce.op=mean" in errors[3]
     assert errors[4:] == [None, None]
+
+
+def _micro_mean_job(init: str, splits: list[list[int]]) -> list[tuple[float, bool]]:
+    """Every rank: one micro_mean step per micro-batch split, the counts not given (they are
+    all-reduced during the step); what the reduction reported: (c, exact)."""
+    out = []
+    with distributed(DistConfig(threads_per_rank=1), init) as ctx:
+        for micro in splits:
+            x, y = _data(W * sum(micro), torch.float32)
+            model = DDP(_model())
+            reducer = ddp_reduce.attach(model, loss="micro_mean", op="mean")
+            scales = reducer.loss_scales(micro)
+            start = ctx.rank * sum(micro)
+            for a, (n, scale) in enumerate(zip(micro, scales, strict=True)):
+                rows = slice(start + sum(micro[:a]), start + sum(micro[:a]) + n)
+                with reducer.micro_batch(last=a == len(micro) - 1):
+                    (_item_losses(model, x[rows], y[rows]).sum() * scale).backward()
+            out.append((reducer.last_step.c, reducer.last_step.exact))
+    return out
+
+
+def test_micro_mean_learns_whether_every_micro_batch_was_equal(tmp_path):
+    # the ranks' totals are equal in both; the micro-batches only in the first
+    ranks = spawn(_micro_mean_job, W, tmp_path, [[4, 4], [3, 3, 2]])
+    for r in ranks:
+        assert r == [(1.0, True), (1.0, False)], r

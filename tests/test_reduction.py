@@ -46,6 +46,21 @@ def test_unequal_counts():
     assert step_scale(L.mean, O.mean, 2, [20, 20]).exact
 
 
+def test_micro_mean_is_exact_only_with_every_micro_batch_equal():
+    mm = L.micro_mean
+    # one rank sees every micro-batch itself
+    assert plan_step(mm, O.mean, 1, 6, micro_items=[3, 3]).exact
+    assert not plan_step(mm, O.mean, 1, 5, micro_items=[3, 2]).exact
+    # several ranks: told, or not known before the reduction (learned with the counts)
+    assert plan_step(mm, O.mean, 2, 6, [6, 6], micro_items=[3, 3], micro_equal=True).exact
+    assert not plan_step(mm, O.mean, 2, 6, [6, 6], micro_items=[3, 3], micro_equal=False).exact
+    assert not plan_step(mm, O.mean, 2, 6, [6, 6], micro_items=[3, 3]).exact  # not known
+    assert plan_step(mm, O.mean, 2, 6, micro_items=[3, 3]).equal_counts is None
+    # one micro-batch: equal ranks are enough, as for mean
+    assert plan_step(mm, O.mean, 2, 6, [6, 6]).exact
+    assert not plan_step(mm, O.mean, 2, 6, [6, 5]).exact
+
+
 def test_refused_combinations():
     assert check_combination(L.mean, O.global_mean, ReduceImpl.hook) is not None
     assert check_combination(L.sum, O.sum, ReduceImpl.builtin) is not None
