@@ -246,9 +246,12 @@ class UserLoss(Objective):
     count of a batch before the forward is ``loss.count(target)`` if it has one, else one item
     per sample; the count it returns must agree."""
 
-    def __init__(self, fn: Callable, target: str):
+    def __init__(self, fn: Callable, target: str, rows_are_items: bool = False):
+        """``rows_are_items``: the data's items are its rows (not tokens), so a loss without
+        its own count counts what the data count."""
         self.fn, self.target = fn, target
         self.per_sample = not hasattr(fn, "count")
+        self.counts_split_items = rows_are_items and self.per_sample
 
     def count(self, batch: Batch) -> int:
         return int(self.fn.count(batch.y)) if hasattr(self.fn, "count") else len(batch.y)
@@ -284,7 +287,7 @@ def build_objective(cfg: RunConfig, data: Dataset | UserData) -> Objective:
                 f"a factory of a callable loss(output, target); it built a {type(fn).__name__} "
                 "(for a plain function add +loss._partial_=true)",
             )
-        return UserLoss(fn, cfg.loss.target)
+        return UserLoss(fn, cfg.loss.target, rows_are_items=data.task not in (None, Task.lm))
     return TaskObjective(data.task or Task.classification)
 
 
