@@ -42,7 +42,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             cfg_dict, run_dir = compose_config(overrides)
             # this rank validates its own config: the data and model it prepared are kept
-            run_cfg, prepared = validate_prepared(cfg_dict, world_size, local_world_size)
+            run_cfg, prepared = validate_prepared(
+                cfg_dict, world_size, local_world_size, int(os.environ.get("LOCAL_RANK", "0"))
+            )
             nproc = [
                 o.split("=", 1)[1] for o in overrides if o.lstrip("+").startswith("dist.nproc=")
             ]

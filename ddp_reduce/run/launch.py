@@ -21,6 +21,7 @@ from multiprocessing import connection as mp_connection
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -121,17 +122,26 @@ def validate(cfg_dict: dict, world_size: int, local_world_size: int | None = Non
 
 
 def validate_prepared(
-    cfg_dict: dict, world_size: int, local_world_size: int | None = None
+    cfg_dict: dict,
+    world_size: int,
+    local_world_size: int | None = None,
+    local_rank: int | None = None,
 ) -> tuple[RunConfig, Prepared]:
     """:func:`validate`, keeping the data and model it prepared to check them: a rank that
-    validates its own config (under torchrun) trains with them instead of preparing twice."""
+    validates its own config (under torchrun, ``local_rank`` given) trains with them instead
+    of preparing twice; on CUDA they are made with its own device current, as in training."""
     cfg = load_config(cfg_dict)
     for key in ("nan_rank", "crash_rank"):
         rank = getattr(cfg.fault, key)
         if rank >= world_size:
             raise ConfigError(f"fault.{key}", rank, f"a rank of this run: 0 to {world_size - 1}")
-    prepared = prepare(cfg, world_size)
     resolve_device(cfg.dist, (local_world_size or world_size) - 1)  # enough devices here?
+    device = resolve_device(cfg.dist, local_rank) if local_rank is not None else None
+    # a rank's own: your data or model may allocate on "cuda", which must be its device, not
+    # device 0 (a launcher, which uses no device, makes no CUDA context here)
+    on_device = device is not None and device.type == "cuda"
+    with torch.cuda.device(device) if on_device else contextlib.nullcontext():
+        prepared = prepare(cfg, world_size)
     return cfg, prepared
 
 
