@@ -1,7 +1,8 @@
 """The trainer: one optimizer step, run by every rank, and the state a resumed run needs.
 
 A step: every rank takes its slice of the global batch, the reduction layer plans the step from
-every rank's item count (the sampler is global, so each rank knows them all before the forward),
+every rank's item count (with the data in memory and the built-in losses the sampler is global,
+so each rank knows them all before the forward; otherwise they are all-reduced beside it),
 the rank runs its A micro-batches (gradients reduced on the last one only), and the optimizer
 receives c·G. The loss that is logged is the all-reduced one, per item (c = 1 units), never rank
 0's own. Writing the run directory is :mod:`ddp_reduce.run.job`'s business, not this module's.
