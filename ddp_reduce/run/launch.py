@@ -269,7 +269,7 @@ def launch_local(
 ) -> dict[str, Any]:
     """Run ``nproc`` ranks on this machine and return rank 0's summary.
 
-    One rank runs in this process. More are started here, each in a fresh interpreter, joined
+    One rank runs in this process; several are forked from the rank server, each joined
     through a FileStore in a private temporary folder, their gloo sockets on the loopback
     interface: a one-machine run listens on no network address. (PyTorch's elastic launcher,
     which torchrun wraps, binds its rendezvous store on every interface, so it is not used for
