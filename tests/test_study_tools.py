@@ -135,7 +135,9 @@ def test_a_sweep_report_names_runs_by_what_was_swept(tmp_path):
             yaml.safe_dump(["dist.nproc=2", f"reduce.op={op}", f"optim.lr={lr}"])
         )
         summary = {"status": "completed", "reduce_loss": "mean", "reduce_op": op}
-        (run / "summary.json").write_text(json.dumps({**summary, "final_train_loss": 0.5}))
+        # the b*A-items figure and what the steps measured (a range where counts varied)
+        c = {"grad_scale": 16.0, "grad_scale_range": [227.0, 269.0] if i == 0 else [16.0, 16.0]}
+        (run / "summary.json").write_text(json.dumps({**summary, **c, "final_train_loss": 0.5}))
         (run / "metrics.jsonl").write_text(
             "".join(json.dumps({"step": s, "train/loss": 1.0 / s}) + "\n" for s in (1, 2, 3))
         )
@@ -144,6 +146,7 @@ def test_a_sweep_report_names_runs_by_what_was_swept(tmp_path):
     assert header.startswith("| run | reduce.op | optim.lr | status |")
     assert "dist.nproc" not in header  # the same in every run: not swept
     assert "| reduce.op=mean optim.lr=0.1 | mean | 0.1 | completed |" in text
+    assert "| 227 to 269 |" in text and text.count("| 16 |") == 3  # the c column
     assert (tmp_path / "loss_curves.png").stat().st_size > 10_000
     rows = (tmp_path / "runs.csv").read_text().splitlines()
     assert rows[0].startswith("name,optim.lr,reduce.op,")

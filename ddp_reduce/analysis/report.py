@@ -51,6 +51,15 @@ CSV_FIELDS = (
 )
 
 
+def _measured_c(s: dict[str, Any]) -> Any:
+    """c as the run's steps measured it, a range where it varied (tokens, ragged batches, a
+    loss's own counts); the b*A-items figure where the run took no step."""
+    low, high = s.get("grad_scale_range") or (None, None)
+    if low is None or high is None:
+        return s.get("grad_scale")
+    return low if low == high else f"{low:g} to {high:g}"
+
+
 def read_records(study_dir: Path) -> list[dict[str, Any]]:
     path = Path(study_dir) / INDEX
     if not path.exists():
@@ -261,7 +270,7 @@ def write_report(path: Path) -> Path:
                 f"{s['reduce_loss']}/{s.get('reduce_op')}" if s.get("reduce_loss") else None,
                 s.get("world_size"),
                 s.get("global_batch_size"),
-                s.get("grad_scale"),
+                _measured_c(s),
                 s.get("final_train_loss"),
                 s.get("final_eval_accuracy"),
             ]
