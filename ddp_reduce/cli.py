@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import sys
 from importlib import resources
+from pathlib import Path
 
 SUBCOMMANDS = {
     "convert": ("ddp_reduce.analysis.convert", "rewrite a setting for another sum/mean convention"),
@@ -92,7 +93,12 @@ def _train() -> None:
         validate,
     )
     from ddp_reduce.run.pool import PoolError
-    from ddp_reduce.run.rundir import FINISHED, discard_refused, register_resolvers
+    from ddp_reduce.run.rundir import (
+        FINISHED,
+        discard_refused,
+        record_refused,
+        register_resolvers,
+    )
 
     register_schema()
     register_resolvers()  # the sweep's folder names (conf/config.yaml: hydra.sweep.subdir)
@@ -131,6 +137,10 @@ def _train() -> None:
                 path = held.enter_context(claim_run_dir(run_dir, run_cfg.train.overwrite))
             except ConfigError as exc:
                 discard_refused(run_dir)  # Hydra made its folder before the checks
+                if sweep:  # ... and the sweep's report lists the point
+                    point = Path(run_dir).name
+                    task = list(hydra_cfg.overrides.task)
+                    record_refused(hydra_cfg.sweep.dir, point, task, error_message(exc))
                 return stop("refused", error_message(exc), 2)
             try:
                 summary = launch_local(

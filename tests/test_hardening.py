@@ -330,6 +330,19 @@ def test_a_sweep_goes_on_past_a_refused_point_and_says_so(tmp_path):
     assert "3 points: 2 completed, 0 diverged, 0 failed, 1 refused" in proc.stdout
     assert "optim.lr=-1" in proc.stderr and "Traceback" not in proc.stderr
     assert len(list((tmp_path / "sweep").glob("*/summary.json"))) == 2
+    # the sweep's report lists the refused point beside the two runs
+    report = ddp_reduce("report", str(tmp_path / "sweep"))
+    assert report.returncode == 0, report.stderr
+    text = (tmp_path / "sweep" / "report.md").read_text()
+    assert "2 runs: 2 completed; 1 more point refused before it ran" in text
+    row = next(line for line in text.splitlines() if line.startswith("| 1_optim.lr=-1"))
+    assert "optim.lr=-1.0 is not allowed: a positive number" in row, row
+    # a hostile or broken record is shown as such, one line, never trusted further
+    with open(tmp_path / "sweep" / "refused.jsonl", "a") as f:
+        f.write('[1, 2]\n{"point": "x\\n| y", "error": "a\\nb"}\n')
+    assert ddp_reduce("report", str(tmp_path / "sweep")).returncode == 0
+    text = (tmp_path / "sweep" / "report.md").read_text()
+    assert "an unreadable line in refused.jsonl" in text and "| x \\| y | a b |" in text
 
 
 def test_a_diverged_result_is_neither_rerun_nor_replaced(tmp_path):

@@ -24,7 +24,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from ddp_reduce.analysis.tables import table  # noqa: E402
 from ddp_reduce.run.compose import override_key  # noqa: E402
-from ddp_reduce.run.rundir import SUMMARY, read_metrics, read_summary  # noqa: E402
+from ddp_reduce.run.rundir import SUMMARY, read_metrics, read_refused, read_summary  # noqa: E402
 
 REPORT = "report.md"
 CSV = "runs.csv"
@@ -243,6 +243,17 @@ def write_report(path: Path) -> Path:
                 ],
             ),
         ]
+    refused = read_refused(path)
+    if refused:
+        parts += [
+            "",
+            "## Refused points",
+            "",
+            f"{len(refused)} points of the sweep were refused before they ran (no folder was "
+            "left for them); each refusal:",
+            "",
+            table(["point", "error"], [[r["point"], r["error"]] for r in refused]),
+        ]
     counts: dict[str, int] = {}
     for r in runs:
         counts[r["summary"].get("status", "?")] = counts.get(r["summary"].get("status", "?"), 0) + 1
@@ -252,6 +263,12 @@ def write_report(path: Path) -> Path:
         "",
         f"{len(runs)} run{'s' if len(runs) != 1 else ''}: "
         + ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+        + (
+            f"; {len(refused)} more point{'s' if len(refused) != 1 else ''} refused before "
+            f"{'they' if len(refused) != 1 else 'it'} ran"
+            if refused
+            else ""
+        )
         + f". Every run's numbers: [{CSV}]({CSV}); TensorBoard (HParams view): "
         f"`tensorboard --logdir {path} --host 127.0.0.1`.",
         "",

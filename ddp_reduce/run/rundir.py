@@ -29,6 +29,7 @@ CONFIG = "config.yaml"
 MODEL = "model.pt"
 TB_DIR = "tb"
 CHECKPOINTS = "checkpoints"
+REFUSED = "refused.jsonl"  # in a sweep's folder: its points refused before they ran
 # A summary with one of these statuses holds a result: nothing replaces it but a run asked to
 # (train.overwrite=true), which clears it first; a later failure is never recorded over it.
 FINISHED = ("completed", "diverged")
@@ -118,6 +119,33 @@ def unfinished_summary(run_dir: Path) -> dict | None:
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / METRICS
     return [record for _, record in _records(path)] if path.exists() else []
+
+
+def record_refused(sweep_dir: str | Path, point: str, overrides: list[str], error: str) -> None:
+    """Note a sweep point refused before it ran (its folder is removed: discard_refused), so
+    the sweep's report can list it beside the runs."""
+    record = {"point": point, "overrides": overrides, "error": error}
+    with open(Path(sweep_dir) / REFUSED, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_refused(sweep_dir: str | Path) -> list[dict[str, str]]:
+    """The refused points :func:`record_refused` noted; a line that is not such a record is
+    shown as unreadable, never trusted further."""
+    path = Path(sweep_dir) / REFUSED
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        if not isinstance(record, dict):
+            record = {"point": "?", "error": f"an unreadable line in {REFUSED}"}
+        # one line each, whatever the file holds (the report prints them in a table)
+        out.append({k: " ".join(str(record.get(k, "?")).split()) for k in ("point", "error")})
+    return out
 
 
 def discard_refused(run_dir: str | Path) -> None:
