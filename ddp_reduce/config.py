@@ -408,6 +408,30 @@ class RunConfig:
 # Nodes that take Hydra's `_target_` convention: your own callable, its arguments as keys.
 TARGETED = {"data": DataConfig, "model": ModelConfig, "loss": LossConfig}
 _INTERNAL = ("target", "kwargs")  # how a _target_ node is held in the typed config
+# Keys of the built-in data sets and models, which mean nothing to your own (_target_): set
+# beside a _target_ they are refused, never silently dropped. An argument of yours with one of
+# these names goes under kwargs: +data.kwargs.n_train=512.
+BUILT_IN_ONLY = {
+    "data": (
+        "name",
+        "test_fraction",
+        "n_train",
+        "n_test",
+        "dim",
+        "eig_max",
+        "eig_min",
+        "noise_std",
+        "vocab_size",
+        "min_len",
+        "max_len",
+        "concentration",
+        "root",
+        "pattern",
+        "max_documents",
+    ),
+    "model": ("name", "hidden", "channels", "batch_norm", "arch", "embed_dim", "heads"),
+    "loss": (),
+}
 
 
 def load_config(cfg: DictConfig | dict) -> RunConfig:
@@ -453,7 +477,21 @@ def _held_target(key: str, cls: type, node: dict) -> dict:
     schema = {f.name for f in dataclasses.fields(cls)} - set(_INTERNAL)
     held = {k: v for k, v in node.items() if k in schema}
     held["target"] = target
-    held["kwargs"] = {k: v for k, v in node.items() if k not in schema and k != "_target_"}
+    kwargs = {k: v for k, v in node.items() if k not in schema and k not in ("_target_", "kwargs")}
+    named = node.get("kwargs", {})  # arguments whose names are keys of the built-in ones
+    require(isinstance(named, dict), f"{key}.kwargs", named, "argument names and values")
+    kwargs.update(named)
+    held["kwargs"] = kwargs
+    defaults = OmegaConf.to_container(OmegaConf.structured(cls()), enum_to_str=True)
+    for k in BUILT_IN_ONLY[key]:
+        if k in held and held[k] != defaults[k]:
+            raise ConfigError(
+                f"{key}.{k}",
+                held[k],
+                f"its default with {key}._target_={target} (a key of the built-in {key} only, "
+                f"which yours does not take); an argument of yours of this name: "
+                f"+{key}.kwargs.{k}=...",
+            )
     return held
 
 
@@ -477,11 +515,15 @@ def to_dict(cfg: RunConfig) -> dict:
     """Plain, resolved container of a RunConfig (what is saved and sent to ranks); a
     `_target_` node in Hydra's form, as it was given."""
     out = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True)
-    for key in TARGETED:
+    for key, cls in TARGETED.items():
         node = out[key]
         target, kwargs = node.pop("target"), node.pop("kwargs")
         if target is not None:
-            node.update({"_target_": target, **kwargs})
+            schema = {f.name for f in dataclasses.fields(cls)}
+            named = {k: v for k, v in kwargs.items() if k in schema}
+            node.update({"_target_": target, **{k: v for k, v in kwargs.items() if k not in named}})
+            if named:  # an argument named like a key of the built-in ones stays apart
+                node["kwargs"] = named
     return out
 
 

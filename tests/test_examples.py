@@ -8,7 +8,9 @@ import json
 
 import pytest
 import torch
+import yaml
 
+from ddp_reduce.config import load_config
 from tests.helpers import REPO, VENV_BIN, ddp_reduce, run_cli
 
 EXAMPLES = REPO / "examples"
@@ -137,6 +139,24 @@ def test_a_user_loss_counting_its_own_items_on_built_in_data(tmp_path):
     _close(runs["sum_sum"], runs["mean_mean"])
 
 
+def test_the_readmes_user_package_command_runs_as_written(tmp_path):
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("**Through `ddp-reduce`**", 1)[1].split("```bash", 1)[1].split("```")[0]
+    words = block.replace("\\\n", " ").split()
+    assert words[:2] == ["PYTHONPATH=examples", "ddp-reduce"], words
+    run = tmp_path / "readme"
+    proc = ddp_reduce(
+        *words[2:], "train.steps=5", "train.eval_every=0", f"hydra.run.dir={run}", env=USER
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    # the argument named like a built-in key reached the callable (its own default: 1024)
+    assert summary["train_items"] == 512, summary
+    # ... and stays apart when the run's config is saved and read back (resume, ranks)
+    saved = load_config(yaml.safe_load((run / "config.yaml").read_text()))
+    assert saved.data.kwargs == {"n_train": 512, "n_eval": 128}
+
+
 NET = "+model._target_=userpkg.nets.Classifier"
 DATA = "+data._target_=userpkg.data.make_splits"
 BAD_TARGETS = [
@@ -150,6 +170,9 @@ BAD_TARGETS = [
     ),
     ([NET, DATA, "+loss._target_=userpkg.data.Blobs"], ["loss._target_"]),
     (["model=mlp", DATA], ["model=mlp", "model._target_ with data._target_"]),
+    # a key of the built-in data or models beside a _target_: refused, not dropped
+    ([NET, DATA, "data.n_train=512"], ["data.n_train=512", "+data.kwargs.n_train="]),
+    ([NET, "model.hidden=[8]", DATA], ["model.hidden=[8]", "+model.kwargs.hidden="]),
 ]
 
 
