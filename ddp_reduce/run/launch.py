@@ -435,18 +435,18 @@ def format_summary(summary: dict[str, Any]) -> str:
         return text + (f"  accuracy {acc:.4f}" if acc is not None else "")
 
     exact = "" if s["grad_scale_exact"] else " (unequal counts: a mean of means, not exactly c*G)"
-    # grad_scale is c with b*A items per rank; where the items are tokens, or counted by your
-    # loss, or a batch is ragged, the steps' own c differs: say what they measured
+    # c as the steps measured it leads; grad_scale, c with b*A items per rank, follows where it
+    # differs (items that are tokens, a loss that counts its own, a ragged batch)
+    c = f"{s['grad_scale']:g}"
     low, high = s["grad_scale_range"]
     if low is not None and not low == high == s["grad_scale"]:
-        span = f"{low:g}" if low == high else f"{low:g} to {high:g}"
-        exact += f"; measured over the steps: {span} (c counts items; {s['grad_scale']:g} is for "
-        exact += "b*A items per rank)"
+        c = f"{low:g} on every step" if low == high else f"{low:g} to {high:g} over the steps"
+        exact += f"; {s['grad_scale']:g} with b*A items per rank (N={s['global_batch_size']})"
     lines = [
         head,
         f"  W={s['world_size']} b={s['local_batch_size']} A={s['accum_steps']} "
         f"N={s['global_batch_size']}  reduce: loss={s['reduce_loss']} op={s['reduce_op']}",
-        f"  gradient factor c = {s['grad_scale']:g}  [{s['grad_scale_rule']}]{exact}",
+        f"  gradient factor c = {c}  [{s['grad_scale_rule']}]{exact}",
         f"  {s['strategy']}, gradients reduced in {s['reduce_dtype']} "
         f"({s['reduce_route'] or 'no route'}), model in {s['precision']}" + _precision_note(s),
         metric("train", s["final_train_loss"], s["final_train_accuracy"]),
