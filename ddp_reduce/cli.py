@@ -79,6 +79,7 @@ def _train() -> None:
     from omegaconf import DictConfig
 
     from ddp_reduce.config import ConfigError, register_schema, to_dict
+    from ddp_reduce.run.checkpoint import CheckpointError
     from ddp_reduce.run.compose import override_key
     from ddp_reduce.run.launch import (
         LaunchError,
@@ -152,6 +153,8 @@ def _train() -> None:
                     reuse_ranks=sweep and run_cfg.dist.reuse_ranks,
                 )
             except (LaunchError, PoolError) as exc:
+                return stop("failed", f"{exc}\nrun directory {path}", 1)
+            except CheckpointError as exc:  # one rank, in this process
                 return stop("failed", f"{exc}\nrun directory {path}", 1)
             except KeyboardInterrupt:
                 fail(f"interrupted; run directory {path} (status: interrupted)", code=130)

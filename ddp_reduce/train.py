@@ -17,6 +17,7 @@ from hydra.errors import HydraException
 
 from ddp_reduce.config import ConfigError
 from ddp_reduce.distributed import exit_now
+from ddp_reduce.run.checkpoint import CheckpointError
 from ddp_reduce.run.compose import compose_config
 from ddp_reduce.run.launch import (
     claim_run_dir,
@@ -61,7 +62,12 @@ def main(argv: list[str] | None = None) -> int:
             if is_main:
                 fail(error_message(exc))
             sys.exit(2)
-        summary = rank_main(cfg_dict, run_dir, prepared=prepared)
+        try:
+            summary = rank_main(cfg_dict, run_dir, prepared=prepared)
+        except CheckpointError as exc:  # every rank has it (rank 0's verdict): said once
+            if is_main:
+                print(f"ddp-reduce: error: {exc}", file=sys.stderr, flush=True)
+            return 1
     if summary is not None:
         print(format_summary(summary), flush=True)
     return 0

@@ -63,6 +63,31 @@ def test_a_manifest_pointing_outside_the_run_deletes_and_reads_nothing(tmp_path,
     assert not (run / "checkpoints" / "step_00000030.pt").exists()
 
 
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_a_run_resuming_from_a_hostile_manifest_says_so_in_one_line(tmp_path, nproc):
+    run = tmp_path / "run"
+    first = ddp_reduce(
+        "train.steps=10", "train.checkpoint_every=5", "train.eval_every=0", f"dist.nproc={nproc}",
+        f"hydra.run.dir={run}",
+    )  # fmt: skip
+    assert first.returncode == 0, first.stderr[-2000:]
+    manifest = json.loads(_manifest(run).read_text())
+    manifest["checkpoints"][0]["file"] = "../../../etc/passwd"
+    _manifest(run).write_text(json.dumps(manifest))
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps({**summary, "status": "interrupted"}))
+    proc = ddp_reduce(
+        "train.steps=20", "train.checkpoint_every=5", "train.eval_every=0", f"dist.nproc={nproc}",
+        f"hydra.run.dir={run}",
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.count("manifest.json is corrupt") == 1, proc.stderr
+    recorded = json.loads((run / "summary.json").read_text())
+    assert recorded["status"] == "failed" and "manifest.json is corrupt" in recorded["error"]
+    assert "above" not in recorded["error"]  # the record stands alone
+
+
 @pytest.mark.parametrize(
     "entries",
     [

@@ -35,6 +35,7 @@ from ddp_reduce.distributed import (
     resolve_device,
     under_launcher,
 )
+from ddp_reduce.run.checkpoint import CheckpointError
 from ddp_reduce.run.job import train
 from ddp_reduce.run.pool import shared_pool
 from ddp_reduce.run.rundir import (
@@ -307,6 +308,10 @@ def _rank_entry(
         rank_main(cfg_dict, run_dir, f"file://{store}")
     except Stopped:
         code = 143  # its status is recorded; no traceback for a stop
+    except CheckpointError as exc:  # every rank has it (rank 0's verdict): said once
+        if rank == 0:
+            print(f"ddp-reduce: error: {exc}", file=sys.stderr, flush=True)
+        code = 1
     except Exception:
         traceback.print_exc()
         code = 1
@@ -405,13 +410,17 @@ def _failure(
         message = f"rank {rank} failed with {how} (its error is above)"
     path = Path(run_dir)
     previous = unfinished_summary(path)
+    recorded = message
+    if previous is not None and code > 0 and not hung and previous.get("error"):
+        # the rank recorded its error: the summary says it (nothing is "above" in a file)
+        recorded = f"rank {rank} failed with {how}: {previous['error']}"
     if previous is not None:
         record = {
             **previous,
             "status": previous.get("status")
             if previous.get("status") == "interrupted"
             else "failed",
-            "error": message,
+            "error": recorded,
             "failed_rank": rank,
             "hung_ranks": sorted(hung),
             "world_size": nproc,
