@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import shlex
 from dataclasses import dataclass, field, replace
 
 from ddp_reduce.analysis.tables import table
@@ -351,7 +352,8 @@ class Setting:
     def commands(self) -> list[str]:
         """How to run this setting: ddp-reduce starts every rank on this machine; beyond a few
         ranks that is a cluster's job (torchrun decides the world size there: no dist.nproc)."""
-        overrides = self.overrides()
+        # quoted for any shell: zsh expands an unquoted [..] (optim.betas=[0.9,0.999]) as a glob
+        overrides = [shlex.quote(o) for o in self.overrides()]
         lines = [f"  ddp-reduce {' '.join(overrides)}"]
         if self.world_size > LOCAL_RANKS_HINT:
             rest = " ".join(o for o in overrides if not o.startswith("dist.nproc="))
