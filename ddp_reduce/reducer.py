@@ -85,6 +85,25 @@ class _Step:
     small_batch: tuple[float, float] | None = None  # (items, |mean gradient|²) given by caller
     amp: float = 1.0  # the losses were multiplied by this too (a mixed-precision loss scaler)
 
+    def read_local(self, grad: torch.Tensor, low_precision: bool) -> None:
+        """Before a piece of this rank's gradient is reduced (a DDP bucket, an FSDP unit):
+        add its squared norm in c = 1 units (noise scale) and, where it travels in bf16/fp16,
+        its largest entry (which tells a backward's overflow from the reduction's)."""
+        if self.collect_sq:
+            sq = _sq(grad) * (self.plan.to_local_mean / self.amp) ** 2
+            self.local_sq = sq if self.local_sq is None else self.local_sq + sq
+        if low_precision:
+            amax = grad.abs().max().float()
+            self.local_amax = (
+                amax if self.local_amax is None else torch.maximum(self.local_amax, amax)
+            )
+
+    def add_audit(self, reduced: torch.Tensor, reference: torch.Tensor) -> None:
+        """Add a reduced piece's error against its float64 reduction, and the latter's size."""
+        err, ref_sq = _sq(reduced.double() - reference), _sq(reference)
+        self.err_sq = err if self.err_sq is None else self.err_sq + err
+        self.ref_sq = ref_sq if self.ref_sq is None else self.ref_sq + ref_sq
+
     def wait_count(self) -> torch.Tensor | None:
         if self.count_work is not None:
             self.count_work.wait()
@@ -466,13 +485,7 @@ def _reduce_bucket(reducer: Reducer, bucket: dist.GradBucket) -> torch.futures.F
     step, group = reducer._step, reducer.process_group
     buffer = bucket.buffer()
     comm_dtype = TORCH_DTYPES[reducer.dtype]
-    if step.collect_sq:
-        sq = _sq(buffer) * (step.plan.to_local_mean / step.amp) ** 2
-        step.local_sq = sq if step.local_sq is None else step.local_sq + sq
-    low = comm_dtype in (torch.bfloat16, torch.float16)
-    if low:
-        amax = buffer.abs().max().float()
-        step.local_amax = amax if step.local_amax is None else torch.maximum(step.local_amax, amax)
+    step.read_local(buffer, low_precision=comm_dtype in (torch.bfloat16, torch.float16))
     before, after = R.division_split(_divisor_value(step), reducer.predivide)
     send = buffer if buffer.dtype == comm_dtype else buffer.to(comm_dtype)
     reference = None
@@ -509,9 +522,7 @@ def _reduce_bucket(reducer: Reducer, bucket: dist.GradBucket) -> torch.futures.F
             ref = futures[-1].value()[0]
             if post is not None:
                 ref.div_(post)
-            err, ref_sq = _sq(out.double() - ref), _sq(ref)
-            step.err_sq = err if step.err_sq is None else step.err_sq + err
-            step.ref_sq = ref_sq if step.ref_sq is None else step.ref_sq + ref_sq
+            step.add_audit(out, ref)
         if out.dtype != buffer.dtype or out.data_ptr() != buffer.data_ptr():
             buffer.copy_(out)
         return buffer
@@ -541,14 +552,7 @@ class _FSDPReduceScatter:
 
     def __call__(self, output_tensor, input_tensor, group, op, async_op: bool = False):
         step = self.reducer._step
-        if step.collect_sq:
-            sq = _sq(input_tensor) * (step.plan.to_local_mean / step.amp) ** 2
-            step.local_sq = sq if step.local_sq is None else step.local_sq + sq
-        if input_tensor.dtype in (torch.bfloat16, torch.float16):
-            amax = input_tensor.abs().max().float()
-            step.local_amax = (
-                amax if step.local_amax is None else torch.maximum(step.local_amax, amax)
-            )
+        step.read_local(input_tensor, input_tensor.dtype in (torch.bfloat16, torch.float16))
         before, after = R.division_split(_divisor_value(step), self.reducer.predivide)
         reference = None
         if step.audit:
@@ -564,10 +568,7 @@ class _FSDPReduceScatter:
             output_tensor.div_(after)
         if reference is not None:
             ref_out.div_(after)
-            err, ref_sq = _sq(output_tensor.double() - ref_out), _sq(ref_out)
-            # shards: summed over ranks when read (their squares add up)
-            step.err_sq = err if step.err_sq is None else step.err_sq + err
-            step.ref_sq = ref_sq if step.ref_sq is None else step.ref_sq + ref_sq
+            step.add_audit(output_tensor, ref_out)  # a shard's: summed over ranks when read
         return None
 
 
