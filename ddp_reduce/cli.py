@@ -152,9 +152,8 @@ def _train() -> None:
                     # a sweep keeps its ranks alive from one point to the next
                     reuse_ranks=sweep and run_cfg.dist.reuse_ranks,
                 )
-            except (LaunchError, PoolError) as exc:
-                return stop("failed", f"{exc}\nrun directory {path}", 1)
-            except CheckpointError as exc:  # one rank, in this process
+            # a CheckpointError: the one rank of a run with one, in this process
+            except (LaunchError, PoolError, CheckpointError) as exc:
                 return stop("failed", f"{exc}\nrun directory {path}", 1)
             except KeyboardInterrupt:
                 fail(f"interrupted; run directory {path} (status: interrupted)", code=130)

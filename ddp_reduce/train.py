@@ -18,7 +18,7 @@ from hydra.errors import HydraException
 from ddp_reduce.config import ConfigError
 from ddp_reduce.distributed import exit_now
 from ddp_reduce.run.checkpoint import CheckpointError
-from ddp_reduce.run.compose import compose_config
+from ddp_reduce.run.compose import compose_config, override_key
 from ddp_reduce.run.launch import (
     claim_run_dir,
     error_message,
@@ -46,9 +46,7 @@ def main(argv: list[str] | None = None) -> int:
             run_cfg, prepared = validate_prepared(
                 cfg_dict, world_size, local_world_size, int(os.environ.get("LOCAL_RANK", "0"))
             )
-            nproc = [
-                o.split("=", 1)[1] for o in overrides if o.lstrip("+").startswith("dist.nproc=")
-            ]
+            nproc = [o.split("=", 1)[1] for o in overrides if override_key(o) == "dist.nproc"]
             if nproc and run_cfg.dist.nproc != local_world_size:
                 raise ConfigError(
                     "dist.nproc",

@@ -311,7 +311,7 @@ def test_sigterm_to_the_launcher_stops_the_ranks_and_cleans_up(tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "failed" and "SIGTERM" in summary["error"]
     assert not (run / "model.pt").exists()
-    assert not [r for r in ranks if Path(f"/proc/{r}").exists() and "Z" not in _state_of(r)]
+    assert not [r for r in ranks if _running(r)]
     assert not _temporaries(tmp)
 
 
@@ -332,15 +332,12 @@ def test_ranks_die_with_a_killed_launcher(tmp_path):
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline and any(Path(f"/proc/{r}").exists() for r in ranks):
         time.sleep(0.2)  # polls for the ranks to be gone; the signal is what is tested
-    alive = [r for r in ranks if Path(f"/proc/{r}").exists() and "Z" not in _state_of(r)]
+    alive = [r for r in ranks if _running(r)]
     assert not alive
 
 
-def _state_of(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return "gone"
+def _running(pid: int) -> bool:
+    return launch._process_state(pid) not in (None, "Z")  # gone, or a zombie: not running
 
 
 def test_a_sweep_goes_on_past_a_refused_point_and_says_so(tmp_path):

@@ -147,12 +147,9 @@ def remove_stale_temporaries(folder: Path) -> list[str]:
     removed = []
     if folder.is_dir():
         for tmp in folder.glob(".step_*.tmp"):
-            if tmp.is_symlink():
+            if tmp.is_symlink():  # never followed, never removed
                 continue
-            if tmp.is_dir():
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:
-                tmp.unlink(missing_ok=True)
+            _remove(tmp)
             removed.append(tmp.name)
     return removed
 
