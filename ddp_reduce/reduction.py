@@ -295,8 +295,13 @@ _SYMBOL_MEANING = {
 }
 
 
-def scale_rule(loss: LossReduction, op: ReduceOp) -> str:
-    """c in words, for summaries and reports: numerator over the op's divisor, simplified."""
+def scale_symbol(loss: LossReduction, op: ReduceOp) -> str:
+    """c as a symbol: the numerator over the op's divisor, simplified (1, W, N, N/W, ...)."""
     num, den = _numerator_symbol(loss), DIVISORS[op].symbol
-    ratio = "1" if num == den else (num if den == "1" else f"{num}/{den}")
+    return "1" if num == den else (num if den == "1" else f"{num}/{den}")
+
+
+def scale_rule(loss: LossReduction, op: ReduceOp) -> str:
+    """c in words, for summaries and reports."""
+    ratio = scale_symbol(loss, op)
     return _SYMBOL_MEANING.get(ratio, ratio)

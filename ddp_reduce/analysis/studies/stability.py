@@ -17,6 +17,7 @@ from ddp_reduce.analysis.studies import (
 from ddp_reduce.analysis.tables import table
 from ddp_reduce.config import load_config
 from ddp_reduce.data import linear_problem
+from ddp_reduce.reduction import LossReduction, ReduceOp, scale_symbol
 from ddp_reduce.run.compose import compose_config
 
 RUN_COLUMNS = {BLOW_UP_COLUMN: blew_up}
@@ -131,7 +132,8 @@ def thresholds(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _bound(mode: str, c: float, nesterov: bool) -> str:
-    symbol = "1" if c == 1 else ("W" if mode == "mean/sum" else "N")
+    loss, op = mode.split("/")
+    symbol = "1" if c == 1 else scale_symbol(LossReduction[loss], ReduceOp[op])
     c_part = "" if symbol == "1" else f"{symbol} "
     if nesterov:
         return f"2(1+mu)/({c_part}lambda (1+2mu))"
