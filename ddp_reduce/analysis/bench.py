@@ -246,9 +246,9 @@ def bench_data(quick: bool) -> dict[str, Any]:
     return out
 
 
-def _timed(argv: list[str], env: dict | None = None) -> float:
+def _timed(argv: list[str]) -> float:
     t0 = time.perf_counter()
-    proc = subprocess.run(argv, capture_output=True, text=True, env=env)
+    proc = subprocess.run(argv, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(argv[:3])} ... failed:\n{proc.stderr[-2000:]}")
@@ -461,8 +461,7 @@ def bench_sweep(quick: bool) -> dict[str, Any]:
     for reuse, points in ((True, 16), (False, 4 if quick else 16)):
         lrs = ",".join(f"{0.01 * (i + 1):.2f}" for i in range(points))
         with tempfile.TemporaryDirectory() as tmp:
-            t0 = time.perf_counter()
-            proc = subprocess.run(
+            wall = _timed(
                 [
                     exe,
                     "--multirun",
@@ -471,13 +470,8 @@ def bench_sweep(quick: bool) -> dict[str, Any]:
                     "train.eval_every=0",
                     f"dist.reuse_ranks={str(reuse).lower()}",
                     f"hydra.sweep.dir={tmp}",
-                ],
-                capture_output=True,
-                text=True,
+                ]
             )
-            wall = time.perf_counter() - t0
-            if proc.returncode != 0:
-                raise RuntimeError(f"the sweep failed:\n{proc.stderr[-2000:]}")
             train = sum(
                 read_summary(p.parent)["wall_time_s"] for p in Path(tmp).glob(f"*/{SUMMARY}")
             )
@@ -516,6 +510,7 @@ def bench_memory(quick: bool) -> dict[str, Any]:
 
 
 def _shown(r: dict[str, float]) -> str:
+    """A ratio with its interval, as every table of the report prints it."""
     return f"{r['ratio']:.3f} [{r['low']:.3f}, {r['high']:.3f}]"
 
 
@@ -540,8 +535,7 @@ def report(results: dict[str, Any]) -> str:
                 shown = f"<= {target}" if target else ("reference" if name == BARE else "")
                 lines.append(
                     f"| {model} | {name} | {row['steps']} | {row['median_ms']:.3f} | "
-                    f"{row['ratio']:.3f} [{row['low']:.3f}, {row['high']:.3f}] | "
-                    f"{row['cpu_ratio']:.3f} | {shown} | {met} |"
+                    f"{_shown(row)} | {row['cpu_ratio']:.3f} | {shown} | {met} |"
                 )
         lines.append("")
     if "scaling" in results:
@@ -583,7 +577,7 @@ def report(results: dict[str, Any]) -> str:
             [
                 model,
                 name,
-                f"{r['ratio']:.3f} [{r['low']:.3f}, {r['high']:.3f}]",
+                _shown(r),
                 f"<= {TRAINER_TARGET}",
                 verdict(r, TRAINER_TARGET),
             ]
@@ -609,7 +603,7 @@ def report(results: dict[str, Any]) -> str:
         calc = [
             [
                 name,
-                f"{c['ratio']:.3f} [{c['low']:.3f}, {c['high']:.3f}]",
+                _shown(c),
                 f"<= {CALCULATOR_TARGET_S}",
                 verdict(c, CALCULATOR_TARGET_S),
             ]
@@ -677,7 +671,7 @@ def report(results: dict[str, Any]) -> str:
                 case,
                 name,
                 f"{r['median_ms']:.2f}",
-                f"{r['ratio']:.3f} [{r['low']:.3f}, {r['high']:.3f}]",
+                _shown(r),
             ]
             for case, paths in results["data"].items()
             for name, r in paths.items()

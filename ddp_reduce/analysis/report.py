@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib
-import inspect
 import json
 import math
 import sys
@@ -105,7 +104,7 @@ UNREADABLE = "unreadable"  # a run whose summary.json cannot be read
 def _summary_of(run_dir: Path) -> dict[str, Any]:
     """A run's summary; one that cannot be read is reported as such, not skipped."""
     try:
-        return read_summary(run_dir) or {"status": "unreadable", "error": "no summary"}
+        return read_summary(run_dir) or {"status": UNREADABLE, "error": "no summary"}
     except (OSError, ValueError) as exc:
         return {"status": UNREADABLE, "error": str(exc)}
 
@@ -203,10 +202,9 @@ def write_report(path: Path) -> Path:
         if len(failed) == len(runs):
             parts.append(f"**Every run failed ({len(runs)}): there is nothing to analyse.**")
         else:
-            extra = {}  # the overrides for every run, to an analysis that takes them
-            if "common" in inspect.signature(module.analyze).parameters:
-                extra["common"] = spec.get("common", [])
-            parts.append(module.analyze(path, spec["spec"], runs, **extra))
+            # common: the overrides for every run (README, "Extending": every analyze takes it)
+            common = spec.get("common", [])
+            parts.append(module.analyze(path, spec["spec"], runs, common=common))
     else:
         parts.append(f"# Runs in {path}")
         swept = list(runs[0]["labels"])

@@ -269,7 +269,9 @@ def recommendations(rows) -> dict[str, str]:
     return out
 
 
-def analyze(study_dir: Path, spec: dict[str, Any], runs: list[dict[str, Any]]) -> str:
+def analyze(
+    study_dir: Path, spec: dict[str, Any], runs: list[dict[str, Any]], common: list[str] = ()
+) -> str:
 
     data = json.loads((Path(study_dir) / ARITHMETIC).read_text())
     rows, agreement = data["rows"], data["agreement"]
@@ -340,7 +342,7 @@ def analyze(study_dir: Path, spec: dict[str, Any], runs: list[dict[str, Any]]) -
         line = [scale]
         for pre in ("none", "sqrt", "full"):
             sel = _select(rows, dtype="fp16", op="mean", loss="sum", predivide=pre, scale=scale)
-            ok = [r["world"] for r in sel if not r["overflow"] and r["flushed"] < 0.01]
+            ok = [r["world"] for r in sel if not r["overflow"] and r["flushed"] < FAIL_ERROR]
             errs = [r["rel_error"] for r in sel if r["rel_error"] is not None]
             line.append(f"{max(ok) if ok else '-'} / {max(errs):.2g}" if errs else "-")
         sqrt_rows.append(line)
@@ -485,7 +487,7 @@ def _plots(study_dir: Path, rows) -> None:
     for ax, pre in zip(axes, ("none", "sqrt", "full"), strict=True):
         grid = np.full((len(scales), len(worlds)), np.nan)
         for r in _select(rows, dtype="fp16", op="mean", loss="sum", predivide=pre):
-            value = 2.0 if r["overflow"] else (1.0 if r["flushed"] >= 0.01 else 0.0)
+            value = 2.0 if r["overflow"] else (1.0 if r["flushed"] >= FAIL_ERROR else 0.0)
             grid[scales.index(r["scale"]), worlds.index(r["world"])] = value
         ax.imshow(grid, origin="lower", cmap="RdYlGn_r", vmin=0, vmax=2, aspect="auto")
         ax.set_xticks(range(len(worlds)), [str(w) for w in worlds], fontsize=7)
