@@ -14,9 +14,9 @@ Names are imported on first use, so ``ddp-reduce convert`` never loads torch.
 __version__ = "0.1.0"
 
 _API = {
-    "attach": "ddp_reduce.reducer",
-    "Reducer": "ddp_reduce.reducer",
-    "StepReport": "ddp_reduce.reducer",
+    "attach": "ddp_reduce.layer.reducer",
+    "Reducer": "ddp_reduce.layer.reducer",
+    "StepReport": "ddp_reduce.layer.reducer",
     "convert": "ddp_reduce.analysis.convert",
     "Setting": "ddp_reduce.analysis.convert",
     "Conversion": "ddp_reduce.analysis.convert",

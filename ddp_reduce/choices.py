@@ -1,5 +1,5 @@
 """The choices of a run's settings other than the reduction's (those are in
-:mod:`ddp_reduce.reduction`): plain enums with no dependencies, so that ``ddp-reduce --help``
+:mod:`ddp_reduce.layer.reduction`): plain enums with no dependencies, so that ``ddp-reduce --help``
 lists them without loading the config machinery. The schema (:mod:`ddp_reduce.config`) types its
 keys with them.
 """

@@ -35,7 +35,7 @@ def config_groups() -> dict[str, list[str]]:
 
 def help_text() -> str:
     from ddp_reduce.choices import Device, Precision, Strategy
-    from ddp_reduce.reduction import CommDtype, LossReduction, ReduceOp
+    from ddp_reduce.layer.reduction import CommDtype, LossReduction, ReduceOp
 
     def choices(enum) -> str:
         return "|".join(member.name for member in enum)

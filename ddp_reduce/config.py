@@ -27,7 +27,8 @@ from ddp_reduce.choices import (  # noqa: F401 (the schema's types, imported fro
     SeqArch,
     Strategy,
 )
-from ddp_reduce.reduction import (
+from ddp_reduce.layer.noise import NOISE_BETA
+from ddp_reduce.layer.reduction import (
     CommDtype,
     LossReduction,
     ReduceImpl,
@@ -346,7 +347,7 @@ class NoiseConfig:
     reduced one."""
 
     enabled: bool = True  # estimated whenever two batch sizes exist; summary says if not
-    beta: float = 0.95  # smoothing of the numerator and denominator (bias-corrected EMAs)
+    beta: float = NOISE_BETA  # smoothing of the numerator and denominator (bias-corrected EMAs)
 
     def __post_init__(self) -> None:
         require(0 <= self.beta < 1, "noise.beta", self.beta, "0 <= beta < 1")

@@ -297,7 +297,8 @@ def loss_sums(
     """(sum of the items' losses, number of correct predictions or None) of one batch.
 
     Always a *sum* over items: the division that makes it a mean, if any, is the reduction
-    layer's (``ddp_reduce.reduction.loss_scale``), so it can span all of the step's micro-batches.
+    layer's (``ddp_reduce.layer.reduction.loss_scale``), so it can span all of the step's
+    micro-batches.
     """
     if task is Task.regression:
         err = out.squeeze(-1) - batch.y

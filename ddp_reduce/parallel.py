@@ -3,7 +3,7 @@
 
 Everything that differs between the two is here: how the model is wrapped, how the norm of the
 (possibly sharded) gradient is taken, and how the whole model's state is gathered or set. The
-reduction layer (:mod:`ddp_reduce.reducer`) attaches to either; the trainer does not branch.
+reduction layer (:mod:`ddp_reduce.layer.reducer`) attaches to either; the trainer does not branch.
 """
 
 from __future__ import annotations
@@ -17,12 +17,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ddp_reduce.config import ConfigError, Strategy
 from ddp_reduce.distributed import DistContext
-
-
-def is_fsdp(module: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(module, FSDPModule)
+from ddp_reduce.layer.strategy import is_fsdp
 
 
 def wrap(model: nn.Module, strategy: Strategy, ctx: DistContext, reduce_dtype=None) -> nn.Module:
@@ -48,20 +43,6 @@ def wrap(model: nn.Module, strategy: Strategy, ctx: DistContext, reduce_dtype=No
 
 def unwrapped(module: nn.Module) -> nn.Module:
     return module.module if isinstance(module, DDP) else module
-
-
-def total_norm(params: list[torch.Tensor]) -> torch.Tensor:
-    """The global norm of the parameters' gradients, whole or sharded, on every rank."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    if all(type(g) is torch.Tensor and g.dtype is torch.float32 for g in grads):
-        # whole fp32 gradients (DDP): one fused kernel for the norms; PyTorch's get_total_norm
-        # (below) does the same after grouping by device and dtype, which costs more than the
-        # norms of a small model
-        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-    norm = torch.nn.utils.get_total_norm(grads)
-    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
 def clip(params: list[torch.Tensor], max_norm: float, norm: torch.Tensor) -> None:

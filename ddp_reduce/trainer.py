@@ -32,11 +32,12 @@ from ddp_reduce.config import (
 )
 from ddp_reduce.data import Dataset, GlobalBatchSampler, Split, UserData, load_data
 from ddp_reduce.distributed import DistContext
+from ddp_reduce.layer.noise import NoiseSource, noise_source
+from ddp_reduce.layer.reducer import TORCH_DTYPES, Reducer, StepReport, attach
+from ddp_reduce.layer.reduction import LossReduction, ReduceImpl
+from ddp_reduce.layer.strategy import total_norm
 from ddp_reduce.models import Objective, build_model, build_objective, check_model_for_data
-from ddp_reduce.noise import NoiseSource, noise_source
 from ddp_reduce.optim import build_optimizer, build_schedule, effective_optim
-from ddp_reduce.reducer import TORCH_DTYPES, Reducer, StepReport, attach
-from ddp_reduce.reduction import LossReduction, ReduceImpl
 
 
 @dataclass
@@ -277,7 +278,7 @@ class Trainer:
                 corrects.append(correct)
             if a == 0 and self.noise_source is NoiseSource.micro:
                 # One rank, A >= 2: the first micro-batch's own gradient is the small batch.
-                sq = parallel.total_norm(self.params).double() ** 2
+                sq = total_norm(self.params).double() ** 2
                 mean_sq = sq / (scales[0] * amp * micro_items[0]) ** 2
                 self.reducer.small_batch(micro_items[0], mean_sq.item())
         if self.scaler is not None:

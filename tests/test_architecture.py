@@ -16,7 +16,7 @@ from tests.helpers import REPO, config_dict
 
 PACKAGE = REPO / "ddp_reduce"
 ENTRY = {"ddp_reduce", "ddp_reduce.cli", "ddp_reduce.train", "ddp_reduce.bench"}
-LAYERS = ("core", "run", "analysis", "entry")
+LAYERS = ("layer", "core", "run", "analysis", "entry")
 
 
 def module_name(path: Path) -> str:
@@ -27,6 +27,8 @@ def module_name(path: Path) -> str:
 def layer(module: str) -> str:
     if module in ENTRY:
         return "entry"
+    if module.startswith("ddp_reduce.layer"):
+        return "layer"
     if module.startswith("ddp_reduce.run"):
         return "run"
     if module.startswith("ddp_reduce.analysis"):
@@ -120,6 +122,48 @@ def test_the_layer_check_finds_planted_violations():
 
 def test_no_layer_imports_a_higher_one_and_nothing_imports_an_entry_point():
     assert not layer_violations(import_graph())
+
+
+THIRD_PARTY_FOR_LAYER = {"torch"}  # and the standard library
+
+
+def outside_imports(path: Path) -> set[str]:
+    """The top-level names of every module ``path`` imports that is not the standard library."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found.add(node.module.split(".")[0])
+    return {name for name in found if name not in sys.stdlib_module_names and name != "__future__"}
+
+
+def test_the_layer_imports_torch_the_standard_library_and_itself_only():
+    graph = import_graph()
+    layer_files = sorted((PACKAGE / "layer").glob("*.py"))
+    assert layer_files
+    for path in layer_files:
+        module = module_name(path)
+        deps = graph[module]
+        assert all(dep.startswith("ddp_reduce.layer") for dep in deps), (module, deps)
+        assert outside_imports(path) <= THIRD_PARTY_FOR_LAYER | {"ddp_reduce"}, module
+
+
+def test_the_layer_rule_finds_a_planted_import(tmp_path):
+    planted = tmp_path / "planted.py"
+    planted.write_text("import numpy as np\nfrom hydra import compose\nimport torch\nimport os\n")
+    assert outside_imports(planted) - THIRD_PARTY_FOR_LAYER == {"numpy", "hydra"}
+    assert layer_violations({"ddp_reduce.layer.reducer": {"ddp_reduce.data"}})
+
+
+def test_attach_loads_the_layer_and_nothing_else_of_the_package():
+    loaded = _modules_loaded("import ddp_reduce\nddp_reduce.attach")
+    ours = {m for m in loaded if m.startswith("ddp_reduce")}
+    assert ours <= {"ddp_reduce"} | {m for m in ours if m.startswith("ddp_reduce.layer")}, ours
+    assert "ddp_reduce.layer.reducer" in loaded
+    # numpy is not listed: torch itself imports it where it is installed
+    for heavy in ("hydra", "omegaconf", "tensorboard", "sklearn"):
+        assert heavy not in loaded, heavy
 
 
 def test_composing_with_no_overrides_gives_the_schema_defaults():

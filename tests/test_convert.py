@@ -15,7 +15,7 @@ from ddp_reduce.analysis.convert import (
     main,
     resolve,
 )
-from ddp_reduce.reduction import (
+from ddp_reduce.layer.reduction import (
     LossReduction,
     ReduceImpl,
     ReduceOp,

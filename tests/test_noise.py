@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+from ddp_reduce.analysis.noise_truth import exact_noise, linear_noise
 from ddp_reduce.config import load_config
 from ddp_reduce.data import load_dataset
+from ddp_reduce.layer.noise import NoiseScaleEstimator
 from ddp_reduce.models import build_model
-from ddp_reduce.noise import NoiseScaleEstimator, exact_noise, linear_noise
 from ddp_reduce.run.launch import rank_main
 from tests.helpers import config_dict, spawn, train_runs
 

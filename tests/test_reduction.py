@@ -2,9 +2,15 @@
 
 import pytest
 
-from ddp_reduce.reduction import LossReduction as L
-from ddp_reduce.reduction import ReduceImpl, check_combination, divisor, nominal_scale, plan_step
-from ddp_reduce.reduction import ReduceOp as O
+from ddp_reduce.layer.reduction import LossReduction as L
+from ddp_reduce.layer.reduction import (
+    ReduceImpl,
+    check_combination,
+    divisor,
+    nominal_scale,
+    plan_step,
+)
+from ddp_reduce.layer.reduction import ReduceOp as O
 
 W, B, A = 4, 8, 3
 N = W * B * A

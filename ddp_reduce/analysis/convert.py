@@ -34,7 +34,7 @@ import shlex
 from dataclasses import dataclass, field, replace
 
 from ddp_reduce.analysis.tables import table
-from ddp_reduce.reduction import (
+from ddp_reduce.layer.reduction import (
     LossReduction,
     ReduceImpl,
     ReduceOp,

@@ -21,9 +21,9 @@ import torch.distributed as dist
 from ddp_reduce import parallel
 from ddp_reduce.config import RunConfig, to_dict
 from ddp_reduce.distributed import DistContext
-from ddp_reduce.noise import NoiseEstimate
+from ddp_reduce.layer.noise import NoiseEstimate
+from ddp_reduce.layer.reduction import nominal_scale, scale_rule
 from ddp_reduce.optim import effective_optim
-from ddp_reduce.reduction import nominal_scale, scale_rule
 from ddp_reduce.run import checkpoint
 from ddp_reduce.run.rundir import (
     FINISHED,

@@ -138,7 +138,7 @@ def minimize_log(
 def grad_scale_of(overrides: list[str]) -> float:
     """c of the run these overrides compose (equal counts: the nominal factor of its summary)."""
     from ddp_reduce.config import load_config
-    from ddp_reduce.reduction import nominal_scale
+    from ddp_reduce.layer.reduction import nominal_scale
     from ddp_reduce.run.compose import compose_config
 
     cfg = load_config(compose_config(list(overrides))[0])

@@ -20,13 +20,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ddp_reduce.analysis.noise_truth import per_item_gradients
 from ddp_reduce.analysis.tables import table
 from ddp_reduce.config import DistConfig, load_config
 from ddp_reduce.data import load_dataset
+from ddp_reduce.layer.reducer import TORCH_DTYPES
+from ddp_reduce.layer.reduction import CommDtype, division_split, parse_predivide
 from ddp_reduce.models import build_model
-from ddp_reduce.noise import per_item_gradients
-from ddp_reduce.reducer import TORCH_DTYPES
-from ddp_reduce.reduction import CommDtype, division_split, parse_predivide
 from ddp_reduce.run.compose import compose_config
 from ddp_reduce.run.pool import RankPool
 

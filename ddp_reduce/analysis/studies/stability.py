@@ -17,7 +17,7 @@ from ddp_reduce.analysis.studies import (
 from ddp_reduce.analysis.tables import table
 from ddp_reduce.config import load_config
 from ddp_reduce.data import linear_problem
-from ddp_reduce.reduction import LossReduction, ReduceOp, scale_symbol
+from ddp_reduce.layer.reduction import LossReduction, ReduceOp, scale_symbol
 from ddp_reduce.run.compose import compose_config
 
 RUN_COLUMNS = {BLOW_UP_COLUMN: blew_up}

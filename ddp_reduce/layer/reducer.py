@@ -7,7 +7,7 @@
         step = reducer.last_step                  # c, exact, global_items, the noise scale
         optimizer.step()
 
-The arithmetic (the divisor of each op, c, exactness) is :mod:`ddp_reduce.reduction`'s; this
+The arithmetic (the divisor of each op, c, exactness) is :mod:`ddp_reduce.layer.reduction`'s; this
 module carries it out: a DDP communication hook (as PyTorch's own ``default_hooks`` are: one
 helper behind a thin hook), or DDP's own C++ path where the arithmetic is DDP's own, or a
 post-backward reference. Once a hook is registered DDP no longer divides by W: the division here
@@ -29,14 +29,14 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from ddp_reduce import reduction as R
-from ddp_reduce.noise import NoiseEstimate, NoiseScaleEstimator
-from ddp_reduce.parallel import is_fsdp, total_norm
+from ddp_reduce.layer import reduction
+from ddp_reduce.layer.noise import NOISE_BETA, NoiseEstimate, NoiseScaleEstimator
+from ddp_reduce.layer.strategy import is_fsdp, total_norm
 
 TORCH_DTYPES = {
-    R.CommDtype.fp32: torch.float32,
-    R.CommDtype.bf16: torch.bfloat16,
-    R.CommDtype.fp16: torch.float16,
+    reduction.CommDtype.fp32: torch.float32,
+    reduction.CommDtype.bf16: torch.bfloat16,
+    reduction.CommDtype.fp16: torch.float16,
 }
 
 
@@ -71,7 +71,7 @@ def _sq(t: torch.Tensor) -> torch.Tensor:
 class _Step:
     """The step being reduced: planned before the forward, filled in by the hook."""
 
-    plan: R.StepPlan
+    plan: reduction.StepPlan
     divisor: Any  # float, or a 0-dim tensor (an all-reduced count still in flight)
     count: torch.Tensor | None  # [Σ items, Σ items²] over ranks, float64, when not given
     count_work: Any  # its all-reduce (None when done or not needed)
@@ -167,31 +167,31 @@ class Reducer:
     def __init__(
         self,
         model: DDP,
-        loss: R.LossReduction,
-        op: R.ReduceOp,
-        impl: R.ReduceImpl = R.ReduceImpl.hook,
+        loss: reduction.LossReduction,
+        op: reduction.ReduceOp,
+        impl: reduction.ReduceImpl = reduction.ReduceImpl.hook,
         noise: bool = False,
-        dtype: R.CommDtype = R.CommDtype.fp32,
+        dtype: reduction.CommDtype = reduction.CommDtype.fp32,
         predivide: str | float = "full",
-        noise_beta: float = 0.95,
+        noise_beta: float = NOISE_BETA,
         noise_population: int | None = None,
         process_group: dist.ProcessGroup | None = None,
     ):
-        why = R.check_combination(loss, op, impl)
+        why = reduction.check_combination(loss, op, impl)
         if why:
             raise ValueError(why)
-        refused = R.check_builtin(impl, dtype, predivide)
+        refused = reduction.check_builtin(impl, dtype, predivide)
         if refused:
             key, allowed = refused
             value = dtype.name if key == "reduce.dtype" else predivide
             raise ValueError(f"{key.split('.')[1]}={value}: allowed {allowed}")
         self.model = model
         self.sharded = is_fsdp(model)
-        if self.sharded and impl is not R.ReduceImpl.hook:
+        if self.sharded and impl is not reduction.ReduceImpl.hook:
             raise ValueError(f"impl={impl.name} is DDP's; under FSDP the reduction is the hook's")
         self.loss, self.op, self.impl = loss, op, impl
         self.dtype = dtype
-        self.predivide = R.parse_predivide(predivide)
+        self.predivide = reduction.parse_predivide(predivide)
         self.process_group = process_group
         self.world_size = dist.get_world_size(process_group)
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -199,7 +199,9 @@ class Reducer:
         self.estimator = NoiseScaleEstimator(noise_beta, noise_population) if noise else None
         # The ranks' own gradients are a second batch size for the noise scale (W >= 2); they
         # exist only where the hook (or the reference) sees them, not on DDP's own path.
-        self.collect_sq = noise and self.world_size >= 2 and impl is not R.ReduceImpl.builtin
+        self.collect_sq = (
+            noise and self.world_size >= 2 and impl is not reduction.ReduceImpl.builtin
+        )
         self._fsdp_units = [m for m in model.modules() if is_fsdp(m)] if self.sharded else []
         self.route: Route | None = None  # decided at the first step (see _choose_route)
         self._step: _Step | None = None
@@ -226,7 +228,7 @@ class Reducer:
         buckets are also reduced in float64 to measure the comm dtype's error (an extra
         collective on such steps only).
         """
-        if self.loss is R.LossReduction.micro_mean:
+        if self.loss is reduction.LossReduction.micro_mean:
             raise ValueError(
                 "loss=micro_mean scales each micro-batch by its own count: use loss_scales()"
             )
@@ -265,7 +267,7 @@ class Reducer:
                 "route was chosen at the first step"
             )
         local_items = sum(micro_items)
-        plan = R.plan_step(
+        plan = reduction.plan_step(
             self.loss,
             self.op,
             self.world_size,
@@ -313,7 +315,7 @@ class Reducer:
         return tuple(scale * fold for scale in plan.loss_scales)
 
     def _choose_route(self, counts_given: bool) -> Route:
-        divisor_known = self.op is not R.ReduceOp.global_mean or counts_given
+        divisor_known = self.op is not reduction.ReduceOp.global_mean or counts_given
         if self.sharded and self.world_size == 1:
             return Route.fsdp_native  # one rank: FSDP runs no reduce-scatter, only its division
         if self.sharded:
@@ -322,9 +324,9 @@ class Reducer:
             plain = not self.collect_sq and self.predivide == "full" and divisor_known
             cuda = self.device.type == "cuda"
             return Route.fsdp_native if plain and cuda else Route.fsdp_comm
-        if self.impl is R.ReduceImpl.manual:
+        if self.impl is reduction.ReduceImpl.manual:
             return Route.manual
-        if self.impl is R.ReduceImpl.builtin:
+        if self.impl is reduction.ReduceImpl.builtin:
             return Route.ddp_builtin
         native = all(p.dtype == TORCH_DTYPES[self.dtype] for p in self.params)
         plain = native and not self.collect_sq and self.predivide == "full" and divisor_known
@@ -373,7 +375,7 @@ class Reducer:
             if plan.global_items is None:
                 total, total_sq, micro_sq, micro_n = step.wait_count().tolist()
                 equal = self.world_size * total_sq == total * total
-                if plan.loss is R.LossReduction.micro_mean and plan.micro_items is not None:
+                if plan.loss is reduction.LossReduction.micro_mean and plan.micro_items is not None:
                     equal = micro_n * micro_sq == total * total
                 plan = plan.with_counts(int(total), equal)
             self._report = StepReport(
@@ -429,14 +431,14 @@ class _LazyCount:
 
 def attach(
     model: DDP,
-    loss: str | R.LossReduction = "mean",
-    op: str | R.ReduceOp = "mean",
+    loss: str | reduction.LossReduction = "mean",
+    op: str | reduction.ReduceOp = "mean",
     noise: bool = False,
     *,
-    dtype: str | R.CommDtype = "fp32",
+    dtype: str | reduction.CommDtype = "fp32",
     predivide: str | float = "full",
-    impl: str | R.ReduceImpl = "hook",
-    noise_beta: float = 0.95,
+    impl: str | reduction.ReduceImpl = "hook",
+    noise_beta: float = NOISE_BETA,
     noise_population: int | None = None,
     process_group: dist.ProcessGroup | None = None,
 ) -> Reducer:
@@ -455,11 +457,11 @@ def attach(
         )
     return Reducer(
         model,
-        _enum(R.LossReduction, loss),
-        _enum(R.ReduceOp, op),
-        impl=_enum(R.ReduceImpl, impl),
+        _enum(reduction.LossReduction, loss),
+        _enum(reduction.ReduceOp, op),
+        impl=_enum(reduction.ReduceImpl, impl),
         noise=noise,
-        dtype=_enum(R.CommDtype, dtype),
+        dtype=_enum(reduction.CommDtype, dtype),
         predivide=predivide,
         noise_beta=noise_beta,
         noise_population=noise_population,
@@ -486,7 +488,7 @@ def _reduce_bucket(reducer: Reducer, bucket: dist.GradBucket) -> torch.futures.F
     buffer = bucket.buffer()
     comm_dtype = TORCH_DTYPES[reducer.dtype]
     step.read_local(buffer, low_precision=comm_dtype in (torch.bfloat16, torch.float16))
-    before, after = R.division_split(_divisor_value(step), reducer.predivide)
+    before, after = reduction.division_split(_divisor_value(step), reducer.predivide)
     send = buffer if buffer.dtype == comm_dtype else buffer.to(comm_dtype)
     reference = None
     if step.audit:
@@ -553,7 +555,7 @@ class _FSDPReduceScatter:
     def __call__(self, output_tensor, input_tensor, group, op, async_op: bool = False):
         step = self.reducer._step
         step.read_local(input_tensor, input_tensor.dtype in (torch.bfloat16, torch.float16))
-        before, after = R.division_split(_divisor_value(step), self.reducer.predivide)
+        before, after = reduction.division_split(_divisor_value(step), self.reducer.predivide)
         reference = None
         if step.audit:
             reference = input_tensor.double() / before

@@ -1,7 +1,8 @@
 """The reduction arithmetic: how per-item gradients become the gradient the optimizer receives.
 
 This module is the one statement of the factor c. It imports no torch: the run, the
-communication hook (:mod:`ddp_reduce.reducer`), ``ddp-reduce convert`` and the studies all ask it.
+communication hook (:mod:`ddp_reduce.layer.reducer`), ``ddp-reduce convert`` and the studies
+all ask it.
 
 Notation (docs/design.md §1): W ranks, b items per rank per micro-step, A micro-steps per
 optimizer step, N = W·b·A items in the global batch; N_t is the number of items the step really
