@@ -29,13 +29,8 @@ from ddp_reduce.choices import (  # noqa: F401 (the schema's types, imported fro
 )
 from ddp_reduce.layer.noise import NOISE_BETA
 from ddp_reduce.layer.reduction import (
-    CommDtype,
-    LossReduction,
     ReduceImpl,
-    ReduceOp,
-    check_builtin,
-    check_combination,
-    parse_predivide,
+    ReduceSettings,
 )
 from ddp_reduce.scaling import LrScaling
 
@@ -232,32 +227,19 @@ class OptimConfig:
 
 
 @dataclass
-class ReduceConfig:
-    loss: LossReduction = LossReduction.mean  # inside a rank, over its items of the whole step
-    op: ReduceOp = ReduceOp.mean  # across ranks
-    impl: ReduceImpl = ReduceImpl.hook
-    # What the gradients travel in during the all-reduce (cast back for the optimizer).
-    dtype: CommDtype = CommDtype.fp32
-    # Where the division by the op's divisor happens: before the all-reduce (full), split
-    # (sqrt), after (none), or a number: divide by it before and by divisor/it after.
-    predivide: str = "full"
+class ReduceConfig(ReduceSettings):
+    """``reduce.*``: the reduction's settings (their defaults and meaning are the layer's,
+    :class:`ddp_reduce.layer.reduction.ReduceSettings`) and what the run measures of it."""
+
     # A logged step whose low-precision reduction is off the float64 one by more than this
     # (relative) is counted as lossy (reduce/lossy_logged_steps).
     lossy_threshold: float = 0.01
 
     def __post_init__(self) -> None:
-        why = check_combination(self.loss, self.op, self.impl)
-        require(why is None, "reduce.op", self.op, why or "")
-        _positive("reduce.lossy_threshold", self.lossy_threshold)
-        try:
-            parse_predivide(self.predivide)
-        except ValueError as exc:
-            raise ConfigError("reduce.predivide", self.predivide, str(exc)) from None
-        refused = check_builtin(self.impl, self.dtype, self.predivide)
+        refused = self.refusal()
         if refused:
-            key, allowed = refused
-            value = self.dtype if key == "reduce.dtype" else self.predivide
-            raise ConfigError(key, value, allowed)
+            raise ConfigError(*refused)
+        _positive("reduce.lossy_threshold", self.lossy_threshold)
 
 
 @dataclass

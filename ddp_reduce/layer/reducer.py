@@ -38,6 +38,7 @@ TORCH_DTYPES = {
     reduction.CommDtype.bf16: torch.bfloat16,
     reduction.CommDtype.fp16: torch.float16,
 }
+LOW_PRECISION = (torch.bfloat16, torch.float16)  # comm dtypes whose reduction is measured
 
 
 class Route(Enum):
@@ -169,22 +170,19 @@ class Reducer:
         model: DDP,
         loss: reduction.LossReduction,
         op: reduction.ReduceOp,
-        impl: reduction.ReduceImpl = reduction.ReduceImpl.hook,
-        noise: bool = False,
-        dtype: reduction.CommDtype = reduction.CommDtype.fp32,
-        predivide: str | float = "full",
-        noise_beta: float = NOISE_BETA,
-        noise_population: int | None = None,
-        process_group: dist.ProcessGroup | None = None,
+        impl: reduction.ReduceImpl,
+        noise: bool,
+        dtype: reduction.CommDtype,
+        predivide: str | float,
+        noise_beta: float,
+        noise_population: int | None,
+        process_group: dist.ProcessGroup | None,
     ):
-        why = reduction.check_combination(loss, op, impl)
-        if why:
-            raise ValueError(why)
-        refused = reduction.check_builtin(impl, dtype, predivide)
+        refused = reduction.ReduceSettings(loss, op, impl, dtype, predivide).refusal()
         if refused:
-            key, allowed = refused
-            value = dtype.name if key == "reduce.dtype" else predivide
-            raise ValueError(f"{key.split('.')[1]}={value}: allowed {allowed}")
+            key, value, allowed = refused
+            name = value.name if isinstance(value, Enum) else value
+            raise ValueError(f"{key.split('.')[1]}={name}: allowed {allowed}")
         self.model = model
         self.sharded = is_fsdp(model)
         if self.sharded and impl is not reduction.ReduceImpl.hook:
@@ -333,7 +331,7 @@ class Reducer:
         return Route.ddp_builtin if plain else Route.hook
 
     def _low_precision(self) -> bool:
-        return TORCH_DTYPES[self.dtype] in (torch.bfloat16, torch.float16)
+        return TORCH_DTYPES[self.dtype] in LOW_PRECISION
 
     # -- the micro-batches -------------------------------------------------------------------
 
@@ -429,15 +427,18 @@ class _LazyCount:
         return self.reducer._step.wait_count()[0]
 
 
+_DEFAULT = reduction.ReduceSettings()  # attach's defaults are the config's (reduce.*)
+
+
 def attach(
     model: DDP,
-    loss: str | reduction.LossReduction = "mean",
-    op: str | reduction.ReduceOp = "mean",
+    loss: str | reduction.LossReduction = _DEFAULT.loss.name,
+    op: str | reduction.ReduceOp = _DEFAULT.op.name,
     noise: bool = False,
     *,
-    dtype: str | reduction.CommDtype = "fp32",
-    predivide: str | float = "full",
-    impl: str | reduction.ReduceImpl = "hook",
+    dtype: str | reduction.CommDtype = _DEFAULT.dtype.name,
+    predivide: str | float = _DEFAULT.predivide,
+    impl: str | reduction.ReduceImpl = _DEFAULT.impl.name,
     noise_beta: float = NOISE_BETA,
     noise_population: int | None = None,
     process_group: dist.ProcessGroup | None = None,
@@ -487,7 +488,7 @@ def _reduce_bucket(reducer: Reducer, bucket: dist.GradBucket) -> torch.futures.F
     step, group = reducer._step, reducer.process_group
     buffer = bucket.buffer()
     comm_dtype = TORCH_DTYPES[reducer.dtype]
-    step.read_local(buffer, low_precision=comm_dtype in (torch.bfloat16, torch.float16))
+    step.read_local(buffer, low_precision=comm_dtype in LOW_PRECISION)
     before, after = reduction.division_split(_divisor_value(step), reducer.predivide)
     send = buffer if buffer.dtype == comm_dtype else buffer.to(comm_dtype)
     reference = None
@@ -554,7 +555,7 @@ class _FSDPReduceScatter:
 
     def __call__(self, output_tensor, input_tensor, group, op, async_op: bool = False):
         step = self.reducer._step
-        step.read_local(input_tensor, input_tensor.dtype in (torch.bfloat16, torch.float16))
+        step.read_local(input_tensor, input_tensor.dtype in LOW_PRECISION)
         before, after = reduction.division_split(_divisor_value(step), self.reducer.predivide)
         reference = None
         if step.audit:

@@ -174,6 +174,38 @@ def check_builtin(
     return None
 
 
+@dataclass
+class ReduceSettings:
+    """What a user chooses of the reduction, with the defaults of both ``attach`` and the run's
+    ``reduce.*`` (the config's ReduceConfig extends this class)."""
+
+    loss: LossReduction = LossReduction.mean  # inside a rank, over its items of the whole step
+    op: ReduceOp = ReduceOp.mean  # across ranks
+    impl: ReduceImpl = ReduceImpl.hook
+    # What the gradients travel in during the all-reduce (cast back for the optimizer).
+    dtype: CommDtype = CommDtype.fp32
+    # Where the division by the op's divisor happens: before the all-reduce (full), split
+    # (sqrt), after (none), or a number: divide by it before and by divisor/it after
+    # (typed str for the config's sake; attach takes a number too).
+    predivide: str = "full"
+
+    def refusal(self) -> tuple[str, object, str] | None:
+        """The first setting that cannot be carried out, as (key, value, what is allowed);
+        None when all can."""
+        why = check_combination(self.loss, self.op, self.impl)
+        if why:
+            return "reduce.op", self.op, why
+        try:
+            parse_predivide(self.predivide)
+        except ValueError as exc:
+            return "reduce.predivide", self.predivide, str(exc)
+        refused = check_builtin(self.impl, self.dtype, self.predivide)
+        if refused:
+            key, allowed = refused
+            return key, self.dtype if key == "reduce.dtype" else self.predivide, allowed
+        return None
+
+
 @dataclass(frozen=True)
 class StepPlan:
     """One optimizer step's arithmetic, planned before the forward from the item counts.
