@@ -487,76 +487,79 @@ def convert(
         )
     except ScalingError as exc:
         raise ConvertError(f"--rule={rule}: {exc}") from None
-    knobs: list[Knob] = []
-    if sgd:
-        knobs.append(
-            Knob("lr", source.lr, scaled.lr, verdict, f"lr / k, k = c_t/c_s = {k:g}{note}")
-        )
-        knobs.append(Knob("momentum", source.momentum, source.momentum, verdict, "unchanged"))
-        wd = source.weight_decay * k
-        why = "x k: added after the reduction, it would act as weight_decay/k if kept"
-        dst = replace(dst, lr=scaled.lr, weight_decay=wd)
-    else:
-        knobs.append(
-            Knob(
-                "lr",
-                source.lr,
-                scaled.lr,
-                verdict,
-                "unchanged: Adam divides by the gradient's scale" + note,
-            )
-        )
-        knobs.append(
-            Knob(
-                "eps",
-                source.eps,
-                scaled.eps,
-                verdict,
-                f"x k: kept at {source.eps:g} it would act as eps/k = {source.eps / k:g} "
-                "(approximate)",
-            )
-        )
-        if rule == "adam_sqrt":
-            knobs.append(
-                Knob(
-                    "betas",
-                    source.betas,
-                    scaled.betas,
-                    APPROX,
-                    "1 - kappa(1 - beta) (Malladi et al.)",
-                )
-            )
-        if source.optim == "adam":
-            wd = source.weight_decay * k
-            why = "x k: coupled (added to the gradient), it would act as weight_decay/k if kept"
-        else:
-            wd = source.weight_decay
-            why = "unchanged: decoupled decay is untouched by c"
-        dst = replace(dst, lr=scaled.lr, eps=scaled.eps, betas=scaled.betas, weight_decay=wd)
-    knobs.append(
-        Knob(
-            "weight_decay", source.weight_decay, wd, verdict, why if source.weight_decay else "none"
-        )
-    )
-    knobs.append(
-        Knob("l2 (in the loss)", source.l2, source.l2, verdict, "unchanged: scaled with the loss")
-    )
-    clip = None if source.clip_norm is None else source.clip_norm * k
-    knobs.append(
-        Knob(
-            "clip_norm",
-            source.clip_norm,
-            clip,
-            verdict,
-            "x k: clipping sees c*|G|; kept, it would clip at another norm" if clip else "none",
-        )
-    )
+    step = _Rewrite(source, k, verdict, note, rule)
+    knobs, dst, decay_why = step.sgd(dst, scaled) if sgd else step.adam(dst, scaled)
+    knobs += step.shared(dst.weight_decay, decay_why)
     if k == 1:  # same convention: nothing is multiplied
         knobs = [
             replace(kn, why="unchanged: the same c" + note) if kn.why.startswith("x k") else kn
             for kn in knobs
         ]
-    return Conversion(source, replace(dst, clip_norm=clip), knobs)
+    return Conversion(source, replace(dst, clip_norm=step.clip), knobs)
+
+
+@dataclass
+class _Rewrite:
+    """The knobs of one conversion: c changes by ``k``, each knob gets ``verdict``."""
+
+    source: Setting
+    k: float
+    verdict: str
+    note: str  # the batch rule's caveat, appended to the lr's line
+    rule: str
+
+    @property
+    def clip(self) -> float | None:
+        return None if self.source.clip_norm is None else self.source.clip_norm * self.k
+
+    def sgd(self, dst: Setting, scaled) -> tuple[list[Knob], Setting, str]:
+        """SGD's knobs, the rewritten setting, and why weight decay changes as it does."""
+        src, k = self.source, self.k
+        knobs = [
+            Knob("lr", src.lr, scaled.lr, self.verdict, f"lr / k, k = c_t/c_s = {k:g}{self.note}"),
+            Knob("momentum", src.momentum, src.momentum, self.verdict, "unchanged"),
+        ]
+        why = "x k: added after the reduction, it would act as weight_decay/k if kept"
+        return knobs, replace(dst, lr=scaled.lr, weight_decay=src.weight_decay * k), why
+
+    def adam(self, dst: Setting, scaled) -> tuple[list[Knob], Setting, str]:
+        """Adam's (and AdamW's) knobs, the rewritten setting, and why weight decay changes."""
+        src, k = self.source, self.k
+        why_lr = "unchanged: Adam divides by the gradient's scale" + self.note
+        why_eps = f"x k: kept at {src.eps:g} it would act as eps/k = {src.eps / k:g} (approximate)"
+        knobs = [
+            Knob("lr", src.lr, scaled.lr, self.verdict, why_lr),
+            Knob("eps", src.eps, scaled.eps, self.verdict, why_eps),
+        ]
+        if self.rule == "adam_sqrt":
+            why = "1 - kappa(1 - beta) (Malladi et al.)"
+            knobs.append(Knob("betas", src.betas, scaled.betas, APPROX, why))
+        if src.optim == "adam":
+            wd = src.weight_decay * k
+            decay_why = (
+                "x k: coupled (added to the gradient), it would act as weight_decay/k if kept"
+            )
+        else:
+            wd = src.weight_decay
+            decay_why = "unchanged: decoupled decay is untouched by c"
+        dst = replace(dst, lr=scaled.lr, eps=scaled.eps, betas=scaled.betas, weight_decay=wd)
+        return knobs, dst, decay_why
+
+    def shared(self, weight_decay: float, decay_why: str) -> list[Knob]:
+        """Weight decay (why it changes: sgd's or adam's), the loss's L2 and clipping."""
+        src, verdict = self.source, self.verdict
+        clip_why = "x k: clipping sees c*|G|; kept, it would clip at another norm"
+        return [
+            Knob(
+                "weight_decay",
+                src.weight_decay,
+                weight_decay,
+                verdict,
+                decay_why if src.weight_decay else "none",
+            ),
+            Knob("l2 (in the loss)", src.l2, src.l2, verdict, "unchanged: scaled with the loss"),
+            Knob("clip_norm", src.clip_norm, self.clip, verdict, clip_why if self.clip else "none"),
+        ]
 
 
 # Required to convert, and only then: ``--list-presets`` needs none of them.

@@ -14,11 +14,13 @@ from typing import Any
 
 import torch
 
+from ddp_reduce.run.rundir import MODEL
+
 GOLDEN = (3 - math.sqrt(5)) / 2  # 0.382: where golden-section search puts its next probe
 
 
 def weights(run_dir: Path) -> torch.Tensor | None:
-    path = Path(run_dir) / "model.pt"
+    path = Path(run_dir) / MODEL
     if not path.exists():
         return None
     state = torch.load(path, map_location="cpu", weights_only=True)
