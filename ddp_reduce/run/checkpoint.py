@@ -37,6 +37,7 @@ import torch.distributed as dist
 
 from ddp_reduce import parallel
 from ddp_reduce.config import to_dict
+from ddp_reduce.run.dcp_metadata import SafeReader, read_dcp_metadata
 from ddp_reduce.run.rundir import CHECKPOINTS, atomic_write, write_json
 from ddp_reduce.trainer import Trainer
 
@@ -68,7 +69,9 @@ class CheckpointError(RuntimeError):
 
 
 @dataclass
-class Found:
+class VerifiedCheckpoint:
+    """The newest checkpoint that matched its digest and loaded, and the newer ones skipped."""
+
     path: Path
     state: dict[str, Any]
     skipped: list[str]  # the newer checkpoints that were corrupt, and why
@@ -214,12 +217,19 @@ def _load_verified(folder: Path, entry: dict) -> dict[str, Any]:
         )
     except Exception as exc:  # a file that matches its digest but does not load
         raise CheckpointError(f"{path.name} does not load: {exc}") from exc
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path.name} holds a {type(state).__name__}, not a checkpoint")
+    if path.is_dir():
+        try:  # a .metadata that is not the library's plain record is refused, never run
+            read_dcp_metadata(path)
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{path.name}: {exc}") from None
     if state.get("format") != FORMAT or state.get("step") != entry["step"]:
         raise CheckpointError(f"{path.name} is not a checkpoint of this format and step")
     return state
 
 
-def load_latest(run_dir: Path) -> Found | None:
+def load_latest(run_dir: Path) -> VerifiedCheckpoint | None:
     """The newest valid checkpoint, falling back past corrupt ones; None if there are none."""
     folder = run_dir / CHECKPOINTS
     entries = _read_manifest(folder)
@@ -233,7 +243,8 @@ def load_latest(run_dir: Path) -> Found | None:
     skipped = []
     for entry in reversed(entries):
         try:
-            return Found(folder / entry["file"], _load_verified(folder, entry), skipped)
+            state = _load_verified(folder, entry)
+            return VerifiedCheckpoint(folder / entry["file"], state, skipped)
         except CheckpointError as exc:
             skipped.append(str(exc))
             print(f"ddp-reduce: warning: {exc}; trying an older checkpoint", file=sys.stderr)
@@ -350,7 +361,7 @@ def resume(run_dir: Path, trainer: Trainer) -> int | None:
 
         model_state, optim_state = get_state_dict(trainer.model, trainer.optimizer)
         shards = {"model": model_state, "optimizer": optim_state}
-        dcp.load(shards, checkpoint_id=path)
+        dcp.load(shards, storage_reader=SafeReader(path))
         set_state_dict(
             trainer.model,
             trainer.optimizer,
