@@ -7,10 +7,11 @@ import json
 import pickle
 from pathlib import Path
 
+import pytest
 import torch
 
-from ddp_reduce.run import checkpoint
-from tests.helpers import ddp_reduce
+from ddp_reduce.run import checkpoint, rundir
+from tests.helpers import VENV_BIN, ddp_reduce, run_cli
 
 
 def _rewrite_digest(run: Path, name: str) -> None:
@@ -81,3 +82,100 @@ def test_a_checkpoint_holding_a_list_falls_back_to_the_previous_one(tmp_path):
     found = checkpoint.load_latest(tmp_path)
     assert found is not None and found.state["step"] == 10
     assert "holds a list" in found.skipped[0]
+
+
+# -- symbolic links planted in a run folder -------------------------------------------------
+
+QUICK = ("train.eval_every=0", "train.log_every=1", "dist.nproc=1")
+
+
+def _plant(run: Path, victims: Path) -> dict[Path, bytes]:
+    """Links in place of the files and folders a run writes; returns each victim's bytes."""
+    run.mkdir(parents=True, exist_ok=True)
+    victims.mkdir(exist_ok=True)
+    planted = {}
+    for name in ("metrics.jsonl", ".lock", "config.yaml", "model.pt"):
+        victim = victims / f"victim-{name}"
+        victim.write_bytes(b"precious\n")
+        (run / name).symlink_to(victim)
+        planted[victim] = victim.read_bytes()
+    (victims / "dir-tb").mkdir()
+    (run / "tb").symlink_to(victims / "dir-tb")
+    return planted
+
+
+def _untouched(planted: dict[Path, bytes], victims: Path) -> None:
+    for victim, content in planted.items():
+        assert victim.read_bytes() == content, f"{victim.name} was written through a link"
+    assert not any((victims / "dir-tb").iterdir()), "tb/ was written through"
+
+
+def test_a_run_never_writes_through_links_planted_in_its_folder(tmp_path):
+    run, victims = tmp_path / "run", tmp_path / "victims"
+    planted = _plant(run, victims)
+    proc = ddp_reduce(*QUICK, "train.steps=6", "train.checkpoint_every=3", f"hydra.run.dir={run}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    _untouched(planted, victims)
+    assert json.loads((run / "summary.json").read_text())["status"] == "completed"
+    assert (run / "metrics.jsonl").is_file() and not (run / "metrics.jsonl").is_symlink()
+    # a resume rewrites metrics.jsonl (the lines up to its step): a link there is not followed
+    _unfinish(run)
+    (run / "metrics.jsonl").unlink()
+    (run / "metrics.jsonl").symlink_to(victims / "victim-metrics.jsonl")
+    proc = ddp_reduce(*QUICK, "train.steps=9", "train.checkpoint_every=3", f"hydra.run.dir={run}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((run / "summary.json").read_text())["resumed_from_step"] == 6
+    _untouched(planted, victims)
+
+
+def test_checkpoints_are_never_read_or_written_through_a_linked_folder(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    checkpoint.save(elsewhere, {"step": 10, "config": {}, "global_batch_size": 64}, keep=1)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "checkpoints").symlink_to(elsewhere / "checkpoints")
+    with pytest.raises(checkpoint.CheckpointError, match="is a symbolic link"):
+        checkpoint.load_latest(run)
+    before = sorted(p.name for p in (elsewhere / "checkpoints").iterdir())
+    checkpoint.save(run, {"step": 20, "config": {}, "global_batch_size": 64}, keep=1)
+    assert sorted(p.name for p in (elsewhere / "checkpoints").iterdir()) == before
+    assert (run / "checkpoints" / "step_00000020.pt").is_file()
+
+
+def test_a_summary_that_is_a_link_is_refused_and_never_written(tmp_path):
+    run, victim = tmp_path / "run", tmp_path / "victim"
+    run.mkdir()
+    victim.write_text("precious\n")
+    (run / "summary.json").symlink_to(victim)
+    proc = ddp_reduce(*QUICK, "train.steps=2", f"hydra.run.dir={run}")
+    assert proc.returncode == 2 and "summary.json is a symbolic link" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert victim.read_text() == "precious\n"
+
+
+def test_a_report_never_writes_through_links(tmp_path):
+    run, victims = tmp_path / "run", tmp_path / "victims"
+    proc = ddp_reduce(*QUICK, "train.steps=3", f"hydra.run.dir={run}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    victims.mkdir()
+    planted = {}
+    for name in ("report.md", "runs.csv", "loss_curves.png"):
+        victim = victims / name
+        victim.write_bytes(b"precious\n")
+        (run / name).symlink_to(victim)
+        planted[victim] = victim.read_bytes()
+    report = run_cli(str(VENV_BIN / "ddp-reduce"), "report", str(run))
+    assert report.returncode == 0, report.stderr
+    for victim, content in planted.items():
+        assert victim.read_bytes() == content
+    assert "## All runs" in (run / "report.md").read_text()
+
+
+def test_refused_points_are_never_appended_through_a_link(tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    (tmp_path / "sweep").mkdir()
+    (tmp_path / "sweep" / "refused.jsonl").symlink_to(victim)
+    rundir.record_refused(tmp_path / "sweep", "0_x", ["x=1"], "bad")
+    assert victim.read_text() == "precious\n"
+    assert rundir.read_refused(tmp_path / "sweep") == [{"point": "0_x", "error": "bad"}]

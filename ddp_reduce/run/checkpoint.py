@@ -38,7 +38,7 @@ import torch.distributed as dist
 from ddp_reduce import parallel
 from ddp_reduce.config import to_dict
 from ddp_reduce.run.dcp_metadata import SafeReader, read_dcp_metadata
-from ddp_reduce.run.rundir import CHECKPOINTS, atomic_write, write_json
+from ddp_reduce.run.rundir import CHECKPOINTS, atomic_write, own_folder, write_json
 from ddp_reduce.trainer import Trainer
 
 MANIFEST = "manifest.json"
@@ -189,8 +189,7 @@ def _record(
 
 def save(run_dir: Path, state: dict[str, Any], keep: int) -> Path:
     """Write ``state`` as the checkpoint of ``state['step']``; keep the newest ``keep``."""
-    folder = run_dir / CHECKPOINTS
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = own_folder(run_dir / CHECKPOINTS)  # never written through a link
     entries = _read_manifest(folder)  # refuses a corrupt manifest before anything is written
     remove_stale_temporaries(folder)
     path = folder / f"step_{state['step']:08d}.pt"
@@ -232,6 +231,11 @@ def _load_verified(folder: Path, entry: dict) -> dict[str, Any]:
 def load_latest(run_dir: Path) -> VerifiedCheckpoint | None:
     """The newest valid checkpoint, falling back past corrupt ones; None if there are none."""
     folder = run_dir / CHECKPOINTS
+    if folder.is_symlink():
+        raise CheckpointError(
+            f"{folder} is a symbolic link; a run reads checkpoints from its own folder only. "
+            "Replace the link by the folder itself to resume from it."
+        )
     entries = _read_manifest(folder)
     if not entries:
         if folder.exists() and any(folder.glob("step_*.*")):
@@ -305,7 +309,7 @@ def save_trainer(run_dir: Path, trainer: Trainer, keep: int) -> None:
     folder, name = run_dir / CHECKPOINTS, f"step_{trainer.step:08d}.dcp"
 
     def begin() -> tuple[list[dict], str]:
-        folder.mkdir(parents=True, exist_ok=True)
+        own_folder(folder)  # never written through a link
         entries = _read_manifest(folder)  # refuses a corrupt manifest before anything is written
         remove_stale_temporaries(folder)
         return entries, str(folder / f".{name}.{uuid.uuid4().hex[:8]}.tmp")
