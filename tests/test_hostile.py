@@ -179,3 +179,77 @@ def test_refused_points_are_never_appended_through_a_link(tmp_path):
     rundir.record_refused(tmp_path / "sweep", "0_x", ["x=1"], "bad")
     assert victim.read_text() == "precious\n"
     assert rundir.read_refused(tmp_path / "sweep") == [{"point": "0_x", "error": "bad"}]
+
+
+# -- report on hostile folders --------------------------------------------------------------
+
+
+def _sweep_of_hostile_runs(sweep: Path, good: dict) -> list[str]:
+    """A sweep folder of one sound run and one hostile run per way a folder can be broken;
+    returns the hostile runs' names."""
+    import os
+
+    def point(name: str, summary: bytes | None = None, overrides: str = "- x=1\n") -> Path:
+        run = sweep / name
+        (run / ".hydra").mkdir(parents=True)
+        (run / ".hydra" / "overrides.yaml").write_text(overrides)
+        if summary is not None:
+            (run / "summary.json").write_bytes(summary)
+        return run
+
+    point("0_good", json.dumps(good).encode())
+    point("1_status_list", json.dumps({**good, "status": ["completed"]}).encode())
+    point("2_range_int", json.dumps({**good, "grad_scale_range": 3}).encode())
+    point("3_nested", b"[" * 100_000 + b"]" * 100_000)
+    point("4_overrides_scalar", json.dumps(good).encode(), overrides="7\n")
+    point("5_overrides_nested", json.dumps(good).encode(), overrides="- [a, [b]]\n")
+    os.mkfifo(point("6_fifo") / "summary.json")
+    (point("7_zero") / "summary.json").symlink_to("/dev/zero")
+    bad_metrics = point("8_metrics", json.dumps(good).encode())
+    (bad_metrics / "metrics.jsonl").write_bytes(b'{"step": 1, "train/loss": 1.5}\n\xff\xfe\n')
+    return ["1_", "2_", "3_", "4_", "5_", "6_", "7_"]
+
+
+def test_report_on_hostile_folders_names_each_unreadable_run_in_one_line(tmp_path):
+    good = {
+        "status": "completed",
+        "reduce_loss": "mean",
+        "reduce_op": "mean",
+        "world_size": 2,
+        "global_batch_size": 64,
+        "grad_scale": 1,
+        "grad_scale_range": [1, 1],
+        "grad_scale_exact": True,
+        "final_train_loss": 0.5,
+    }
+    sweep = tmp_path / "sweep"
+    hostile = _sweep_of_hostile_runs(sweep, good)
+    proc = run_cli(str(VENV_BIN / "ddp-reduce"), "report", str(sweep), timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("ddp-reduce: error")]
+    assert len(errors) == len(hostile), proc.stderr
+    text = (sweep / "report.md").read_text()
+    assert "9 runs: 2 completed, 7 unreadable" in text, text
+    assert "line 2 is not a whole record" in proc.stderr  # the non-UTF-8 metrics line
+
+
+@pytest.mark.parametrize("content", [b"{not json", b"[1, 2]", b'{"study": "../../x"}', b"\xff"])
+def test_report_on_a_broken_study_record_reports_the_runs_as_a_plain_set(tmp_path, content, capsys):
+    from ddp_reduce.analysis import report
+
+    run = tmp_path / "study" / "r"
+    run.mkdir(parents=True)
+    (run / "summary.json").write_text(json.dumps({"status": "completed"}))
+    (tmp_path / "study" / "study.json").write_bytes(content)
+    assert report.main([str(tmp_path / "study")]) == 1
+    assert "study.json" in capsys.readouterr().err
+    assert "reported as a plain set" in (tmp_path / "study" / "report.md").read_text()
+
+
+def test_the_run_table_marks_a_c_that_is_not_exact():
+    from ddp_reduce.analysis.report import _measured_c
+
+    ragged = {"grad_scale": 1, "grad_scale_range": [1, 1], "grad_scale_exact": False}
+    assert _measured_c(ragged) == "1 (not exact)"
+    assert _measured_c({**ragged, "grad_scale_exact": True}) == 1

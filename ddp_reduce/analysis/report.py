@@ -267,6 +267,15 @@ def _loss_curves(path: Path, runs: list[dict[str, Any]], limit: int = 12) -> str
 MAX_TABLE_ROWS = 200
 
 
+def _is_study(name: Any) -> bool:
+    """Whether ``name`` names one of the studies' analysis modules (and nothing else)."""
+    from importlib import resources
+
+    if not (isinstance(name, str) and name.isidentifier() and not name.startswith("_")):
+        return False
+    return (resources.files("ddp_reduce.analysis.studies") / f"{name}.py").is_file()
+
+
 def read_spec(path: Path) -> tuple[dict[str, Any] | None, str | None]:
     """A study directory's ``study.json`` (None where there is none), and why it cannot be
     read (then the runs are reported as a plain set)."""
@@ -277,11 +286,9 @@ def read_spec(path: Path) -> tuple[dict[str, Any] | None, str | None]:
         spec = json.loads(read_regular(spec_path, SMALL_FILE_BYTES))
     except (ValueError, RecursionError) as exc:
         return None, f"{spec_path} cannot be read: {str(exc).splitlines()[0]}"
-    from ddp_reduce.analysis.study import studies
-
     if not (
         isinstance(spec, dict)
-        and spec.get("study") in studies()
+        and _is_study(spec.get("study"))
         and isinstance(spec.get("quick"), bool)
         and isinstance(spec.get("spec"), dict)
         and isinstance(spec.get("common", []), list)
