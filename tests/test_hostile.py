@@ -253,3 +253,47 @@ def test_the_run_table_marks_a_c_that_is_not_exact():
     ragged = {"grad_scale": 1, "grad_scale_range": [1, 1], "grad_scale_exact": False}
     assert _measured_c(ragged) == "1 (not exact)"
     assert _measured_c({**ragged, "grad_scale_exact": True}) == 1
+
+
+# -- _target_: a config file is code; what can be checked is checked before any call ----------
+
+
+@pytest.mark.parametrize(
+    "key,target,kwargs",
+    [
+        ("model", "builtins.open", {"file": "{victim}", "mode": "w"}),
+        ("data", "shutil.copyfile", {"src": "{other}", "dst": "{victim}"}),
+        ("model", "os.mkdir", {"path": "{victim}.d"}),
+        ("model", "torch.nn.Linear", {"in_features": {"_target_": "os.remove", "path": "{v}"}}),
+        ("model", "userpkg.data.Blobs", {"n": 0}),  # a class, not an nn.Module
+    ],
+    ids=["builtins.open", "shutil.copyfile", "os.mkdir", "nested", "not-a-module-class"],
+)
+def test_a_target_is_refused_before_it_is_called(tmp_path, monkeypatch, key, target, kwargs):
+    import torch.nn as nn
+
+    from ddp_reduce.config import ConfigError
+    from ddp_reduce.targets import build
+    from tests.helpers import REPO
+
+    monkeypatch.syspath_prepend(str(REPO / "examples"))
+    victim, other = tmp_path / "victim", tmp_path / "other"
+    victim.write_text("precious\n")
+    other.write_text("overwritten\n")
+    text = json.dumps(kwargs).replace("{v}", "{victim}").replace("{victim}", str(victim))
+    filled = json.loads(text.replace("{other}", str(other)))
+    with pytest.raises(ConfigError) as refused:
+        build(key, target, filled, "an nn.Module", kind=nn.Module)
+    assert str(refused.value).startswith(key) and "._target_=" in str(refused.value)
+    assert victim.read_text() == "precious\n" and not (tmp_path / "victim.d").exists()
+
+
+def test_a_target_module_that_exits_at_import_is_refused_not_a_success(tmp_path):
+    (tmp_path / "quitter.py").write_text("import sys\nsys.exit(0)\n")
+    run = tmp_path / "run"
+    proc = ddp_reduce(
+        "+model._target_=quitter.Net", "+data._target_=quitter.make_splits",
+        f"hydra.run.dir={run}", env={"PYTHONPATH": str(tmp_path)},
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "called sys.exit(0)" in proc.stderr and "Traceback" not in proc.stderr
