@@ -297,3 +297,58 @@ def test_a_target_module_that_exits_at_import_is_refused_not_a_success(tmp_path)
     )  # fmt: skip
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "called sys.exit(0)" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# -- sweeps: bad data patterns, and one sweep folder per sweep ---------------------------------
+
+
+def test_bad_text_patterns_are_refused_points_and_a_second_sweep_is_refused(tmp_path):
+    sweep = tmp_path / "sweep"
+    proc = ddp_reduce(
+        "--multirun", "data=text", "model=seq", "data.pattern=/etc/*.conf,''",
+        f"hydra.sweep.dir={sweep}",
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "2 points: 0 completed, 0 diverged, 0 failed, 2 refused" in proc.stdout
+    refused = rundir.read_refused(sweep)
+    assert len(refused) == 2 and all("data.pattern" in r["error"] for r in refused), refused
+    record = (sweep / "multirun.yaml").read_bytes()
+    # another sweep into the same folder: refused before Hydra rewrites the first one's record
+    again = ddp_reduce("--multirun", "optim.lr=0.1,0.2", f"hydra.sweep.dir={sweep}")
+    assert again.returncode == 2, again.stdout + again.stderr
+    assert "hydra.sweep.dir" in again.stderr and "data.pattern" in again.stderr
+    assert (sweep / "multirun.yaml").read_bytes() == record
+    assert len(rundir.read_refused(sweep)) == 2
+
+
+def test_text_data_refuses_a_bad_pattern_naming_the_key(tmp_path):
+    from ddp_reduce.config import ConfigError, DataConfig
+    from ddp_reduce.data import text_documents
+
+    (tmp_path / "a.txt").write_text("one\n\ntwo\n")
+    for pattern in ("/etc/*.conf", "", "../*.txt"):
+        with pytest.raises(ConfigError) as err:
+            text_documents(DataConfig(name="text", root=str(tmp_path), pattern=pattern))
+        assert err.value.key == "data.pattern"
+
+
+def test_text_data_refuses_an_unreadable_file_naming_the_key(tmp_path):
+    import os
+
+    from ddp_reduce.config import ConfigError, DataConfig
+    from ddp_reduce.data import text_documents
+
+    if os.geteuid() == 0:
+        pytest.skip("root reads a file of mode 000: an unreadable file cannot be made here")
+    (tmp_path / "a.txt").write_text("one\n\ntwo\n")
+    (tmp_path / "a.txt").chmod(0)
+    with pytest.raises(ConfigError) as err:
+        text_documents(DataConfig(name="text", root=str(tmp_path), pattern="*.txt"))
+    assert err.value.key == "data.root" and "a.txt" in str(err.value)
+
+
+def test_a_plus_on_a_key_the_config_has_says_what_to_write(tmp_path):
+    proc = ddp_reduce("+data.n_train=512", f"hydra.run.dir={tmp_path / 'r'}")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "data.n_train=512" in proc.stderr and "+data.kwargs.n_train=512" in proc.stderr

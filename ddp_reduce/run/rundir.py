@@ -230,6 +230,35 @@ def read_refused(sweep_dir: str | Path) -> list[dict[str, str]]:
     return out
 
 
+SWEEP_RECORD = "multirun.yaml"  # Hydra's record of a sweep, in its folder
+
+
+def check_sweep_dir(sweep_dir: str, task: list[str]) -> None:
+    """Refuse a ``--multirun`` into a folder that holds another sweep (a ``multirun.yaml``
+    recording other overrides than ``task``) before Hydra rewrites its records. The same
+    sweep again is let through: its finished points are refused one by one, the others
+    resume from their checkpoints."""
+    import yaml
+
+    from ddp_reduce.config import ConfigError
+
+    path = Path(sweep_dir) / SWEEP_RECORD
+    if not os.path.lexists(path):
+        return
+    try:
+        recorded = yaml.safe_load(read_regular(path, 16 << 20))["hydra"]["overrides"]["task"]
+    except (ValueError, yaml.YAMLError, TypeError, KeyError, RecursionError):
+        recorded = None
+    if not isinstance(recorded, list) or sorted(map(str, recorded)) != sorted(task):
+        held = " ".join(map(str, recorded)) if isinstance(recorded, list) else "unreadable"
+        raise ConfigError(
+            "hydra.sweep.dir",
+            sweep_dir,
+            f"a folder of no other sweep (it holds one with the overrides: {held}); "
+            "choose another hydra.sweep.dir",
+        )
+
+
 def discard_refused(run_dir: str | Path) -> None:
     """Remove the folder Hydra made for a run that was then refused, when it holds nothing but
     Hydra's own record (``.hydra/``): a refused run leaves no directory that looks like a run.
