@@ -352,3 +352,52 @@ def test_a_plus_on_a_key_the_config_has_says_what_to_write(tmp_path):
     proc = ddp_reduce("+data.n_train=512", f"hydra.run.dir={tmp_path / 'r'}")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert "data.n_train=512" in proc.stderr and "+data.kwargs.n_train=512" in proc.stderr
+
+
+# -- a full disk: the run's status is left, no half-written checkpoint ------------------------
+
+
+def _file_size_limit(limit: int):
+    """For a child process: files over ``limit`` bytes cannot be written (EFBIG; Python
+    ignores SIGXFSZ), as on a disk that fills up while a large file is written."""
+    import resource
+
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+
+def _run_limited(limit: int, *overrides: str):
+    import subprocess
+
+    from tests.helpers import REPO, project_env
+
+    return subprocess.run(
+        [str(VENV_BIN / "ddp-reduce"), *overrides],
+        capture_output=True, text=True, timeout=600, cwd=REPO, env=project_env(),
+        preexec_fn=_file_size_limit(limit),
+    )  # fmt: skip
+
+
+def test_a_sharded_checkpoint_on_a_full_disk_leaves_a_status_and_no_temporary(tmp_path):
+    run = tmp_path / "run"
+    proc = _run_limited(
+        100_000, "dist.strategy=fsdp", "model.hidden=[512]", "train.steps=4",
+        "train.checkpoint_every=2", "train.eval_every=0", f"hydra.run.dir={run}",
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stdout + proc.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "failed" and "CheckpointException" in summary["error"], summary
+    assert not list((run / "checkpoints").glob(".step_*")), list((run / "checkpoints").iterdir())
+
+
+def test_metrics_on_a_full_disk_leave_a_status(tmp_path):
+    run = tmp_path / "run"
+    proc = _run_limited(
+        30_000, "dist.nproc=1", "train.steps=400", "train.log_every=1", "train.eval_every=0",
+        f"hydra.run.dir={run}",
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stdout + proc.stderr[-3000:]
+    # one line of the run's own (TensorBoard's writer thread may print its own traceback)
+    assert "ddp-reduce: error: [Errno 27] File too large" in proc.stderr, proc.stderr[-3000:]
+    assert "Error executing job" not in proc.stderr, proc.stderr[-3000:]  # Hydra's traceback
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "failed" and "File too large" in summary["error"], summary

@@ -317,15 +317,22 @@ def save_trainer(run_dir: Path, trainer: Trainer, keep: int) -> None:
     entries, tmp = _on_main(begin, main)
     extra = trainer.extra_state()
     model_state, optim_state = get_state_dict(trainer.model, trainer.optimizer)
-    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp)
-    if main:
-        torch.save({"format": FORMAT, **extra}, Path(tmp) / EXTRA)
-        digest = _digest(Path(tmp))
-        final = folder / name
-        if final.exists():
-            _remove(final)
-        os.replace(tmp, final)
-        _record(folder, entries, name, trainer.step, digest, keep)
+    try:
+        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp)
+        if main:
+            torch.save({"format": FORMAT, **extra}, Path(tmp) / EXTRA)
+            digest = _digest(Path(tmp))
+            final = folder / name
+            if final.exists():
+                _remove(final)
+            os.replace(tmp, final)
+            _record(folder, entries, name, trainer.step, digest, keep)
+    except BaseException:
+        # a full disk, a signal: the half-written folder goes first (it frees the space the
+        # run's status needs), and the error goes on to be recorded
+        if main:
+            _remove(Path(tmp))
+        raise
     dist.barrier()
 
 
