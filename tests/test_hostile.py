@@ -401,3 +401,33 @@ def test_metrics_on_a_full_disk_leave_a_status(tmp_path):
     assert "Error executing job" not in proc.stderr, proc.stderr[-3000:]  # Hydra's traceback
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "failed" and "File too large" in summary["error"], summary
+
+
+# -- what the README says is what happens --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "src,dst,caveat", [("torchtitan", "mean/mean", True), ("mean/mean", "sum/sum", False)]
+)
+def test_convert_from_an_exact_convention_to_a_mean_of_means_says_so(capsys, src, dst, caveat):
+    from ddp_reduce.analysis import convert
+
+    argv = ["--from", src, "--to", dst, "--world-size", "2", "--batch-size", "8", "--accum", "1"]
+    assert convert.main([*argv, "--optim", "sgd", "--lr", "0.1"]) == 0
+    out = capsys.readouterr().out
+    assert ("note: the verdicts assume equal item counts" in out) is caveat, out
+
+
+def test_the_makefile_installs_the_torch_the_readme_names():
+    import subprocess
+
+    from tests.helpers import REPO
+
+    readme = (REPO / "README.md").read_text()
+    cpu = "https://download.pytorch.org/whl/cpu"
+    assert f"make setup TORCH_INDEX={cpu}" in readme
+    dry = subprocess.run(
+        ["make", "-n", "setup", "VENV=/nonexistent/venv", f"TORCH_INDEX={cpu}"],
+        capture_output=True, text=True, cwd=REPO, check=True,
+    )  # fmt: skip
+    assert f'--index-url {cpu} "torch==2.13.0"' in dry.stdout, dry.stdout
