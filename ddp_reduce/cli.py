@@ -92,48 +92,18 @@ def _built_in_key_hint(arg: str) -> str | None:
     )
 
 
-def _train() -> None:
-    """The Hydra app (imported only now: torch and Hydra take a second to load)."""
-    from ddp_reduce.run.ranks import start_rank_server
-
-    start_rank_server()  # the ranks' imports run while this process composes the config
-    import hydra
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-    from omegaconf import DictConfig
-
-    from ddp_reduce.config import ConfigError, register_schema, to_dict
-    from ddp_reduce.run.checkpoint import CheckpointError
+def _check_before_hydra(argv: list[str]) -> None:
+    """What is refused before Hydra writes anything. Hydra creates the run (or sweep) folder
+    before the app runs: one it cannot create is refused here, with the key, rather than as
+    Hydra's own traceback; so is a sweep into another sweep's folder."""
+    from ddp_reduce.config import ConfigError
     from ddp_reduce.run.compose import override_key
-    from ddp_reduce.run.launch import (
-        LaunchError,
-        Terminated,
-        check_run_dir,
-        claim_run_dir,
-        error_message,
-        fail,
-        format_summary,
-        launch_local,
-        sigterm_as_exception,
-        validate,
-    )
-    from ddp_reduce.run.pool import PoolError
-    from ddp_reduce.run.rundir import (
-        FINISHED,
-        check_sweep_dir,
-        discard_refused,
-        record_refused,
-        register_resolvers,
-    )
+    from ddp_reduce.run.launch import check_run_dir, fail
+    from ddp_reduce.run.rundir import check_sweep_dir
 
-    register_schema()
-    register_resolvers()  # the sweep's folder names (conf/config.yaml: hydra.sweep.subdir)
-    tally: dict[str, int] = {}  # a sweep's points by outcome
-    # Hydra creates the run (or sweep) folder before the app runs: one it cannot create is
-    # refused here, with the key, rather than as Hydra's own traceback.
-    multirun = any(a in ("-m", "--multirun") for a in sys.argv[1:])
-    task = [a for a in sys.argv[1:] if not (override_key(a) or "hydra.").startswith("hydra.")]
-    for arg in sys.argv[1:]:
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    task = [a for a in argv if not (override_key(a) or "hydra.").startswith("hydra.")]
+    for arg in argv:
         key = override_key(arg)
         value = arg.split("=", 1)[-1]
         if key in ("hydra.run.dir", "hydra.sweep.dir"):
@@ -148,6 +118,43 @@ def _train() -> None:
         hint = _built_in_key_hint(arg)
         if hint:
             fail(hint)
+
+
+def _train() -> None:
+    """The Hydra app (imported only now: torch and Hydra take a second to load)."""
+    from ddp_reduce.run.ranks import start_rank_server
+
+    start_rank_server()  # the ranks' imports run while this process composes the config
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import DictConfig
+
+    from ddp_reduce.config import ConfigError, register_schema, to_dict
+    from ddp_reduce.run.checkpoint import CheckpointError
+    from ddp_reduce.run.launch import (
+        LaunchError,
+        Terminated,
+        claim_run_dir,
+        error_message,
+        fail,
+        format_summary,
+        launch_local,
+        sigterm_as_exception,
+        validate,
+    )
+    from ddp_reduce.run.pool import PoolError
+    from ddp_reduce.run.rundir import (
+        FINISHED,
+        discard_refused,
+        record_refused,
+        register_resolvers,
+    )
+
+    register_schema()
+    register_resolvers()  # the sweep's folder names (conf/config.yaml: hydra.sweep.subdir)
+    tally: dict[str, int] = {}  # a sweep's points by outcome
+    _check_before_hydra(sys.argv[1:])
 
     @hydra.main(version_base="1.3", config_path="pkg://ddp_reduce.conf", config_name="config")
     def app(cfg: DictConfig) -> float | None:

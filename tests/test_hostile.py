@@ -320,6 +320,8 @@ def test_bad_text_patterns_are_refused_points_and_a_second_sweep_is_refused(tmp_
     assert "hydra.sweep.dir" in again.stderr and "data.pattern" in again.stderr
     assert (sweep / "multirun.yaml").read_bytes() == record
     assert len(rundir.read_refused(sweep)) == 2
+    # the same sweep again is let through (its points are refused or resumed one by one)
+    rundir.check_sweep_dir(str(sweep), ["data=text", "model=seq", "data.pattern=/etc/*.conf,''"])
 
 
 def test_text_data_refuses_a_bad_pattern_naming_the_key(tmp_path):
