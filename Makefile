@@ -14,12 +14,16 @@ FAST = tests/test_reduction.py tests/test_sampler.py tests/test_architecture.py 
 
 setup: $(VENV)/.installed
 
-# torch is pinned first: this CPU build is what the project is tested with; the project itself
-# asks only torch>=2.6, which the pin satisfies, so nothing larger is fetched.
+# torch is installed first, as TORCH from TORCH_INDEX: the project itself asks only torch>=2.6,
+# which the pin satisfies, so nothing larger is fetched. Which build you get is the index's
+# choice: empty TORCH_INDEX is pip's own configured index (PyPI serves its CUDA build for Linux);
+# TORCH_INDEX=https://download.pytorch.org/whl/cpu gives the CPU build the project is tested with.
+TORCH       ?= torch==2.13.0
+TORCH_INDEX ?=
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH)"
 	$(BIN)/pip install --quiet -e ".[dev,clients]"
 	touch $@
 

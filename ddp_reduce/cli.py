@@ -68,6 +68,58 @@ Hydra's own flags: --cfg job|hydra, --resolve, --info, --hydra-help.
 """
 
 
+def _built_in_key_hint(arg: str) -> str | None:
+    """What to write instead of ``+data.n_train=512``: a key the config already has (Hydra
+    would say only that an item is already there)."""
+    import dataclasses
+
+    from ddp_reduce.config import _INTERNAL, TARGETED
+    from ddp_reduce.run.compose import override_key
+
+    key = override_key(arg)
+    if not arg.startswith("+") or arg.startswith("++") or key is None or key.count(".") != 1:
+        return None
+    group, name = key.split(".")
+    if group not in TARGETED or name in _INTERNAL:
+        return None
+    if name not in {f.name for f in dataclasses.fields(TARGETED[group])}:
+        return None
+    value = arg.split("=", 1)[1]
+    return (
+        f"{arg}: {key} is a key of the config already; set it without '+' ({key}={value}), "
+        f"or, for an argument of your own {group}._target_ of that name, "
+        f"+{group}.kwargs.{name}={value}"
+    )
+
+
+def _check_before_hydra(argv: list[str]) -> None:
+    """What is refused before Hydra writes anything. Hydra creates the run (or sweep) folder
+    before the app runs: one it cannot create is refused here, with the key, rather than as
+    Hydra's own traceback; so is a sweep into another sweep's folder."""
+    from ddp_reduce.config import ConfigError
+    from ddp_reduce.run.compose import override_key
+    from ddp_reduce.run.launch import check_run_dir, fail
+    from ddp_reduce.run.rundir import check_sweep_dir
+
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    task = [a for a in argv if not (override_key(a) or "hydra.").startswith("hydra.")]
+    for arg in argv:
+        key = override_key(arg)
+        value = arg.split("=", 1)[-1]
+        if key in ("hydra.run.dir", "hydra.sweep.dir"):
+            # an empty one too: Hydra would take the current folder and write into it
+            if "${" not in value:
+                try:
+                    check_run_dir(value, overwrite=True, key=key)
+                    if key == "hydra.sweep.dir" and multirun:
+                        check_sweep_dir(value, task)
+                except ConfigError as exc:
+                    fail(str(exc))
+        hint = _built_in_key_hint(arg)
+        if hint:
+            fail(hint)
+
+
 def _train() -> None:
     """The Hydra app (imported only now: torch and Hydra take a second to load)."""
     from ddp_reduce.run.ranks import start_rank_server
@@ -80,11 +132,9 @@ def _train() -> None:
 
     from ddp_reduce.config import ConfigError, register_schema, to_dict
     from ddp_reduce.run.checkpoint import CheckpointError
-    from ddp_reduce.run.compose import override_key
     from ddp_reduce.run.launch import (
         LaunchError,
         Terminated,
-        check_run_dir,
         claim_run_dir,
         error_message,
         fail,
@@ -104,18 +154,7 @@ def _train() -> None:
     register_schema()
     register_resolvers()  # the sweep's folder names (conf/config.yaml: hydra.sweep.subdir)
     tally: dict[str, int] = {}  # a sweep's points by outcome
-    # Hydra creates the run (or sweep) folder before the app runs: one it cannot create is
-    # refused here, with the key, rather than as Hydra's own traceback.
-    for arg in sys.argv[1:]:
-        key = override_key(arg)
-        value = arg.split("=", 1)[-1]
-        if key in ("hydra.run.dir", "hydra.sweep.dir"):
-            # an empty one too: Hydra would take the current folder and write into it
-            if "${" not in value:
-                try:
-                    check_run_dir(value, overwrite=True, key=key)
-                except ConfigError as exc:
-                    fail(str(exc))
+    _check_before_hydra(sys.argv[1:])
 
     @hydra.main(version_base="1.3", config_path="pkg://ddp_reduce.conf", config_name="config")
     def app(cfg: DictConfig) -> float | None:
@@ -143,6 +182,9 @@ def _train() -> None:
                     task = list(hydra_cfg.overrides.task)
                     record_refused(hydra_cfg.sweep.dir, point, task, error_message(exc))
                 return stop("refused", error_message(exc), 2)
+            except Exception as exc:  # not the config's: this point fails, a sweep goes on
+                discard_refused(run_dir)
+                return stop("failed", f"{type(exc).__name__}: {error_message(exc)}", 1)
             try:
                 summary = launch_local(
                     to_dict(run_cfg),
@@ -153,7 +195,8 @@ def _train() -> None:
                     reuse_ranks=sweep and run_cfg.dist.reuse_ranks,
                 )
             # a CheckpointError: the one rank of a run with one, in this process
-            except (LaunchError, PoolError, CheckpointError) as exc:
+            # OSError: the run's own files (a full disk), in this process with one rank
+            except (LaunchError, PoolError, CheckpointError, OSError) as exc:
                 return stop("failed", f"{exc}\nrun directory {path}", 1)
             except KeyboardInterrupt:
                 fail(f"interrupted; run directory {path} (status: interrupted)", code=130)

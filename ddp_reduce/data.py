@@ -218,14 +218,25 @@ def text_documents(cfg: DataConfig) -> list[bytes]:
     root = Path(cfg.root) if cfg.root is not None else Path(sysconfig.get_paths()["stdlib"])
     if not root.is_dir():
         raise ConfigError("data.root", cfg.root, "an existing folder of text files")
+    pattern = cfg.pattern
+    if not pattern.strip() or Path(pattern).is_absolute() or ".." in Path(pattern).parts:
+        raise ConfigError(
+            "data.pattern", repr(pattern), "a glob relative to data.root (e.g. **/*.py), no '..'"
+        )
     documents: list[bytes] = []
-    for path in sorted(root.glob(cfg.pattern)):
+    for path in sorted(root.glob(pattern)):
         parts = path.relative_to(root).parts
         if cfg.root is None and {"site-packages", "dist-packages"} & set(parts):
             continue
         if not path.is_file():
             continue
-        for block in re.split(rb"\n[ \t]*\n", path.read_bytes()):
+        try:
+            text = path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(
+                "data.root", str(root), f"a folder of readable files ({path}: {exc.strerror})"
+            ) from None
+        for block in re.split(rb"\n[ \t]*\n", text):
             if len(block.strip()) >= 2:
                 documents.append(block.strip(b"\n"))
         if len(documents) >= cfg.max_documents:

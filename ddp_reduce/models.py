@@ -194,7 +194,7 @@ def build_model(cfg: ModelConfig, data: Dataset | UserData) -> nn.Module:
         return MODELS[cfg.name].build(cfg, data)
     from ddp_reduce.targets import build
 
-    model = build("model", cfg.target, cfg.kwargs, "an nn.Module")
+    model = build("model", cfg.target, cfg.kwargs, "an nn.Module", kind=nn.Module)
     if not isinstance(model, nn.Module):
         raise ConfigError(
             "model._target_", cfg.target, f"an nn.Module; it built a {type(model).__name__}"

@@ -102,18 +102,23 @@ class Preset:
 
     @property
     def exact_with_ragged_counts(self) -> bool:
-        """Whether the optimizer still receives exactly c·G when ranks and micro-batches hold
-        different item counts; asked of the reduction arithmetic itself, not restated here."""
-        plan = plan_step(
-            LossReduction[self.loss],
-            ReduceOp[self.op],
-            world_size=2,
-            local_items=3,
-            counts=[3, 5],
-            micro_items=(1, 2),
-            micro_equal=False,
-        )
-        return plan.exact
+        return exact_with_ragged_counts(self.loss, self.op)
+
+
+def exact_with_ragged_counts(loss: str, op: str) -> bool:
+    """Whether the convention ``loss``/``op`` still gives the optimizer exactly c·G when ranks
+    and micro-batches hold different item counts; asked of the reduction arithmetic itself,
+    not restated here."""
+    plan = plan_step(
+        LossReduction[loss],
+        ReduceOp[op],
+        world_size=2,
+        local_items=3,
+        counts=[3, 5],
+        micro_items=(1, 2),
+        micro_equal=False,
+    )
+    return plan.exact
 
 
 _HF_TRAINER = "https://github.com/huggingface/transformers/blob/main/src/transformers/trainer.py"
@@ -418,6 +423,21 @@ class Conversion:
         """c_t / c_s: the convention factor."""
         return self.target.c / self.source.c
 
+    def ragged_caveat(self) -> list[str]:
+        """A note where the verdicts hold for equal counts only: the source gives exactly c·G
+        with ragged counts (tokens, a short last batch) and the target does not."""
+        src, dst = self.source, self.target
+        if not exact_with_ragged_counts(src.loss, src.op) or exact_with_ragged_counts(
+            dst.loss, dst.op
+        ):
+            return []
+        return [
+            f"note: the verdicts assume equal item counts. With ragged counts (per-token "
+            f"losses, a short last batch) {dst.loss}/{dst.op} is a mean of means, not exactly "
+            f"c*G, where {src.loss}/{src.op} is exact: no setting makes the two runs equal.",
+            "",
+        ]
+
     def render(self) -> str:
         def head(name: str, s: Setting) -> str:
             return (
@@ -432,6 +452,7 @@ class Conversion:
             "",
             table(["knob", "source", "target", "verdict", "why"], rows, digits=6),
             "",
+            *self.ragged_caveat(),
             "run the target with:",
             *self.target.commands(),
         ]

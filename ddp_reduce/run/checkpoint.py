@@ -37,7 +37,8 @@ import torch.distributed as dist
 
 from ddp_reduce import parallel
 from ddp_reduce.config import to_dict
-from ddp_reduce.run.rundir import CHECKPOINTS, atomic_write, write_json
+from ddp_reduce.run.dcp_metadata import SafeReader, read_dcp_metadata
+from ddp_reduce.run.rundir import CHECKPOINTS, atomic_write, own_folder, write_json
 from ddp_reduce.trainer import Trainer
 
 MANIFEST = "manifest.json"
@@ -68,7 +69,9 @@ class CheckpointError(RuntimeError):
 
 
 @dataclass
-class Found:
+class VerifiedCheckpoint:
+    """The newest checkpoint that matched its digest and loaded, and the newer ones skipped."""
+
     path: Path
     state: dict[str, Any]
     skipped: list[str]  # the newer checkpoints that were corrupt, and why
@@ -186,8 +189,7 @@ def _record(
 
 def save(run_dir: Path, state: dict[str, Any], keep: int) -> Path:
     """Write ``state`` as the checkpoint of ``state['step']``; keep the newest ``keep``."""
-    folder = run_dir / CHECKPOINTS
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = own_folder(run_dir / CHECKPOINTS)  # never written through a link
     entries = _read_manifest(folder)  # refuses a corrupt manifest before anything is written
     remove_stale_temporaries(folder)
     path = folder / f"step_{state['step']:08d}.pt"
@@ -214,14 +216,26 @@ def _load_verified(folder: Path, entry: dict) -> dict[str, Any]:
         )
     except Exception as exc:  # a file that matches its digest but does not load
         raise CheckpointError(f"{path.name} does not load: {exc}") from exc
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path.name} holds a {type(state).__name__}, not a checkpoint")
+    if path.is_dir():
+        try:  # a .metadata that is not the library's plain record is refused, never run
+            read_dcp_metadata(path)
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{path.name}: {exc}") from None
     if state.get("format") != FORMAT or state.get("step") != entry["step"]:
         raise CheckpointError(f"{path.name} is not a checkpoint of this format and step")
     return state
 
 
-def load_latest(run_dir: Path) -> Found | None:
+def load_latest(run_dir: Path) -> VerifiedCheckpoint | None:
     """The newest valid checkpoint, falling back past corrupt ones; None if there are none."""
     folder = run_dir / CHECKPOINTS
+    if folder.is_symlink():
+        raise CheckpointError(
+            f"{folder} is a symbolic link; a run reads checkpoints from its own folder only. "
+            "Replace the link by the folder itself to resume from it."
+        )
     entries = _read_manifest(folder)
     if not entries:
         if folder.exists() and any(folder.glob("step_*.*")):
@@ -233,7 +247,8 @@ def load_latest(run_dir: Path) -> Found | None:
     skipped = []
     for entry in reversed(entries):
         try:
-            return Found(folder / entry["file"], _load_verified(folder, entry), skipped)
+            state = _load_verified(folder, entry)
+            return VerifiedCheckpoint(folder / entry["file"], state, skipped)
         except CheckpointError as exc:
             skipped.append(str(exc))
             print(f"ddp-reduce: warning: {exc}; trying an older checkpoint", file=sys.stderr)
@@ -294,7 +309,7 @@ def save_trainer(run_dir: Path, trainer: Trainer, keep: int) -> None:
     folder, name = run_dir / CHECKPOINTS, f"step_{trainer.step:08d}.dcp"
 
     def begin() -> tuple[list[dict], str]:
-        folder.mkdir(parents=True, exist_ok=True)
+        own_folder(folder)  # never written through a link
         entries = _read_manifest(folder)  # refuses a corrupt manifest before anything is written
         remove_stale_temporaries(folder)
         return entries, str(folder / f".{name}.{uuid.uuid4().hex[:8]}.tmp")
@@ -302,15 +317,22 @@ def save_trainer(run_dir: Path, trainer: Trainer, keep: int) -> None:
     entries, tmp = _on_main(begin, main)
     extra = trainer.extra_state()
     model_state, optim_state = get_state_dict(trainer.model, trainer.optimizer)
-    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp)
-    if main:
-        torch.save({"format": FORMAT, **extra}, Path(tmp) / EXTRA)
-        digest = _digest(Path(tmp))
-        final = folder / name
-        if final.exists():
-            _remove(final)
-        os.replace(tmp, final)
-        _record(folder, entries, name, trainer.step, digest, keep)
+    try:
+        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp)
+        if main:
+            torch.save({"format": FORMAT, **extra}, Path(tmp) / EXTRA)
+            digest = _digest(Path(tmp))
+            final = folder / name
+            if final.exists():
+                _remove(final)
+            os.replace(tmp, final)
+            _record(folder, entries, name, trainer.step, digest, keep)
+    except BaseException:
+        # a full disk, a signal: the half-written folder goes first (it frees the space the
+        # run's status needs), and the error goes on to be recorded
+        if main:
+            _remove(Path(tmp))
+        raise
     dist.barrier()
 
 
@@ -350,7 +372,7 @@ def resume(run_dir: Path, trainer: Trainer) -> int | None:
 
         model_state, optim_state = get_state_dict(trainer.model, trainer.optimizer)
         shards = {"model": model_state, "optimizer": optim_state}
-        dcp.load(shards, checkpoint_id=path)
+        dcp.load(shards, storage_reader=SafeReader(path))
         set_state_dict(
             trainer.model,
             trainer.optimizer,

@@ -41,6 +41,7 @@ from ddp_reduce.run.pool import shared_pool
 from ddp_reduce.run.rundir import (
     FINISHED,
     SUMMARY,
+    open_lock,
     read_summary,
     unfinished_summary,
     versions,
@@ -97,7 +98,7 @@ def claim_run_dir(run_dir: str | Path, overwrite: bool) -> Iterator[Path]:
     import fcntl
 
     path = check_run_dir(run_dir, overwrite)
-    fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = open_lock(path / LOCK)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -49,6 +49,46 @@ def atomic_write(path: Path, write) -> None:
         raise
 
 
+def _drop_link(path: Path) -> None:
+    """Remove a symbolic link planted where the run writes one of its own files or folders:
+    the link itself, never what it points to; the run then writes its own in its place."""
+    if path.is_symlink():
+        print(
+            f"ddp-reduce: warning: {path} is a symbolic link; removed (never written through)",
+            file=sys.stderr,
+        )
+        path.unlink()
+
+
+def own_folder(path: Path) -> Path:
+    """``path`` as a folder of the run's own, created: a symbolic link there is removed first,
+    so nothing is written through it into another folder."""
+    _drop_link(path)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def open_append(path: Path):
+    """``path`` opened for appending text, created if missing, never through a symbolic link
+    (``O_NOFOLLOW``: one planted there is removed first; one planted meanwhile is an error)."""
+    _drop_link(path)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    return os.fdopen(fd, "a", encoding="utf-8")
+
+
+def open_lock(path: Path) -> int:
+    """A descriptor of the lock file ``path`` (read and write, created), never opened through
+    a symbolic link."""
+    _drop_link(path)
+    return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write a whole text file under a temporary name and rename it: a symbolic link at
+    ``path`` is replaced, never written through."""
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
 NONFINITE = "nonfinite"  # {key: "nan" | "inf" | "-inf"} of the values written as null
 
 
@@ -88,16 +128,43 @@ def save_model(run_dir: Path, state_dict: dict) -> None:
     atomic_write(run_dir / MODEL, lambda tmp: torch.save(state_dict, tmp))
 
 
+SUMMARY_MAX_BYTES = 8 << 20  # a summary is a few kB (a traceback included); read no more
+
+
+def read_regular(path: Path, limit: int | None = None) -> bytes:
+    """The bytes of ``path``, a regular file of the run's own: ValueError, naming it, where it
+    is a symbolic link, a FIFO, a device or a folder, or holds over ``limit`` bytes. (Opened
+    without following a link and without blocking, so a planted FIFO cannot hang the reader
+    nor a link to ``/dev/zero`` feed it without end.)"""
+    import stat
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        if os.path.islink(path):
+            raise ValueError(f"{path} is a symbolic link, not a file of the run's own") from None
+        raise ValueError(f"{path} cannot be read ({exc.strerror})") from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError(f"{path} is not a regular file")
+        data = f.read() if limit is None else f.read(limit + 1)
+    if limit is not None and len(data) > limit:
+        raise ValueError(f"{path} holds over {limit} bytes: not a file the project writes")
+    return data
+
+
 def read_summary(run_dir: Path) -> dict | None:
     """The run's summary; None where there is none. ValueError where it is not a JSON object
     (a truncated or foreign file), naming what is wrong."""
     path = Path(run_dir) / SUMMARY
-    if not path.exists():
+    if not os.path.lexists(path):
         return None
     try:
-        summary = json.loads(path.read_bytes())
+        summary = json.loads(read_regular(path, SUMMARY_MAX_BYTES))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"{path} is not JSON: {exc}") from None
+    except RecursionError:
+        raise ValueError(f"{path} is nested too deeply to be a run's summary") from None
     if not isinstance(summary, dict):
         raise ValueError(f"{path} holds a {type(summary).__name__}, not a run's summary")
     return summary
@@ -117,35 +184,79 @@ def unfinished_summary(run_dir: Path) -> dict | None:
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The records of the run's ``metrics.jsonl``; none, with a warning, where it is no
+    regular file of the run's own."""
     path = Path(run_dir) / METRICS
-    return [record for _, record in _records(path)] if path.exists() else []
+    if not os.path.lexists(path):
+        return []
+    try:
+        return [record for _, record in _records(path)]
+    except ValueError as exc:
+        print(f"ddp-reduce: warning: {exc}: its metrics are not read", file=sys.stderr)
+        return []
 
 
 def record_refused(sweep_dir: str | Path, point: str, overrides: list[str], error: str) -> None:
     """Note a sweep point refused before it ran (its folder is removed: discard_refused), so
     the sweep's report can list it beside the runs."""
     record = {"point": point, "overrides": overrides, "error": error}
-    with open(Path(sweep_dir) / REFUSED, "a", encoding="utf-8") as f:
+    with open_append(Path(sweep_dir) / REFUSED) as f:
         f.write(json.dumps(record) + "\n")
+
+
+REFUSED_MAX_BYTES = 16 << 20
 
 
 def read_refused(sweep_dir: str | Path) -> list[dict[str, str]]:
     """The refused points :func:`record_refused` noted; a line that is not such a record is
     shown as unreadable, never trusted further."""
     path = Path(sweep_dir) / REFUSED
-    if not path.is_file():
+    if not os.path.lexists(path):
         return []
+    try:
+        text = read_regular(path, REFUSED_MAX_BYTES).decode("utf-8", errors="replace")
+    except ValueError as exc:
+        return [{"point": "?", "error": str(exc)}]
     out = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+    for line in text.splitlines():
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             record = None
         if not isinstance(record, dict):
             record = {"point": "?", "error": f"an unreadable line in {REFUSED}"}
         # one line each, whatever the file holds (the report prints them in a table)
         out.append({k: " ".join(str(record.get(k, "?")).split()) for k in ("point", "error")})
     return out
+
+
+SWEEP_RECORD = "multirun.yaml"  # Hydra's record of a sweep, in its folder
+
+
+def check_sweep_dir(sweep_dir: str, task: list[str]) -> None:
+    """Refuse a ``--multirun`` into a folder that holds another sweep (a ``multirun.yaml``
+    recording other overrides than ``task``) before Hydra rewrites its records. The same
+    sweep again is let through: its finished points are refused one by one, the others
+    resume from their checkpoints."""
+    import yaml
+
+    from ddp_reduce.config import ConfigError
+
+    path = Path(sweep_dir) / SWEEP_RECORD
+    if not os.path.lexists(path):
+        return
+    try:
+        recorded = yaml.safe_load(read_regular(path, 16 << 20))["hydra"]["overrides"]["task"]
+    except (ValueError, yaml.YAMLError, TypeError, KeyError, RecursionError):
+        recorded = None
+    if not isinstance(recorded, list) or sorted(map(str, recorded)) != sorted(task):
+        held = " ".join(map(str, recorded)) if isinstance(recorded, list) else "unreadable"
+        raise ConfigError(
+            "hydra.sweep.dir",
+            sweep_dir,
+            f"a folder of no other sweep (it holds one with the overrides: {held}); "
+            "choose another hydra.sweep.dir",
+        )
 
 
 def discard_refused(run_dir: str | Path) -> None:
@@ -246,14 +357,15 @@ def _records(path: Path) -> list[tuple[str, dict[str, Any]]]:
     """The lines of a ``metrics.jsonl`` and their records. A line that is not a whole record
     (half-written when a process died) is skipped with a warning."""
     out = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
+    for number, raw in enumerate(read_regular(path).splitlines(), 1):
+        if not raw.strip():
             continue
         try:
+            line = raw.decode("utf-8")  # a byte that is not UTF-8: not a whole record either
             record = json.loads(line)
             if not isinstance(record, dict) or not isinstance(record.get("step"), int):
                 raise ValueError("no step")
-        except ValueError:
+        except (ValueError, RecursionError):
             print(
                 f"ddp-reduce: warning: {path} line {number} is not a whole record "
                 "(cut by a crash?): skipped",
@@ -355,12 +467,13 @@ class MetricsLogger:
         self.run_dir = run_dir
         path = run_dir / METRICS
         kept = []
-        if resume_step and path.exists():
+        if resume_step and path.is_file() and not path.is_symlink():
             kept = _lines_up_to(path, resume_step)
-        self._jsonl = open(path, "w")
-        self._jsonl.writelines(x + "\n" for x in kept)
+        write_text(path, "".join(x + "\n" for x in kept))  # a link there is replaced
+        self._jsonl = open_append(path)
         purge = {"purge_step": resume_step + 1} if resume_step else {}
-        self.tb = SummaryWriter(log_dir=str(run_dir / TB_DIR), **purge)
+        tb = own_folder(run_dir / TB_DIR)
+        self.tb = SummaryWriter(log_dir=str(tb), **purge)
         self._group = None
         if mode is not None and global_batch is not None:
             self._group = f"{mode}/N{global_batch}"
