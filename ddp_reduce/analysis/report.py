@@ -23,7 +23,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from ddp_reduce.analysis.tables import table  # noqa: E402
 from ddp_reduce.run.compose import override_key  # noqa: E402
-from ddp_reduce.run.rundir import SUMMARY, read_metrics, read_refused, read_summary  # noqa: E402
+from ddp_reduce.run.rundir import SUMMARY, read_metrics, read_refused  # noqa: E402
+from ddp_reduce.run.summary import read_summary  # noqa: E402
 
 REPORT = "report.md"
 CSV = "runs.csv"
@@ -104,7 +105,8 @@ UNREADABLE = "unreadable"  # a run whose summary.json cannot be read
 def _summary_of(run_dir: Path) -> dict[str, Any]:
     """A run's summary; one that cannot be read is reported as such, not skipped."""
     try:
-        return read_summary(run_dir) or {"status": UNREADABLE, "error": "no summary"}
+        summary = read_summary(run_dir)
+        return summary.to_dict() if summary else {"status": UNREADABLE, "error": "no summary"}
     except (OSError, ValueError) as exc:
         return {"status": UNREADABLE, "error": str(exc)}
 

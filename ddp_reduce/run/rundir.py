@@ -30,9 +30,6 @@ MODEL = "model.pt"
 TB_DIR = "tb"
 CHECKPOINTS = "checkpoints"
 REFUSED = "refused.jsonl"  # in a sweep's folder: its points refused before they ran
-# A summary with one of these statuses holds a result: nothing replaces it but a run asked to
-# (train.overwrite=true), which clears it first; a later failure is never recorded over it.
-FINISHED = ("completed", "diverged")
 
 
 def atomic_write(path: Path, write) -> None:
@@ -86,34 +83,6 @@ def write_config(run_dir: Path, cfg: dict) -> None:
 
 def save_model(run_dir: Path, state_dict: dict) -> None:
     atomic_write(run_dir / MODEL, lambda tmp: torch.save(state_dict, tmp))
-
-
-def read_summary(run_dir: Path) -> dict | None:
-    """The run's summary; None where there is none. ValueError where it is not a JSON object
-    (a truncated or foreign file), naming what is wrong."""
-    path = Path(run_dir) / SUMMARY
-    if not path.exists():
-        return None
-    try:
-        summary = json.loads(path.read_bytes())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path} is not JSON: {exc}") from None
-    if not isinstance(summary, dict):
-        raise ValueError(f"{path} holds a {type(summary).__name__}, not a run's summary")
-    return summary
-
-
-def unfinished_summary(run_dir: Path) -> dict | None:
-    """For recording a failure: the summary so far (``{}`` where there is none, or where it is
-    unreadable: the failure's record replaces it), or None where nothing may be written (the
-    folder is gone, or it holds a finished run)."""
-    if not Path(run_dir).is_dir():
-        return None
-    try:
-        previous = read_summary(run_dir) or {}
-    except (OSError, ValueError):
-        return {}
-    return None if previous.get("status") in FINISHED else previous
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
