@@ -97,8 +97,9 @@ def _check_before_hydra(argv: list[str]) -> None:
     before the app runs: one it cannot create is refused here, with the key, rather than as
     Hydra's own traceback; so is a sweep into another sweep's folder."""
     from ddp_reduce.config import ConfigError
+    from ddp_reduce.run.claim import check_run_dir
+    from ddp_reduce.run.cli_errors import fail
     from ddp_reduce.run.compose import override_key
-    from ddp_reduce.run.launch import check_run_dir, fail
     from ddp_reduce.run.rundir import check_sweep_dir
 
     multirun = any(a in ("-m", "--multirun") for a in argv)
@@ -122,98 +123,108 @@ def _check_before_hydra(argv: list[str]) -> None:
 
 def _train() -> None:
     """The Hydra app (imported only now: torch and Hydra take a second to load)."""
-    from ddp_reduce.run.ranks import start_rank_server
+    from ddp_reduce.run.rank_server import start_rank_server
 
     start_rank_server()  # the ranks' imports run while this process composes the config
     import hydra
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-    from omegaconf import DictConfig
 
-    from ddp_reduce.config import ConfigError, register_schema, to_dict
-    from ddp_reduce.run.checkpoint import CheckpointError
-    from ddp_reduce.run.launch import (
-        LaunchError,
-        Terminated,
-        claim_run_dir,
-        error_message,
-        fail,
-        format_summary,
-        launch_local,
-        sigterm_as_exception,
-        validate,
-    )
-    from ddp_reduce.run.pool import PoolError
-    from ddp_reduce.run.rundir import (
-        FINISHED,
-        discard_refused,
-        record_refused,
-        register_resolvers,
-    )
+    from ddp_reduce.config import register_schema
+    from ddp_reduce.run.cli_errors import fail
+    from ddp_reduce.run.rundir import register_resolvers
+    from ddp_reduce.run.signals import Terminated, launcher_signals
 
     register_schema()
     register_resolvers()  # the sweep's folder names (conf/config.yaml: hydra.sweep.subdir)
-    tally: dict[str, int] = {}  # a sweep's points by outcome
     _check_before_hydra(sys.argv[1:])
+    tally: dict[str, int] = {}  # a sweep's points by outcome
 
     @hydra.main(version_base="1.3", config_path="pkg://ddp_reduce.conf", config_name="config")
-    def app(cfg: DictConfig) -> float | None:
-        hydra_cfg = HydraConfig.get()
-        sweep = hydra_cfg.mode is RunMode.MULTIRUN
-        run_dir = hydra_cfg.runtime.output_dir if hydra_cfg.run.dir or sweep else ""
-
-        def stop(outcome: str, message: str, code: int) -> float:
-            """A point of a sweep ends with its outcome and the sweep goes on; a single run
-            exits with the code."""
-            if not sweep:
-                fail(message, code=code)
-            tally[outcome] = tally.get(outcome, 0) + 1
-            print(f"ddp-reduce: error: {message}", file=sys.stderr, flush=True)
-            return float("inf")
-
-        with contextlib.ExitStack() as held:
-            try:
-                run_cfg = validate(cfg, cfg.dist.nproc)
-                path = held.enter_context(claim_run_dir(run_dir, run_cfg.train.overwrite))
-            except ConfigError as exc:
-                discard_refused(run_dir)  # Hydra made its folder before the checks
-                if sweep:  # ... and the sweep's report lists the point
-                    point = Path(run_dir).name
-                    task = list(hydra_cfg.overrides.task)
-                    record_refused(hydra_cfg.sweep.dir, point, task, error_message(exc))
-                return stop("refused", error_message(exc), 2)
-            except Exception as exc:  # not the config's: this point fails, a sweep goes on
-                discard_refused(run_dir)
-                return stop("failed", f"{type(exc).__name__}: {error_message(exc)}", 1)
-            try:
-                summary = launch_local(
-                    to_dict(run_cfg),
-                    str(path),
-                    run_cfg.dist.nproc,
-                    run_cfg.dist.max_restarts,
-                    # a sweep keeps its ranks alive from one point to the next
-                    reuse_ranks=sweep and run_cfg.dist.reuse_ranks,
-                )
-            # a CheckpointError: the one rank of a run with one, in this process
-            # OSError: the run's own files (a full disk), in this process with one rank
-            except (LaunchError, PoolError, CheckpointError, OSError) as exc:
-                return stop("failed", f"{exc}\nrun directory {path}", 1)
-            except KeyboardInterrupt:
-                fail(f"interrupted; run directory {path} (status: interrupted)", code=130)
-            except Terminated:
-                fail(f"stopped by SIGTERM; run directory {path} (status: failed)", code=143)
-        print(format_summary(summary), flush=True)
-        tally[summary["status"]] = tally.get(summary["status"], 0) + 1
-        # What a sweeper minimizes; a diverged run is a result, not a crash.
-        return summary["final_eval_loss"] if summary["status"] == "completed" else float("inf")
+    def app(cfg) -> float | None:
+        return _run_point(cfg, tally)
 
     try:
-        with sigterm_as_exception():
+        with launcher_signals():
             app()
-    except Terminated:
-        fail("stopped by SIGTERM", code=143)
-    if sum(tally.values()) > 1 or tally.keys() - set(FINISHED):
-        counts = ", ".join(f"{tally.get(k, 0)} {k}" for k in (*FINISHED, "failed", "refused"))
+    except Terminated as exc:
+        fail(str(exc), code=_signal_exit_code(exc.signum))
+    _report_tally(tally)
+
+
+def _signal_exit_code(signum: int) -> int:
+    return 128 + signum  # as a shell reports a process ended by the signal
+
+
+def _run_point(cfg, tally: dict[str, int]) -> float | None:
+    """One run of the app (one point of a sweep): parse and check its config once, claim its
+    folder, launch its ranks, print its summary. Returns what a sweeper minimizes."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from ddp_reduce.config import ConfigError
+    from ddp_reduce.run.checkpoint import CheckpointError
+    from ddp_reduce.run.claim import claim_run_dir
+    from ddp_reduce.run.cli_errors import error_message, fail
+    from ddp_reduce.run.launch import LaunchError, launch_local
+    from ddp_reduce.run.pool import PoolError
+    from ddp_reduce.run.rundir import discard_refused, record_refused
+    from ddp_reduce.run.signals import Stopped, Terminated
+    from ddp_reduce.run.summary import Status, format_summary
+    from ddp_reduce.run.validate import validate_prepared
+
+    hydra_cfg = HydraConfig.get()
+    sweep = hydra_cfg.mode is RunMode.MULTIRUN
+    run_dir = hydra_cfg.runtime.output_dir if hydra_cfg.run.dir or sweep else ""
+
+    def stop(outcome: str, message: str, code: int) -> float:
+        """A point of a sweep ends with its outcome and the sweep goes on; a single run
+        exits with the code."""
+        if not sweep:
+            fail(message, code=code)
+        tally[outcome] = tally.get(outcome, 0) + 1
+        print(f"ddp-reduce: error: {message}", file=sys.stderr, flush=True)
+        return float("inf")
+
+    with contextlib.ExitStack() as held:
+        try:
+            nproc = cfg.dist.nproc
+            # the one parse of this run's config; one rank here trains with what it prepared
+            run_cfg, prepared = validate_prepared(cfg, nproc, local_rank=0 if nproc == 1 else None)
+            path = held.enter_context(claim_run_dir(run_dir, run_cfg.train.overwrite))
+        except ConfigError as exc:
+            discard_refused(run_dir)  # Hydra made its folder before the checks
+            if sweep:  # ... and the sweep's report lists the point
+                task = list(hydra_cfg.overrides.task)
+                record_refused(hydra_cfg.sweep.dir, Path(run_dir).name, task, error_message(exc))
+            return stop("refused", error_message(exc), 2)
+        except Exception as exc:  # not the config's: this point fails, a sweep goes on
+            discard_refused(run_dir)
+            return stop("failed", f"{type(exc).__name__}: {error_message(exc)}", 1)
+        try:
+            # a sweep keeps its ranks alive from one point to the next
+            reuse = sweep and run_cfg.dist.reuse_ranks
+            summary = launch_local(run_cfg, str(path), prepared, reuse_ranks=reuse)
+        # a CheckpointError: the one rank of a run with one, in this process
+        # OSError: the run's own files (a full disk), in this process with one rank
+        except (LaunchError, PoolError, CheckpointError, OSError) as exc:
+            return stop("failed", f"{exc}\nrun directory {path}", 1)
+        except KeyboardInterrupt:
+            fail(f"interrupted; run directory {path} (status: interrupted)", code=130)
+        except (Terminated, Stopped) as exc:  # Stopped: the one rank, in this process
+            how = f"{exc}; run directory {path} (status: {exc.status.value})"
+            fail(how, code=_signal_exit_code(exc.signum))
+    print(format_summary(summary), flush=True)
+    tally[summary.status.value] = tally.get(summary.status.value, 0) + 1
+    # What a sweeper minimizes; a diverged run is a result, not a crash.
+    return summary.final_eval_loss if summary.status is Status.completed else float("inf")
+
+
+def _report_tally(tally: dict[str, int]) -> None:
+    """A sweep's (or a failed run's) points by outcome; exit 1 if any failed or was refused."""
+    from ddp_reduce.run.summary import FINISHED
+
+    finished = [s.value for s in FINISHED]
+    if sum(tally.values()) > 1 or tally.keys() - set(finished):
+        counts = ", ".join(f"{tally.get(k, 0)} {k}" for k in (*finished, "failed", "refused"))
         print(f"ddp-reduce: {sum(tally.values())} points: {counts}", flush=True)
         if tally.get("failed") or tally.get("refused"):
             sys.exit(1)

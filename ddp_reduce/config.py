@@ -148,6 +148,12 @@ class ModelConfig:
     kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        require(
+            len(self.hidden) > 0,
+            "model.hidden",
+            self.hidden,
+            "a non-empty list of layer widths (model=linear has no hidden layer)",
+        )
         for i, h in enumerate(self.hidden):
             _positive(f"model.hidden[{i}]", h)
         require(len(self.channels) > 0, "model.channels", self.channels, "a non-empty list")
@@ -242,6 +248,12 @@ class ReduceConfig(ReduceSettings):
         _positive("reduce.lossy_threshold", self.lossy_threshold)
 
 
+STEPS_MAX = 2**63 - 1
+# fp16's loss scaler keeps its factor and multiplies the gradients by its reciprocal, both
+# float32: each must be a normal float32 number (2^-126 .. 2^127).
+LOSS_SCALE_BOUNDS = (2.0**-126, 2.0**127)
+
+
 @dataclass
 class TrainConfig:
     steps: int = 300  # optimizer steps
@@ -265,7 +277,21 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _positive("train.steps", self.steps)
-        _positive("train.loss_scale_init", self.loss_scale_init)
+        require(
+            self.steps <= STEPS_MAX,
+            "train.steps",
+            self.steps,
+            f"at most {STEPS_MAX} (steps are counted in 64-bit integers)",
+        )
+        low, high = LOSS_SCALE_BOUNDS
+        require(
+            low <= self.loss_scale_init <= high,
+            "train.loss_scale_init",
+            self.loss_scale_init,
+            f"a number from 2^-126 to 2^127 ({low:.3g} to {high:.3g}): the loss scaler holds "
+            "the factor and its reciprocal in float32 (beyond, a step's update is NaN or the "
+            "scaler fails)",
+        )
         if self.blowup_factor is not None:
             require(
                 self.blowup_factor > 1 and math.isfinite(self.blowup_factor),

@@ -74,16 +74,16 @@ LOOPBACK = "lo"  # the interface of one-machine gloo sockets
 def become_local_rank(rank: int, world: int, launcher: int, **env: str) -> None:
     """Set up a rank forked on this machine (the launcher's ranks, the rank pool's): the
     environment torchrun would give it, gloo's sockets on loopback unless the user named an
-    interface, and death with its launcher (see die_with)."""
+    interface, and death with its launcher (see die_with_launcher)."""
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world)
     )
     os.environ.update(env)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", LOOPBACK)
-    die_with(launcher)
+    die_with_launcher(launcher)
 
 
-def die_with(launcher: int | None = None) -> None:
+def die_with_launcher(launcher: int | None = None) -> None:
     """Send this process SIGTERM when its launcher dies, so a launcher killed outright
     (SIGKILL) leaves no rank training on; SIGTERM, not SIGKILL, so the rank still records its
     status. Linux only (elsewhere nothing).

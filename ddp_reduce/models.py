@@ -254,7 +254,23 @@ class UserLoss(Objective):
         self.counts_split_items = rows_are_items and self.per_sample
 
     def count(self, batch: Batch) -> int:
-        return int(self.fn.count(batch.y)) if hasattr(self.fn, "count") else len(batch.y)
+        if not hasattr(self.fn, "count"):
+            return len(batch.y)
+        return self._whole(self.fn.count(batch.y), "its count(target)")
+
+    def _whole(self, value: Any, what: str) -> int:
+        """An item count as given (an int, or a 0-d tensor or float holding one); refused
+        where it is no positive whole number: the reduction divides by it."""
+        try:
+            number = float(value)
+        except (TypeError, ValueError, RuntimeError):
+            number = math.nan
+        if not (math.isfinite(number) and number == int(number) and number > 0):
+            raise ValueError(
+                f"loss._target_={self.target}: {what} gave {value!r:.40} items; an item count "
+                "is a positive whole number"
+            )
+        return int(number)
 
     def __call__(
         self, out: Any, batch: Batch, accuracy: bool = True
@@ -266,9 +282,10 @@ class UserLoss(Objective):
                 f"not {type(result).__name__}"
             )
         loss, items = result
-        if int(items) != self.count(batch):
+        items = self._whole(items, "the item count it returned")
+        if items != self.count(batch):
             raise ValueError(
-                f"loss._target_={self.target} counted {int(items)} items in a batch whose count "
+                f"loss._target_={self.target} counted {items} items in a batch whose count "
                 f"before the forward was {self.count(batch)} (give the loss a count(target) "
                 "method that counts the same items)"
             )

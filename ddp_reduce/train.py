@@ -18,15 +18,12 @@ from hydra.errors import HydraException
 from ddp_reduce.config import ConfigError
 from ddp_reduce.distributed import exit_now
 from ddp_reduce.run.checkpoint import CheckpointError
+from ddp_reduce.run.claim import claim_run_dir
+from ddp_reduce.run.cli_errors import error_message, fail
 from ddp_reduce.run.compose import compose_config, override_key
-from ddp_reduce.run.launch import (
-    claim_run_dir,
-    error_message,
-    fail,
-    format_summary,
-    rank_main,
-    validate_prepared,
-)
+from ddp_reduce.run.launch import rank_main
+from ddp_reduce.run.summary import format_summary
+from ddp_reduce.run.validate import validate_prepared
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
                 fail(error_message(exc))
             sys.exit(2)
         try:
-            summary = rank_main(cfg_dict, run_dir, prepared=prepared)
-        except CheckpointError as exc:  # every rank has it (rank 0's verdict): said once
+            summary = rank_main(run_cfg, run_dir, prepared=prepared)
+        except (CheckpointError, ConfigError) as exc:  # every rank has it alike: said once
             if is_main:
                 print(f"ddp-reduce: error: {exc}", file=sys.stderr, flush=True)
             return 1

@@ -157,8 +157,12 @@ def first_step(
 
 def train_runs(init: str, jobs: list[tuple[dict, str]]) -> list[dict | None]:
     """On every rank: train each (config, run directory) in turn, each in a process group of
-    its own; the summaries (rank 0's, None elsewhere)."""
-    return [rank_main(cfg, run, f"{init}-{i}") for i, (cfg, run) in enumerate(jobs)]
+    its own; the summaries as written to disk (rank 0's, None elsewhere)."""
+    out = []
+    for i, (cfg, run) in enumerate(jobs):
+        summary = rank_main(load_config(cfg), run, f"{init}-{i}")
+        out.append(summary.to_dict() if summary is not None else None)
+    return out
 
 
 VENV_BIN = Path(sys.executable).parent

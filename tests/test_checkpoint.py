@@ -10,7 +10,7 @@ import torch
 
 from ddp_reduce.run import checkpoint
 from ddp_reduce.run.launch import rank_main
-from tests.helpers import config_dict, torchrun
+from tests.helpers import config, torchrun
 
 RESTART_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
@@ -88,14 +88,14 @@ def test_resume_after_a_truncated_checkpoint_in_one_process(tmp_path):
     """A stopped run resumes from the previous valid checkpoint and ends where an uninterrupted
     run ends, bitwise."""
     ref = tmp_path / "ref"
-    rank_main(config_dict(*BASE, "dist.nproc=1"), str(ref))
+    rank_main(config(*BASE, "dist.nproc=1"), str(ref))
     run = tmp_path / "run"
-    rank_main(config_dict(*BASE, "train.steps=20", "train.checkpoint_every=5"), str(run))
+    rank_main(config(*BASE, "train.steps=20", "train.checkpoint_every=5"), str(run))
     newest = run / "checkpoints" / "step_00000020.pt"
     newest.write_bytes(newest.read_bytes()[:-10])  # a truncated write
     (run / "summary.json").write_text(json.dumps({"status": "failed"}))
-    summary = rank_main(config_dict(*BASE, "train.checkpoint_every=5"), str(run))
-    assert summary["resumed_from_step"] == 15
+    summary = rank_main(config(*BASE, "train.checkpoint_every=5"), str(run))
+    assert summary.resumed_from_step == 15
     a, b = _weights(ref), _weights(run)
     assert all(torch.equal(a[k], b[k]) for k in a)
     steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -104,10 +104,10 @@ def test_resume_after_a_truncated_checkpoint_in_one_process(tmp_path):
 
 def test_resume_refuses_a_checkpoint_of_another_model(tmp_path):
     run = tmp_path / "run"
-    rank_main(config_dict(*BASE, "train.steps=10", "train.checkpoint_every=5"), str(run))
+    rank_main(config(*BASE, "train.steps=10", "train.checkpoint_every=5"), str(run))
     (run / "summary.json").unlink()
     with pytest.raises(checkpoint.CheckpointError, match="model.hidden"):
-        rank_main(config_dict(*BASE, "train.checkpoint_every=5", "model.hidden=[32]"), str(run))
+        rank_main(config(*BASE, "train.checkpoint_every=5", "model.hidden=[32]"), str(run))
 
 
 def test_crash_and_torchrun_restart_give_bitwise_equal_weights(tmp_path):

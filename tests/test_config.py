@@ -11,7 +11,9 @@ from hydra.errors import HydraException
 from ddp_reduce.config import ConfigError
 from ddp_reduce.data import DATASETS
 from ddp_reduce.models import MODELS
-from ddp_reduce.run.launch import check_run_dir, error_message, validate
+from ddp_reduce.run.claim import check_run_dir
+from ddp_reduce.run.cli_errors import error_message
+from ddp_reduce.run.validate import validate
 from tests.helpers import REPO, config_dict, ddp_reduce, torchrun
 
 CONF = REPO / "conf"

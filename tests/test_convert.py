@@ -23,7 +23,7 @@ from ddp_reduce.layer.reduction import (
     plan_step,
 )
 from ddp_reduce.run.launch import rank_main
-from tests.helpers import REPO, config_dict
+from tests.helpers import REPO, config
 
 STEPS = ("train.steps=25", "train.eval_every=0", "train.log_every=5", "noise.enabled=false")
 
@@ -92,7 +92,7 @@ def test_cli_refuses_what_it_cannot_convert(capsys, source, message):
 
 
 def _run(setting: Setting, tmp_path, name: str) -> dict[str, torch.Tensor]:
-    rank_main(config_dict(*STEPS, *setting.overrides(), "dist.nproc=1"), str(tmp_path / name))
+    rank_main(config(*STEPS, *setting.overrides(), "dist.nproc=1"), str(tmp_path / name))
     return torch.load(tmp_path / name / "model.pt")
 
 
@@ -153,20 +153,20 @@ def test_approximate_batch_rule_lands_near(tmp_path):
     src = Setting("mean", "mean", 1, 32, 1, "sgd", lr=0.05, momentum=0.9)
     dst, _ = _convert(src, "mean/mean", batch_size=64, rule="linear")
     ref = rank_main(
-        config_dict(*src.overrides(), "train.steps=200", "train.eval_every=0"),
+        config(*src.overrides(), "train.steps=200", "train.eval_every=0"),
         str(tmp_path / "src"),
     )
     s = rank_main(
-        config_dict(*dst.overrides(), "train.steps=100", "train.eval_every=0"),
+        config(*dst.overrides(), "train.steps=100", "train.eval_every=0"),
         str(tmp_path / "dst"),
     )
-    assert s["final_train_loss"] == pytest.approx(ref["final_train_loss"], rel=0.5)
-    assert s["final_train_loss"] != ref["final_train_loss"]
+    assert s.final_train_loss == pytest.approx(ref.final_train_loss, rel=0.5)
+    assert s.final_train_loss != ref.final_train_loss
 
 
 def test_lr_scaling_in_a_run(tmp_path):
     s = rank_main(
-        config_dict(
+        config(
             "train.steps=2",
             "data.batch_size=64",
             "optim.lr=0.1",
@@ -175,9 +175,9 @@ def test_lr_scaling_in_a_run(tmp_path):
         ),
         str(tmp_path / "a"),
     )
-    assert s["optim_effective"]["lr"] == pytest.approx(0.2) and s["optim_effective"]["kappa"] == 2
+    assert s.optim_effective["lr"] == pytest.approx(0.2) and s.optim_effective["kappa"] == 2
     s = rank_main(
-        config_dict(
+        config(
             "train.steps=2",
             "data.batch_size=64",
             "optim=adam",
@@ -186,7 +186,7 @@ def test_lr_scaling_in_a_run(tmp_path):
         ),
         str(tmp_path / "b"),
     )
-    eff = s["optim_effective"]
+    eff = s.optim_effective
     assert eff["betas"] == pytest.approx([0.6, 0.996]) and eff["lr"] == pytest.approx(0.006)
 
 

@@ -17,7 +17,14 @@ from ddp_reduce.config import load_config
 from ddp_reduce.distributed import distributed
 from ddp_reduce.run.launch import rank_main
 from ddp_reduce.trainer import Trainer
-from tests.helpers import assert_close, config_dict, ddp_reduce, reference_gradient, torchrun
+from tests.helpers import (
+    assert_close,
+    config,
+    config_dict,
+    ddp_reduce,
+    reference_gradient,
+    torchrun,
+)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
 
@@ -75,13 +82,13 @@ def test_received_gradient_on_cuda_is_c_times_G(loss, op, c, variant):
 
 def test_cuda_training_matches_cpu_training(tmp_path):
     common = ("train.steps=30", "train.eval_every=0", "model.batch_norm=true", "model.sync_bn=true")
-    cpu = rank_main(config_dict(*common, "dist.device=cpu"), str(tmp_path / "cpu"))
-    gpu = rank_main(config_dict(*common, "dist.device=cuda"), str(tmp_path / "gpu"))
-    assert gpu["device"] == "cuda:0" and gpu["backend"] == "nccl"
+    cpu = rank_main(config(*common, "dist.device=cpu"), str(tmp_path / "cpu"))
+    gpu = rank_main(config(*common, "dist.device=cuda"), str(tmp_path / "gpu"))
+    assert gpu.device == "cuda:0" and gpu.backend == "nccl"
     a, b = torch.load(tmp_path / "cpu" / "model.pt"), torch.load(tmp_path / "gpu" / "model.pt")
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
-    assert gpu["final_train_loss"] == pytest.approx(cpu["final_train_loss"], rel=1e-4)
+    assert gpu.final_train_loss == pytest.approx(cpu.final_train_loss, rel=1e-4)
 
 
 @pytest.mark.parametrize("launcher", ["ddp-reduce", "torchrun"])
@@ -98,12 +105,12 @@ def test_launchers_on_cuda(tmp_path, launcher):
     proc = ddp_reduce("dist.nproc=1", *args) if launcher == "ddp-reduce" else torchrun(1, *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert (summary["status"], summary["backend"], summary["device"]) == (
+    assert (summary.status, summary.backend, summary.device) == (
         "completed",
         "nccl",
         "cuda:0",
     )
-    assert summary["grad_scale"] == 1 and summary["grad_scale_exact"]
+    assert summary.grad_scale == 1 and summary.grad_scale_exact
 
 
 @pytest.mark.parametrize(
@@ -117,8 +124,8 @@ def test_launchers_on_cuda(tmp_path, launcher):
 )
 def test_cuda_variants_train_end_to_end(tmp_path, overrides):
     summary = rank_main(
-        config_dict("dist.device=cuda", "train.steps=40", "train.eval_every=0", *overrides),
+        config("dist.device=cuda", "train.steps=40", "train.eval_every=0", *overrides),
         str(tmp_path / "run"),
     )
-    assert summary["status"] == "completed" and summary["device"] == "cuda:0"
-    assert summary["final_train_loss"] < summary["initial_train_loss"]
+    assert summary.status == "completed" and summary.device == "cuda:0"
+    assert summary.final_train_loss < summary.initial_train_loss

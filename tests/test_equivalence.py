@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ddp_reduce.run.launch import rank_main
-from tests.helpers import config_dict, spawn, train_runs
+from tests.helpers import config, config_dict, spawn, train_runs
 
 STEPS = 20
 LR = 0.1
@@ -50,7 +50,7 @@ def runs(tmp_path_factory):
         "w1_b32": ("data.batch_size=32",),
         "w1_b8_a4": ("data.batch_size=8", "train.accum_steps=4"),
     }.items():
-        out[name] = rank_main(config_dict(*BASE, *extra), str(root / name))
+        out[name] = rank_main(config(*BASE, *extra), str(root / name)).to_dict()
     jobs = []
     for name, (b, a, loss, op, lr) in W2_CASES.items():
         cfg = config_dict(

@@ -21,7 +21,7 @@ from ddp_reduce.run import checkpoint, launch
 from ddp_reduce.run.launch import rank_main
 from ddp_reduce.run.pool import RankPool
 from ddp_reduce.run.rundir import json_ready
-from tests.helpers import REPO, VENV_BIN, config_dict, ddp_reduce, project_env, run_cli
+from tests.helpers import REPO, VENV_BIN, config, ddp_reduce, project_env, run_cli
 
 LONG = ("train.steps=1000000", "train.log_every=1", "train.eval_every=0", "dist.threads_per_rank=1")
 
@@ -279,6 +279,7 @@ def test_a_hung_rank_ends_the_job_within_the_timeout_and_is_named(tmp_path, hung
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "failed" and summary["hung_ranks"] == [hung]
     assert f"rank {hung} hung" in summary["error"] and f"rank {hung} hung" in err
+    assert "Traceback" not in err  # the survivor's timeout is said in one line
     assert not (run / "model.pt").exists()
 
 
@@ -379,19 +380,19 @@ def test_a_diverged_result_is_neither_rerun_nor_replaced(tmp_path):
     (run / "checkpoints").mkdir()
     checkpoint.save(run, {**_state(3), "config": {"model": {"hidden": [1]}}}, keep=1)
     with pytest.raises(checkpoint.CheckpointError):
-        rank_main(config_dict("train.steps=5", "train.checkpoint_every=5"), str(run))
+        rank_main(config("train.steps=5", "train.checkpoint_every=5"), str(run))
     assert json.loads((run / "summary.json").read_text()) == summary
 
 
 def test_a_half_written_metrics_line_does_not_block_a_resume(tmp_path, capfd):
     run = tmp_path / "run"
     base = ("train.eval_every=0", "train.log_every=5", "train.checkpoint_every=5", "dist.nproc=1")
-    rank_main(config_dict(*base, "train.steps=10"), str(run))
+    rank_main(config(*base, "train.steps=10"), str(run))
     (run / "summary.json").unlink()
     with open(run / "metrics.jsonl", "a") as f:
         f.write('{"step": 11, "train/lo')  # the process died mid-write
-    summary = rank_main(config_dict(*base, "train.steps=20"), str(run))
-    assert summary["status"] == "completed" and summary["resumed_from_step"] == 10
+    summary = rank_main(config(*base, "train.steps=20"), str(run))
+    assert summary.status == "completed" and summary.resumed_from_step == 10
     assert "not a whole record" in capfd.readouterr().err
     steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(steps) and 20 in steps
@@ -400,10 +401,10 @@ def test_a_half_written_metrics_line_does_not_block_a_resume(tmp_path, capfd):
 def test_a_checkpoint_past_the_planned_steps_is_refused(tmp_path):
     run = tmp_path / "run"
     base = ("train.eval_every=0", "train.checkpoint_every=10", "dist.nproc=1")
-    rank_main(config_dict(*base, "train.steps=20"), str(run))
+    rank_main(config(*base, "train.steps=20"), str(run))
     (run / "summary.json").unlink()
     with pytest.raises(checkpoint.CheckpointError, match="past train.steps=10"):
-        rank_main(config_dict(*base, "train.steps=10"), str(run))
+        rank_main(config(*base, "train.steps=10"), str(run))
 
 
 def test_a_run_leaves_no_launcher_folders_in_the_temp_dir(tmp_path):
@@ -422,7 +423,7 @@ def test_a_run_leaves_no_launcher_folders_in_the_temp_dir(tmp_path):
 def test_a_blow_up_without_nan_is_a_divergence(tmp_path):
     # just above the stability edge: the loss grows by orders of magnitude, still finite
     summary = rank_main(
-        config_dict(
+        config(
             "data=linear",
             "model=linear",
             "optim.momentum=0",
@@ -434,8 +435,8 @@ def test_a_blow_up_without_nan_is_a_divergence(tmp_path):
         ),
         str(tmp_path / "run"),
     )
-    assert summary["status"] == "diverged" and "blow-up" in summary["diverged_why"]
-    assert summary["steps_done"] == summary["diverged_at_step"] - 1
+    assert summary.status == "diverged" and "blow-up" in summary.diverged_why
+    assert summary.steps_done == summary.diverged_at_step - 1
 
 
 def test_non_finite_numbers_are_null_and_flagged():
@@ -517,15 +518,16 @@ def test_a_failure_is_recorded_over_an_unreadable_summary_never_over_a_result(tm
     run = tmp_path / "run"
     run.mkdir()
     (run / "summary.json").write_text('{"status": "runn')
-    launch._failure(1, -9, {}, {}, str(run), 2)
+    two = config("dist.nproc=2")
+    launch._failure(1, -9, {}, two, str(run))
     record = json.loads((run / "summary.json").read_text())
     assert (record["status"], record["failed_rank"], record["world_size"]) == ("failed", 1, 2)
     assert "SIGKILL" in record["error"]
     done = json.dumps({"status": "completed", "final_eval_loss": 0.5})
     (run / "summary.json").write_text(done)
-    launch._failure(0, 1, {}, {}, str(run), 2)
+    launch._failure(0, 1, {}, two, str(run))
     assert (run / "summary.json").read_text() == done
-    launch._failure(0, 1, {}, {}, str(tmp_path / "gone"), 2)  # no folder: none is made
+    launch._failure(0, 1, {}, two, str(tmp_path / "gone"))  # no folder: none is made
     assert not (tmp_path / "gone").exists()
 
 

@@ -14,7 +14,7 @@ from ddp_reduce.data import load_dataset
 from ddp_reduce.layer.noise import NoiseScaleEstimator
 from ddp_reduce.models import build_model
 from ddp_reduce.run.launch import rank_main
-from tests.helpers import config_dict, spawn, train_runs
+from tests.helpers import config, config_dict, spawn, train_runs
 
 
 def _population(n=100, dim=10, seed=0):
@@ -135,12 +135,12 @@ def test_online_estimate_matches_the_exact_noise_scale(noise_runs, name):
 
 
 def test_one_batch_size_reports_why_there_is_no_estimate(tmp_path):
-    summary = rank_main(config_dict("train.steps=5", "dist.nproc=1"), str(tmp_path / "a"))
-    assert summary["noise_scale"] is None
-    assert "W >= 2 or train.accum_steps >= 2" in summary["noise_unavailable"]
+    summary = rank_main(config("train.steps=5", "dist.nproc=1"), str(tmp_path / "a"))
+    assert summary.noise_scale is None
+    assert "W >= 2 or train.accum_steps >= 2" in summary.noise_unavailable
     summary = rank_main(
-        config_dict("train.steps=5", "train.accum_steps=2", "data.batch_size=16"),
+        config("train.steps=5", "train.accum_steps=2", "data.batch_size=16"),
         str(tmp_path / "b"),
     )
-    assert summary["noise_scale"]["small_batch_from"] == "micro"
-    assert summary["noise_scale"]["b_simple"] > 0
+    assert summary.noise_scale["small_batch_from"] == "micro"
+    assert summary.noise_scale["b_simple"] > 0

@@ -39,7 +39,8 @@ from ddp_reduce.distributed import DistContext, available_cores
 from ddp_reduce.models import build_model, loss_sums
 from ddp_reduce.run.compose import compose_config
 from ddp_reduce.run.pool import RankPool
-from ddp_reduce.run.rundir import SUMMARY, read_summary
+from ddp_reduce.run.rundir import SUMMARY
+from ddp_reduce.run.summary import read_summary
 from ddp_reduce.sysinfo import peak_rss_mb, rss_mb
 from ddp_reduce.trainer import Trainer
 
@@ -303,7 +304,7 @@ def bench_startup(quick: bool) -> dict[str, Any]:
                     run = Path(tmp) / f"run{r}"
                     argv = [exe, "train.steps=1", "train.eval_every=0", f"hydra.run.dir={run}"]
                     times[name].append(_timed(argv))
-                    inside.append(read_summary(run)["wall_time_s"])
+                    inside.append(read_summary(run).wall_time_s)
                 else:
                     times[name].append(_timed(probes[name]))
     med = {name: statistics.median(v) for name, v in times.items()}
@@ -472,9 +473,7 @@ def bench_sweep(quick: bool) -> dict[str, Any]:
                     f"hydra.sweep.dir={tmp}",
                 ]
             )
-            train = sum(
-                read_summary(p.parent)["wall_time_s"] for p in Path(tmp).glob(f"*/{SUMMARY}")
-            )
+            train = sum(read_summary(p.parent).wall_time_s for p in Path(tmp).glob(f"*/{SUMMARY}"))
         out["reuse_ranks" if reuse else "fresh ranks per point"] = {
             "points": points,
             "wall_s": wall,

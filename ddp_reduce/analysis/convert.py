@@ -54,6 +54,11 @@ class ConvertError(ValueError):
     """A setting that cannot be converted; the message names the option and what is allowed."""
 
 
+# torch numbers ranks in 32-bit integers; batch sizes and accumulation steps are held to the
+# same bound, so that N = W*b*A and the rates derived from it stay exact floats
+COUNT_MAX = 2**31 - 1
+
+
 def _check(ok: bool, option: str, value: object, allowed: str) -> None:
     if not ok:
         raise ConvertError(f"{option}={value}: {allowed}")
@@ -298,10 +303,10 @@ class Setting:
         for name in ("world_size", "batch_size", "accum_steps"):
             value = getattr(self, name)
             _check(
-                isinstance(value, int) and value > 0,
+                isinstance(value, int) and 0 < value <= COUNT_MAX,
                 f"--{name.replace('_', '-')}",
                 value,
-                "a positive integer",
+                f"a positive integer, at most {COUNT_MAX}",
             )
         _check(self.optim in OPTIMIZERS, "--optim", self.optim, f"one of {list(OPTIMIZERS)}")
         _check(_finite(self.lr) and self.lr > 0, "--lr", self.lr, "a finite number > 0")
@@ -647,8 +652,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"the following arguments are required: {', '.join(missing)}")
     for name in ("to_world_size", "to_batch_size", "to_accum"):
         value = getattr(a, name)
-        if value is not None and value <= 0:
-            p.error(f"--{name.replace('_', '-')}={value}: a positive integer")
+        if value is not None and not 0 < value <= COUNT_MAX:
+            shown = value if value.bit_length() < 64 else f"a number of {len(str(value))} digits"
+            p.error(f"--{name.replace('_', '-')}={shown}: a positive integer, at most {COUNT_MAX}")
     try:
         loss, op = resolve(a.src)
         resolve(a.dst)  # refused before any other check, naming the value

@@ -31,9 +31,9 @@ from ddp_reduce.run.rundir import (  # noqa: E402
     read_metrics,
     read_refused,
     read_regular,
-    read_summary,
     write_text,
 )
+from ddp_reduce.run.summary import read_summary  # noqa: E402
 
 REPORT = "report.md"
 CSV = "runs.csv"
@@ -181,7 +181,7 @@ def _summary_of(run_dir: Path) -> dict[str, Any]:
         return _unreadable(str(exc))
     if summary is None:
         return _unreadable("no summary")
-    return checked_summary(summary, str(Path(run_dir) / SUMMARY))
+    return checked_summary(summary.to_dict(), str(Path(run_dir) / SUMMARY))
 
 
 def _override_values(overrides: list[str]) -> dict[str, str]:

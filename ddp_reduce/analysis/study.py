@@ -33,10 +33,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from ddp_reduce.analysis.report import INDEX, REPORT, SPEC, write_report
 from ddp_reduce.config import ConfigError
+from ddp_reduce.run.cli_errors import error_message
 from ddp_reduce.run.compose import compose_config, override_key
-from ddp_reduce.run.launch import error_message, run_job, validate
+from ddp_reduce.run.launch import run_job
 from ddp_reduce.run.pool import RankPool
 from ddp_reduce.run.rundir import write_json
+from ddp_reduce.run.validate import validate
 
 
 def studies() -> list[str]:
@@ -220,7 +222,8 @@ class Runner:
             nproc = cfg_dict["dist"]["nproc"]
             cfg = validate(cfg_dict, nproc)
             pool = self._pool(cfg.dist, nproc)
-            summary = pool.call(run_job, cfg_dict, str(run_dir))[0]
+            # the study's records are plain JSON (runs.jsonl): the summary as on disk
+            summary = pool.call(run_job, cfg, str(run_dir))[0].to_dict()
         except Exception as exc:  # recorded as a failed run; the study goes on
             summary = {"status": "failed", "error": error_message(exc)}
             self._drop_pools()
@@ -261,7 +264,12 @@ def run_study(name: str, quick: bool, out: Path, common: list[str]) -> Path:
     spec = load_spec(name, quick)
     module = importlib.import_module(f"ddp_reduce.analysis.studies.{name}")
     check_overrides(name, spec, module, common)
-    out.mkdir(parents=True, exist_ok=True)
+    _check_composes(common)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        what = "a folder (this is a file)" if out.is_file() else f"a folder ({exc.strerror})"
+        raise ConfigError("--out", str(out), what) from None
     if (out / INDEX).exists():
         raise ConfigError("--out", str(out), "a folder without an earlier study in it")
     write_json(
@@ -287,6 +295,16 @@ def run_study(name: str, quick: bool, out: Path, common: list[str]) -> Path:
     if runner.failures:
         raise StudyFailed(name, runner.failures, len(runner.records), stopped)
     return report
+
+
+def _check_composes(common: list[str]) -> None:
+    """The overrides for every run compose into a config (every key exists), before any run."""
+    from hydra.errors import HydraException
+
+    try:
+        compose_config(common)
+    except HydraException as exc:
+        raise ConfigError("overrides", " ".join(common), error_message(exc)) from None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -19,25 +19,21 @@ import torch
 import torch.distributed as dist
 
 from ddp_reduce import parallel
-from ddp_reduce.config import RunConfig, to_dict
+from ddp_reduce.config import ConfigError, RunConfig, to_dict
 from ddp_reduce.distributed import DistContext
 from ddp_reduce.layer.noise import NoiseEstimate
 from ddp_reduce.layer.reduction import nominal_scale, scale_rule
 from ddp_reduce.optim import effective_optim
 from ddp_reduce.run import checkpoint
 from ddp_reduce.run.rundir import (
-    FINISHED,
-    SUMMARY,
     HParam,
     MetricsLogger,
     NullLogger,
     clear_results,
-    read_summary,
     save_model,
-    versions,
     write_config,
-    write_json,
 )
+from ddp_reduce.run.summary import RunSummary, Status, read_summary, write_summary
 from ddp_reduce.sysinfo import peak_rss_mb, rss_mb
 from ddp_reduce.trainer import Prepared, StepOutcome, Trainer
 
@@ -62,7 +58,7 @@ class _Window:
 class _Progress:
     """How the run is going: what the summary reports besides the trainer's own state."""
 
-    status: str = "completed"
+    status: Status = Status.completed
     diverged_at: int | None = None
     diverged_why: str | None = None
     steps_to_target: int | None = None
@@ -78,10 +74,11 @@ class _Progress:
 
 def train(
     cfg: RunConfig, run_dir: Path, ctx: DistContext, prepared: Prepared | None = None
-) -> dict[str, Any]:
+) -> RunSummary:
     """Train one run; rank 0 writes the run directory. Returns the summary (on every rank)."""
     start = time.perf_counter()
     trainer = Trainer(cfg, ctx, prepared)
+    _check_same_data(trainer)
     if ctx.is_main:
         _open_run_dir(cfg, run_dir)
     resumed_from = checkpoint.resume(run_dir, trainer)
@@ -95,7 +92,7 @@ def train(
             step = trainer.step + 1
             _maybe_crash(cfg, ctx, step)
             scalars, reached = _train_step(trainer, step, progress), False
-            if progress.status == "diverged":
+            if progress.status is Status.diverged:
                 if scalars:
                     logger.log(step, scalars)
                 break
@@ -121,9 +118,30 @@ def train(
         trainer.close()
 
 
+def _check_same_data(trainer: Trainer) -> None:
+    """Your data (data._target_) are made on every rank: splits of different lengths would
+    give each rank another global batch (or hang a collective), so they are refused on every
+    rank alike. The built-in data sets are made from the seed alone."""
+    cfg, ctx = trainer.cfg, trainer.ctx
+    if cfg.data.target is None or ctx.world_size == 1:
+        return
+    lengths: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(lengths, (len(trainer.train_split), len(trainer.test_split)))
+    if len(set(lengths)) > 1:
+        shown = ", ".join(f"rank {r}: {a} and {b}" for r, (a, b) in enumerate(lengths))
+        raise ConfigError(
+            "data._target_",
+            cfg.data.target,
+            f"the same (train, eval) splits on every rank; their lengths differ ({shown})",
+        )
+
+
 def _open_run_dir(cfg: RunConfig, run_dir: Path) -> None:
-    previous = read_summary(run_dir)
-    if cfg.train.overwrite and previous and previous.get("status") in FINISHED:
+    try:
+        previous = read_summary(run_dir)
+    except ValueError:
+        previous = None  # checked by the launcher; a failure's record replaces it
+    if cfg.train.overwrite and previous and previous.status.finished:
         clear_results(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_config(run_dir, to_dict(cfg))
@@ -162,7 +180,7 @@ def _train_step(trainer: Trainer, step: int, progress: _Progress) -> dict[str, f
     trainer.c_range.add(outcome.report)
     why = _nonfinite_why(trainer, outcome, step, progress) or _blown_up(trainer, outcome.loss)
     if why:  # the step is not taken: the weights stay the last sound ones
-        progress.status, progress.diverged_at, progress.diverged_why = "diverged", step, why
+        progress.status, progress.diverged_at, progress.diverged_why = Status.diverged, step, why
         return {"train/loss": outcome.loss} if outcome.loss is not None else {}
     trainer.apply(outcome)  # fp16: the loss scaler skips a step whose gradient is not finite
     if ctx.device.type == "cuda":
@@ -293,29 +311,33 @@ def _finish(
     run_dir: Path,
     resumed_from: int | None,
     start: float,
-) -> dict[str, Any]:
+) -> RunSummary:
     """Final evaluation, the summary, the weights and the HParams record."""
     cfg, ctx = trainer.cfg, trainer.ctx
     train_loss, train_acc = trainer.evaluate(trainer.train_split)
     why = _blown_up(trainer, train_loss)
-    if why and progress.status == "completed":
-        progress.status, progress.diverged_at, progress.diverged_why = "diverged", trainer.step, why
+    if why and progress.status is Status.completed:
+        progress.status, progress.diverged_at, progress.diverged_why = (
+            Status.diverged,
+            trainer.step,
+            why,
+        )
     eval_loss, eval_acc = trainer.evaluate(trainer.test_split)
     target = cfg.train.target_loss
-    if target is not None and progress.steps_to_target is None and progress.status == "completed":
+    if (
+        target is not None
+        and progress.steps_to_target is None
+        and progress.status is Status.completed
+    ):
         progress.steps_to_target = trainer.step if train_loss <= target else None
     logger.log(trainer.step, {"eval/loss": eval_loss, "eval/accuracy": eval_acc})
     peaks: list[Any] = [None] * ctx.world_size
     dist.all_gather_object(peaks, round(peak_rss_mb(), 1))
     summary = _summary(trainer, progress, run_dir, resumed_from)
-    summary.update(
-        final_train_loss=train_loss,
-        final_train_accuracy=train_acc,
-        final_eval_loss=eval_loss,
-        final_eval_accuracy=eval_acc,
-        peak_rss_mb_per_rank=peaks,
-        wall_time_s=time.perf_counter() - start,
-    )
+    summary.final_train_loss, summary.final_train_accuracy = train_loss, train_acc
+    summary.final_eval_loss, summary.final_eval_accuracy = eval_loss, eval_acc
+    summary.peak_rss_mb_per_rank = peaks
+    summary.wall_time_s = time.perf_counter() - start
     weights = trainer.model_state()  # a collective under FSDP: every rank takes part
     if ctx.is_main:
         save_model(run_dir, weights)
@@ -323,10 +345,10 @@ def _finish(
             "final/train_loss": train_loss,
             "final/eval_loss": eval_loss,
             "final/eval_accuracy": eval_acc,
-            "final/diverged": float(progress.status == "diverged"),
+            "final/diverged": float(progress.status is Status.diverged),
         }
         logger.hparams(_hparams(trainer, summary), final, trainer.step)
-        write_json(run_dir / SUMMARY, summary)
+        write_summary(run_dir, summary)
     return summary
 
 
@@ -335,50 +357,49 @@ def _summary(
     progress: _Progress,
     run_dir: Path,
     resumed_from: int | None,
-) -> dict[str, Any]:
+) -> RunSummary:
     cfg, ctx, geom, rc = trainer.cfg, trainer.ctx, trainer.geom, trainer.cfg.reduce
-    return {
-        "status": progress.status,
-        "diverged_at_step": progress.diverged_at,
-        "diverged_why": progress.diverged_why,
-        "steps_done": trainer.step,
-        "steps_planned": cfg.train.steps,
-        "resumed_from_step": resumed_from,
-        "grad_scale": nominal_scale(
+    return RunSummary(
+        status=progress.status,
+        diverged_at_step=progress.diverged_at,
+        diverged_why=progress.diverged_why,
+        steps_done=trainer.step,
+        steps_planned=cfg.train.steps,
+        resumed_from_step=resumed_from,
+        grad_scale=nominal_scale(
             rc.loss, rc.op, geom.world_size, geom.local_batch_size, geom.accum_steps
         ),
-        "grad_scale_rule": scale_rule(rc.loss, rc.op),
-        "grad_scale_range": [trainer.c_range.low, trainer.c_range.high],
-        "grad_scale_exact": trainer.c_range.exact,
-        "reduce_loss": rc.loss.name,
-        "reduce_op": rc.op.name,
-        "strategy": cfg.dist.strategy.name,
-        "reduce_impl": rc.impl.name,
-        "reduce_route": trainer.reducer.route.name if trainer.reducer.route else None,
-        "reduce_dtype": rc.dtype.name,
-        "reduce_predivide": rc.predivide,
-        "reduce_overflow_at_step": progress.reduce_overflow_at,
-        "reduce_lossy_logged_steps": progress.lossy_logged,
-        "reduce_comm_rel_error_max": progress.rel_error_max,
-        "precision": cfg.train.precision.name,
-        "amp_skipped_steps": progress.amp_skipped if trainer.scaler is not None else None,
-        "world_size": geom.world_size,
-        "local_batch_size": geom.local_batch_size,
-        "accum_steps": geom.accum_steps,
-        "global_batch_size": geom.global_batch_size,
-        "train_items": len(trainer.train_split),
-        "last_logged_train_loss": progress.last_loss,
-        "initial_train_loss": trainer.initial_loss,
-        "target_loss": cfg.train.target_loss,
-        "steps_to_target": progress.steps_to_target,
-        "optim_effective": asdict(effective_optim(cfg.optim, geom.global_batch_size)),
+        grad_scale_rule=scale_rule(rc.loss, rc.op),
+        grad_scale_range=[trainer.c_range.low, trainer.c_range.high],
+        grad_scale_exact=trainer.c_range.exact,
+        reduce_loss=rc.loss.name,
+        reduce_op=rc.op.name,
+        strategy=cfg.dist.strategy.name,
+        reduce_impl=rc.impl.name,
+        reduce_route=trainer.reducer.route.name if trainer.reducer.route else None,
+        reduce_dtype=rc.dtype.name,
+        reduce_predivide=rc.predivide,
+        reduce_overflow_at_step=progress.reduce_overflow_at,
+        reduce_lossy_logged_steps=progress.lossy_logged,
+        reduce_comm_rel_error_max=progress.rel_error_max,
+        precision=cfg.train.precision.name,
+        amp_skipped_steps=progress.amp_skipped if trainer.scaler is not None else None,
+        world_size=geom.world_size,
+        local_batch_size=geom.local_batch_size,
+        accum_steps=geom.accum_steps,
+        global_batch_size=geom.global_batch_size,
+        train_items=len(trainer.train_split),
+        last_logged_train_loss=progress.last_loss,
+        initial_train_loss=trainer.initial_loss,
+        target_loss=cfg.train.target_loss,
+        steps_to_target=progress.steps_to_target,
+        optim_effective=asdict(effective_optim(cfg.optim, geom.global_batch_size)),
         **_noise_summary(trainer, progress),
-        "device": str(ctx.device),
-        "backend": ctx.backend,
-        "threads_per_rank": ctx.threads if ctx.device.type == "cpu" else None,
-        "run_dir": str(run_dir),
-        "versions": versions(),
-    }
+        device=str(ctx.device),
+        backend=ctx.backend,
+        threads_per_rank=ctx.threads if ctx.device.type == "cpu" else None,
+        run_dir=str(run_dir),
+    )
 
 
 def _noise_summary(trainer: Trainer, progress: _Progress) -> dict[str, Any]:
@@ -405,10 +426,7 @@ def _maybe_crash(cfg: RunConfig, ctx: DistContext, step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-STATUSES = ("completed", "diverged", "failed")
-
-
-def _hparams(trainer: Trainer, summary: dict) -> list[HParam]:
+def _hparams(trainer: Trainer, summary: RunSummary) -> list[HParam]:
     """The HParams view's columns: the axes of the sum-or-mean question first (c, the step)."""
     cfg, geom, rc = trainer.cfg, trainer.geom, trainer.cfg.reduce
     return [
@@ -422,7 +440,7 @@ def _hparams(trainer: Trainer, summary: dict) -> list[HParam]:
             display_name="N (global_batch_size)",
         ),
         HParam("world_size", geom.world_size, axis=True, display_name="W (world_size)"),
-        HParam("grad_scale", summary["grad_scale"], axis=True, display_name="c (grad_scale)"),
+        HParam("grad_scale", summary.grad_scale, axis=True, display_name="c (grad_scale)"),
         HParam("local_batch_size", geom.local_batch_size),
         HParam("accum_steps", geom.accum_steps),
         HParam("data", cfg.data.name, str),
@@ -432,5 +450,5 @@ def _hparams(trainer: Trainer, summary: dict) -> list[HParam]:
         HParam("weight_decay", cfg.optim.weight_decay),
         HParam("clip_norm", cfg.optim.clip_norm),  # null: no clipping, an empty cell (not 0)
         HParam("seed", cfg.seed),
-        HParam("status", summary["status"], str, STATUSES),
+        HParam("status", summary.status.value, str, tuple(s.value for s in Status)),
     ]

@@ -56,7 +56,7 @@ class RankPool:
         self.nproc = nproc
         self._folder = tempfile.mkdtemp(prefix="ddp-reduce-pool-")
         store = os.path.join(self._folder, "store")
-        ctx = mp.get_context("forkserver")  # ranks forked with torch imported (start_rank_server)
+        ctx = mp.get_context("forkserver")  # ranks forked with torch imported (rank_server)
         self._outbox = ctx.Queue()
         self._inboxes = [ctx.Queue() for _ in range(nproc)]
         self._procs = [
@@ -64,7 +64,7 @@ class RankPool:
                 target=_worker,
                 args=(r, nproc, store, dist_cfg, self._inboxes[r], self._outbox, os.getpid()),
                 # not daemonic: a rank may start DataLoader workers; it dies with this process
-                # (die_with) and is closed at exit (atexit, below)
+                # (die_with_launcher) and is closed at exit (atexit, below)
                 daemon=False,
             )
             for r in range(nproc)

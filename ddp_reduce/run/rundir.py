@@ -30,9 +30,6 @@ MODEL = "model.pt"
 TB_DIR = "tb"
 CHECKPOINTS = "checkpoints"
 REFUSED = "refused.jsonl"  # in a sweep's folder: its points refused before they ran
-# A summary with one of these statuses holds a result: nothing replaces it but a run asked to
-# (train.overwrite=true), which clears it first; a later failure is never recorded over it.
-FINISHED = ("completed", "diverged")
 
 
 def atomic_write(path: Path, write) -> None:
@@ -151,36 +148,6 @@ def read_regular(path: Path, limit: int | None = None) -> bytes:
     if limit is not None and len(data) > limit:
         raise ValueError(f"{path} holds over {limit} bytes: not a file the project writes")
     return data
-
-
-def read_summary(run_dir: Path) -> dict | None:
-    """The run's summary; None where there is none. ValueError where it is not a JSON object
-    (a truncated or foreign file), naming what is wrong."""
-    path = Path(run_dir) / SUMMARY
-    if not os.path.lexists(path):
-        return None
-    try:
-        summary = json.loads(read_regular(path, SUMMARY_MAX_BYTES))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path} is not JSON: {exc}") from None
-    except RecursionError:
-        raise ValueError(f"{path} is nested too deeply to be a run's summary") from None
-    if not isinstance(summary, dict):
-        raise ValueError(f"{path} holds a {type(summary).__name__}, not a run's summary")
-    return summary
-
-
-def unfinished_summary(run_dir: Path) -> dict | None:
-    """For recording a failure: the summary so far (``{}`` where there is none, or where it is
-    unreadable: the failure's record replaces it), or None where nothing may be written (the
-    folder is gone, or it holds a finished run)."""
-    if not Path(run_dir).is_dir():
-        return None
-    try:
-        previous = read_summary(run_dir) or {}
-    except (OSError, ValueError):
-        return {}
-    return None if previous.get("status") in FINISHED else previous
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

@@ -1,4 +1,5 @@
-"""Where local ranks are started from: a forkserver that has imported what every rank needs.
+"""The rank server: where local ranks are forked from, a forkserver that has imported torch
+and what every rank needs.
 
 This module imports nothing heavy: the launcher calls :func:`start_rank_server` before torch is
 imported, so the ranks' imports run beside its own.
