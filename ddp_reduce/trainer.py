@@ -171,7 +171,11 @@ class Trainer:
         self.model = prepared.model.to(ctx.device)
         # DDP(model), or model itself sharded in place (FSDP2): the one seam of the strategy
         self.wrapped = parallel.wrap(
-            self.model, cfg.dist.strategy, ctx, reduce_dtype=TORCH_DTYPES[rc.dtype]
+            self.model,
+            cfg.dist.strategy,
+            ctx,
+            reduce_dtype=TORCH_DTYPES[rc.dtype],
+            replicate=cfg.dist.replicate,
         )
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.noise_source, self.noise_unavailable = noise_source(
