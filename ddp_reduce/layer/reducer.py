@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from ddp_reduce.layer import reduction
+from ddp_reduce.layer import reduction, terms
 from ddp_reduce.layer.hsdp import HSDPReduction, hsdp_shape
 from ddp_reduce.layer.noise import NOISE_BETA, NoiseEstimate, NoiseScaleEstimator
 from ddp_reduce.layer.strategy import is_fsdp, total_norm
@@ -129,6 +129,8 @@ class StepReport:
     route: Route
     _step: _Step = field(repr=False)
     _reducer: "Reducer" = field(repr=False)
+    # a loss of several terms (Reducer.term_scales): each unit's factor, counts, c, exactness
+    terms: dict[str, reduction.TermPlan] | None = None
 
     @functools.cached_property
     def grad_norm(self) -> torch.Tensor:
@@ -212,6 +214,7 @@ class Reducer:
         self._step: _Step | None = None
         self._report: StepReport | None = None
         self._counts_given: bool | None = None
+        self._terms: dict[str, reduction.TermPlan] | None = None
 
     # -- planning, before the forward -------------------------------------------------------
 
@@ -312,7 +315,7 @@ class Reducer:
             audit=log and self._low_precision(),
             amp=amp,
         )
-        self._report = None
+        self._report, self._terms = None, None
         if self.route is Route.fsdp_native:
             for unit in self._fsdp_units:
                 unit.set_gradient_divide_factor(plan.divisor)
@@ -326,6 +329,27 @@ class Reducer:
         if self.route is Route.ddp_builtin and plan.divisor not in (None, float(self.world_size)):
             return self.world_size / plan.divisor  # DDP divides by W; the rest is folded here
         return 1.0
+
+    def term_scales(self, *, log: bool = False, amp: float = 1.0, **units: int) -> dict[str, float]:
+        """The factor of each term of a loss of several terms, each summed over its own units:
+        ``term_scales(tokens=n_tok, sequences=n_seq)`` with this rank's counts over the whole
+        step (all micro-batches), before the step's first forward. The first unit named is the
+        step's items (``global_mean`` divides the gradient by its count; every other term's
+        factor makes up the difference). One all-reduce carries every unit's count. Multiply
+        each term's sum by its factor and its weight; ``last_step.terms`` gives each c.
+        """
+        if not units:
+            raise ValueError("term_scales() needs a count per unit, e.g. term_scales(tokens=n)")
+        global_units, equal = terms.all_reduce_units(units, self.process_group, self.device)
+        first = next(iter(units))
+        self.loss_scales([units[first]], global_items=global_units[first], log=log, amp=amp)
+        self._step.plan = self._step.plan.with_counts(global_units[first], equal[first])
+        plans = reduction.plan_terms(
+            self.loss, self.op, self.world_size, dict(units), global_units, equal
+        )
+        self._terms = plans
+        fold = self._fold(self._step.plan)
+        return {unit: plan.factor * fold for unit, plan in plans.items()}
 
     def _choose_route(self, counts_given: bool) -> Route:
         divisor_known = self.op is not reduction.ReduceOp.global_mean or counts_given
@@ -402,6 +426,7 @@ class Reducer:
                 route=self.route,
                 _step=step,
                 _reducer=self,
+                terms=self._terms,
             )
         return self._report
 
