@@ -1,8 +1,8 @@
 """A loss of two terms with their own units: token cross-entropy + a per-sequence MoE
 load-balancing loss, each with its own factor from ``reducer.term_scales``.
 
-    torchrun --nproc-per-node 2 examples/moe_aux.py --accum 2        # prints each term's c
-    python examples/moe_aux.py                                       # one process, the same
+    torchrun --nproc-per-node 2 examples/moe_aux.py --accum 2   # each term's c, and the errors
+    python examples/moe_aux.py                                  # one process
 
 The main term is a sum over tokens, the auxiliary one a sum over sequences (Switch-style load
 balance of one sequence's tokens). ``term_scales(tokens=..., sequences=...)`` gives one factor
@@ -11,8 +11,8 @@ receives the gradient of  mean over the global batch's tokens of the cross-entro
 over its sequences of the load-balancing loss, whatever W, A and the ranks' shares. The
 weight w means the same thing at any W, A and b.
 
-``--check`` also compares the step's gradient with the same weighted sum computed in one
-process (float64) and shows what three usual ways of adding the auxiliary term do instead
+It runs one step and compares its gradient with the same weighted sum computed in one process
+(float64), then shows what three usual ways of adding the auxiliary term do instead
 (:data:`MISTAKES`): its mean over each rank's sequences, over each micro-batch's, or the
 correct term multiplied by W. Ranks hold unequal numbers of sequences and tokens on purpose.
 The lines that concern ddp_reduce are marked ``# <-``.
@@ -27,6 +27,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import TensorDataset
 
 import ddp_reduce
 
@@ -75,7 +76,12 @@ def term_sums(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor):
     """Each term summed over its own units: the cross-entropy over tokens, the load balance
     (experts · Σ_e f_e·P_e over the sequence's tokens, f_e the share routed to e by argmax,
     P_e the mean router probability) over sequences."""
-    logits, probs = model(inputs)
+    return sums_of(model(inputs), targets)
+
+
+def sums_of(output: tuple[torch.Tensor, torch.Tensor], targets: torch.Tensor):
+    """:func:`term_sums` of the model's output."""
+    logits, probs = output
     valid = targets != IGNORE
     ce = F.cross_entropy(logits[valid], targets[valid], reduction="sum")
     experts = probs.shape[-1]
@@ -86,6 +92,33 @@ def term_sums(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor):
     p = (probs * mask).sum(1) / n_tok
     balance = experts * (f * p).sum()
     return {"tokens": ce, "sequences": balance}
+
+
+class TokensAndBalance:
+    """The two terms as a ddp-reduce loss of several terms (``+loss._target_``): the units
+    counted before the forward, each term summed over its own, the weights its arguments.
+
+        PYTHONPATH=examples ddp-reduce +data._target_=moe_aux.splits \\
+            +model._target_=moe_aux.TinyMoE +loss._target_=moe_aux.TokensAndBalance \\
+            +loss.aux_weight=0.01 reduce.loss=sum reduce.op=global_mean
+    """
+
+    def __init__(self, aux_weight: float = 0.01):
+        self.weights = {"tokens": 1.0, "sequences": aux_weight}
+
+    def counts(self, targets: torch.Tensor) -> dict[str, int]:
+        return counts(targets)
+
+    def __call__(self, output, targets: torch.Tensor) -> dict[str, tuple[torch.Tensor, int]]:
+        sums, n = sums_of(output, targets), counts(targets)
+        return {unit: (sums[unit], n[unit]) for unit in n}
+
+
+def splits(n_train: int = 256, n_eval: int = 64):
+    """(train, eval) datasets of generated sequences, for ``+data._target_``."""
+    return TensorDataset(*make_sequences(n_train, seed=0)), TensorDataset(
+        *make_sequences(n_eval, seed=1)
+    )
 
 
 # Three usual ways of adding the auxiliary term, as the factor each puts on a rank's summed

@@ -9,10 +9,13 @@ import os
 import sys
 
 import pytest
+import torch
 import torch.distributed as dist
 
+from ddp_reduce.data import GlobalBatchSampler
 from ddp_reduce.layer.reduction import LossReduction, ReduceOp, plan_terms
-from tests.helpers import REPO, spawn
+from ddp_reduce.optim import build_optimizer, build_schedule
+from tests.helpers import REPO, config, ddp_reduce, spawn
 
 _spec = importlib.util.spec_from_file_location("moe_aux", REPO / "examples" / "moe_aux.py")
 moe_aux = sys.modules.setdefault("moe_aux", importlib.util.module_from_spec(_spec))
@@ -93,3 +96,55 @@ def test_the_usual_mistakes_bias_the_aux_term(world_runs):
         for name, is_biased in biased.items():
             err = got[name]["aux_error"]
             assert (err > 1e-2) if is_biased else (err < 1e-3), (name, world, a, err)
+
+
+TERMS_RUN = (
+    "+data._target_=moe_aux.splits",
+    "+model._target_=moe_aux.TinyMoE",
+    "+loss._target_=moe_aux.TokensAndBalance",
+    "+loss.aux_weight=0.5",  # large enough that a wrong factor on it shows in the weights
+    "reduce.loss=sum",
+    "reduce.op=global_mean",
+    "train.steps=10",
+    "train.eval_every=0",
+    "train.log_every=5",
+)
+
+
+def _terms_run(tmp_path, name: str, *overrides: str) -> dict:
+    env = {"PYTHONPATH": str(REPO / "examples")}
+    proc = ddp_reduce(*TERMS_RUN, *overrides, f"hydra.run.dir={tmp_path / name}", env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return torch.load(tmp_path / name / "model.pt")
+
+
+def reference_weights(*overrides: str) -> dict:
+    """The run's 10 steps in one process, in float64, without the reduction layer: the
+    gradient of Σ_u w_u · (term u summed over the global batch) / (its units), with the
+    run's own optimizer, schedule and global batches."""
+    cfg = config(*TERMS_RUN, *overrides)
+    train = moe_aux.splits()[0]
+    torch.manual_seed(cfg.seed)
+    model = moe_aux.TinyMoE().double()
+    n = cfg.dist.nproc * cfg.data.batch_size * cfg.train.accum_steps  # N = W·b·A
+    optimizer = build_optimizer(cfg.optim, model, n)
+    schedule = build_schedule(cfg.optim, optimizer, cfg.train.steps)
+    sampler = GlobalBatchSampler(len(train), n, cfg.seed, cfg.data.last_batch)
+    weights = moe_aux.TokensAndBalance(cfg.loss.kwargs["aux_weight"]).weights
+    for t in range(cfg.train.steps):
+        x, y = train[sampler.global_batch(t)]
+        sums, units = moe_aux.term_sums(model, x, y), moe_aux.counts(y)
+        optimizer.zero_grad()
+        sum(w * sums[u] / units[u] for u, w in weights.items()).backward()
+        optimizer.step()
+        schedule.step()
+    return {k: v.float() for k, v in model.state_dict().items()}
+
+
+def test_a_loss_of_several_terms_through_hydra_matches_one_process(tmp_path):
+    """16 sequences a step, as W=2 x A=2 x b=4 through ddp-reduce and its ranks, against the
+    weighted sum of the terms' global means in one process (float64)."""
+    run = _terms_run(tmp_path, "w2a2", "dist.nproc=2", "train.accum_steps=2", "data.batch_size=4")
+    want = reference_weights("dist.nproc=2", "train.accum_steps=2", "data.batch_size=4")
+    for k in want:
+        torch.testing.assert_close(run[k], want[k], rtol=1e-5, atol=1e-6, msg=k)

@@ -19,6 +19,7 @@ the device until read (no synchronization on the hot path).
 
 # No `from __future__ import annotations`: DDP checks the hook's annotations at run time.
 import contextlib
+import dataclasses
 import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -347,9 +348,9 @@ class Reducer:
         plans = reduction.plan_terms(
             self.loss, self.op, self.world_size, dict(units), global_units, equal
         )
-        self._terms = plans
-        fold = self._fold(self._step.plan)
-        return {unit: plan.factor * fold for unit, plan in plans.items()}
+        fold = self._fold(self._step.plan)  # the route's share of the division, as for one loss
+        self._terms = {u: dataclasses.replace(p, factor=p.factor * fold) for u, p in plans.items()}
+        return {unit: plan.factor for unit, plan in self._terms.items()}
 
     def _choose_route(self, counts_given: bool) -> Route:
         divisor_known = self.op is not reduction.ReduceOp.global_mean or counts_given
