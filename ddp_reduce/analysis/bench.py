@@ -7,7 +7,8 @@
     python -m ddp_reduce.bench sweep      # start-up cost per point of a 16-point multirun
     python -m ddp_reduce.bench memory     # peak RSS per rank, growth over a 2,000-step run
     python -m ddp_reduce.bench data       # in-memory batches vs a DataLoader
-    python -m ddp_reduce.bench fsdp       # sharded state and step time, FSDP vs DDP, W=2 and 4
+    python -m ddp_reduce.bench fsdp       # sharded state and step time, FSDP vs DDP, W=2 and 4;
+                                          # HSDP (R=2, S=2) at W=4
     python -m ddp_reduce.bench precision  # bf16/fp16 communication vs fp32
     python -m ddp_reduce.bench all [--quick] [--device cuda] [--json results.json]
 
