@@ -5,6 +5,7 @@ The public API (everything else is private):
     reducer = ddp_reduce.attach(ddp_model, loss="sum", op="global_mean", noise=True)
     scale = reducer.loss_scale(local_items)       # multiply this rank's summed loss by it
     reducer.last_step                             # c, exact, global_items, the noise scale
+    reducer.term_scales(tokens=n, sequences=m)    # several loss terms: a factor per unit
     ddp_reduce.convert(ddp_reduce.Setting(...), to="mean/mean")   # per-knob rows, as data
     ddp_reduce.rank_batch_sampler(n, N, rank=r, world_size=W, steps=T)  # a DataLoader sampler
 

@@ -55,6 +55,8 @@ class Precision(Enum):
 class Strategy(Enum):
     ddp = "ddp"  # every rank holds the whole model: DistributedDataParallel
     fsdp = "fsdp"  # parameters, gradients and optimizer state sharded: FSDP2 (fully_shard)
+    # FSDP2 on a 2-D mesh: sharded over S ranks, replicated R times (dist.replicate=R, R·S = W)
+    hsdp = "hsdp"
 
 
 class Backend(Enum):

@@ -327,9 +327,25 @@ class DistConfig:
     # ddp-reduce --multirun: keep the ranks and their process group alive from one sweep point
     # to the next (each point still gets its own model, optimizer, seed and run directory)
     reuse_ranks: bool = True
+    # dist.strategy=hsdp: R, the replicas of each shard (W = R·S ranks; S = W/R per shard group)
+    replicate: int | None = None
 
     def __post_init__(self) -> None:
         _positive("dist.nproc", self.nproc)
+        if self.strategy is Strategy.hsdp or self.replicate is not None:
+            require(
+                self.strategy is Strategy.hsdp,
+                "dist.replicate",
+                self.replicate,
+                f"null with dist.strategy={self.strategy.name} (replicas are HSDP's: "
+                "dist.strategy=hsdp)",
+            )
+            require(
+                isinstance(self.replicate, int) and self.replicate > 0,
+                "dist.replicate",
+                self.replicate,
+                "a positive integer R dividing the world size (W = R x S) with dist.strategy=hsdp",
+            )
         _non_negative("dist.max_restarts", self.max_restarts)
         _positive("dist.timeout_s", self.timeout_s)
         require(
@@ -409,7 +425,8 @@ class RunConfig:
             self.dist.strategy is Strategy.ddp or self.reduce.impl is ReduceImpl.hook,
             "reduce.impl",
             self.reduce.impl,
-            "hook with dist.strategy=fsdp (the reduction rides FSDP's reduce-scatter; builtin "
+            f"hook with dist.strategy={self.dist.strategy.name} (the reduction rides FSDP's "
+            "reduce-scatter; builtin "
             "and manual are DDP's)",
         )
 
@@ -547,6 +564,13 @@ class BatchGeometry:
 def batch_geometry(cfg: RunConfig, world_size: int, n_train: int) -> BatchGeometry:
     """Derive W, b, A, N and refuse what does not divide or fit."""
     a = cfg.train.accum_steps
+    if cfg.dist.replicate is not None:
+        require(
+            world_size % cfg.dist.replicate == 0,
+            "dist.replicate",
+            cfg.dist.replicate,
+            f"a positive integer dividing the world size {world_size} (R x S = W ranks)",
+        )
     if cfg.data.global_batch_size is not None:
         n = cfg.data.global_batch_size
         require(

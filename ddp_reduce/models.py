@@ -292,6 +292,64 @@ class UserLoss(Objective):
         return loss, None
 
 
+class TermsLoss(Objective):
+    """Your loss of several terms, each summed over its own units (loss._target_ with a
+    ``counts(target) -> {unit: count}`` method): called as ``loss(output, target) -> {unit:
+    (sum, count)}``, its ``weights`` ({unit: weight}, 1 where absent) set through its own
+    arguments. The first unit is the step's items (what ``global_mean`` divides by and the
+    logged loss is per); each term gets the factor of ``Reducer.term_scales`` for its unit.
+
+    A step's factors are set by :meth:`plan` and used by that step's micro-batches; outside a
+    step (evaluation) the loss is the first term alone."""
+
+    per_sample = False
+
+    def __init__(self, fn: Callable, target: str):
+        self.fn, self.target = fn, target
+        self._ratios: dict[str, float] | None = None  # each term's factor over the first's
+        self._calls_left = 0  # micro-batches of the planned step still to come
+
+    def units(self, batch: Batch) -> dict[str, int]:
+        return {unit: int(n) for unit, n in self.fn.counts(batch.y).items()}
+
+    def count(self, batch: Batch) -> int:
+        return next(iter(self.units(batch).values()))
+
+    def plan(self, reducer: Any, micro: list[Batch], **kw: Any) -> list[float]:
+        """One all-reduce of every unit's count of the step; the loss scale of each micro-batch
+        (the first term's factor: the others are carried as ratios to it)."""
+        units: dict[str, int] = {}
+        for batch in micro:
+            for unit, n in self.units(batch).items():
+                units[unit] = units.get(unit, 0) + n
+        factors = reducer.term_scales(**kw, **units)
+        first = next(iter(factors.values())) or 1.0  # 0 on a rank without items: unscaled
+        weights = getattr(self.fn, "weights", None) or {}
+        self._ratios = {u: float(weights.get(u, 1.0)) * f / first for u, f in factors.items()}
+        self._calls_left = len(micro)
+        return [first] * len(micro)
+
+    def __call__(
+        self, out: Any, batch: Batch, accuracy: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        terms = self.fn(out, batch.y)
+        want = self.units(batch)
+        if not isinstance(terms, dict) or list(terms) != list(want):
+            raise TypeError(
+                f"loss._target_={self.target} must return {{unit: (sum, count)}} for the units "
+                f"its counts() names, {list(want)}, in that order"
+            )
+        for unit, (_, n) in terms.items():
+            if int(n) != want[unit]:
+                raise ValueError(
+                    f"loss._target_={self.target} counted {int(n)} {unit} in a batch whose "
+                    f"counts() said {want[unit]}"
+                )
+        ratios = self._ratios if self._calls_left > 0 else {next(iter(want)): 1.0}
+        self._calls_left -= 1
+        return sum(r * terms[u][0] for u, r in ratios.items()), None
+
+
 def build_objective(cfg: RunConfig, data: Dataset | UserData) -> Objective:
     if cfg.loss.target is not None:
         from ddp_reduce.targets import build
@@ -304,6 +362,8 @@ def build_objective(cfg: RunConfig, data: Dataset | UserData) -> Objective:
                 f"a factory of a callable loss(output, target); it built a {type(fn).__name__} "
                 "(for a plain function add +loss._partial_=true)",
             )
+        if hasattr(fn, "counts"):  # several terms, each with its own units
+            return TermsLoss(fn, cfg.loss.target)
         return UserLoss(fn, cfg.loss.target, rows_are_items=data.task not in (None, Task.lm))
     return TaskObjective(data.task or Task.classification)
 

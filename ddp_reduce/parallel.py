@@ -1,5 +1,6 @@
 """The data-parallel strategy, one seam: DDP (every rank holds the whole model) or FSDP2
-(parameters, gradients and optimizer state sharded over the ranks, as torchtitan does).
+(parameters, gradients and optimizer state sharded over the ranks, as torchtitan does; HSDP:
+sharded over the ranks of a shard group, the groups replicated).
 
 Everything that differs between the two is here: how the model is wrapped, how the norm of the
 (possibly sharded) gradient is taken, and how the whole model's state is gathered or set. The
@@ -20,9 +21,16 @@ from ddp_reduce.distributed import DistContext
 from ddp_reduce.layer.strategy import is_fsdp
 
 
-def wrap(model: nn.Module, strategy: Strategy, ctx: DistContext, reduce_dtype=None) -> nn.Module:
+def wrap(
+    model: nn.Module,
+    strategy: Strategy,
+    ctx: DistContext,
+    reduce_dtype=None,
+    replicate: int | None = None,
+) -> nn.Module:
     """The module the steps run: ``DDP(model)``, or ``model`` itself sharded in place (each
-    child holding parameters its own FSDP unit, then the root, as torchtitan shards blocks).
+    child holding parameters its own FSDP unit, then the root, as torchtitan shards blocks);
+    under HSDP on a (replicate, shard) mesh of ``replicate`` x W/``replicate`` ranks.
 
     ``reduce_dtype``: the dtype FSDP's reduce-scatter runs in (its MixedPrecisionPolicy).
     """
@@ -34,11 +42,20 @@ def wrap(model: nn.Module, strategy: Strategy, ctx: DistContext, reduce_dtype=No
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy(reduce_dtype=reduce_dtype)
+    mesh = _hsdp_mesh(replicate, ctx) if strategy is Strategy.hsdp else None
     for child in model.children():
         if any(p.requires_grad for p in child.parameters()):
-            fully_shard(child, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
+            fully_shard(child, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
+
+
+def _hsdp_mesh(replicate: int, ctx: DistContext):
+    """HSDP's 2-D mesh: R replicas (the outer dimension) of shard groups of S = W/R ranks."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    shape = (replicate, ctx.world_size // replicate)  # R divides W (config.batch_geometry)
+    return init_device_mesh(ctx.device.type, shape, mesh_dim_names=("replicate", "shard"))
 
 
 def unwrapped(module: nn.Module) -> nn.Module:

@@ -36,7 +36,13 @@ from ddp_reduce.layer.noise import NoiseSource, noise_source
 from ddp_reduce.layer.reducer import TORCH_DTYPES, Reducer, StepReport, attach
 from ddp_reduce.layer.reduction import LossReduction, ReduceImpl
 from ddp_reduce.layer.strategy import total_norm
-from ddp_reduce.models import Objective, build_model, build_objective, check_model_for_data
+from ddp_reduce.models import (
+    Objective,
+    TermsLoss,
+    build_model,
+    build_objective,
+    check_model_for_data,
+)
 from ddp_reduce.optim import build_optimizer, build_schedule, effective_optim
 
 
@@ -171,7 +177,11 @@ class Trainer:
         self.model = prepared.model.to(ctx.device)
         # DDP(model), or model itself sharded in place (FSDP2): the one seam of the strategy
         self.wrapped = parallel.wrap(
-            self.model, cfg.dist.strategy, ctx, reduce_dtype=TORCH_DTYPES[rc.dtype]
+            self.model,
+            cfg.dist.strategy,
+            ctx,
+            reduce_dtype=TORCH_DTYPES[rc.dtype],
+            replicate=cfg.dist.replicate,
         )
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.noise_source, self.noise_unavailable = noise_source(
@@ -248,9 +258,12 @@ class Trainer:
         if micro_items is None:
             micro_items = [self.objective.count(batch) for batch in micro]
         amp = self.scaler.get_scale() if self.scaler is not None else 1.0
-        scales = self.reducer.loss_scales(
-            micro_items, counts=got.counts, micro_equal=got.micro_equal, log=log, amp=amp
-        )
+        if isinstance(self.objective, TermsLoss):  # several terms: a factor per unit
+            scales = self.objective.plan(self.reducer, micro, log=log, amp=amp)
+        else:
+            scales = self.reducer.loss_scales(
+                micro_items, counts=got.counts, micro_equal=got.micro_equal, log=log, amp=amp
+            )
         losses, corrects = [], []  # summed only where read: a logged or a diverged step
         for a, batch in enumerate(micro):
             with self.reducer.micro_batch(last=a == len(micro) - 1):

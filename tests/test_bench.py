@@ -148,3 +148,22 @@ def test_report_renders_the_targets_of_the_trainer_the_start_and_the_strategies(
     assert "| convert | 0.050 [0.040, 0.060] | <= 0.3 | yes |" in text
     assert "state fsdp/ddp 0.500 (1/W = 0.500)" in text
     assert "| bf16 | 1.900 | 1.020 [0.990, 1.040] |" in text
+
+
+def test_report_renders_hsdp_state_beside_ddp_and_fsdp():
+    interval = {"ratio": 1.5, "low": 1.4, "high": 1.6}
+    mib = {"parameters": 2**20, "gradients": 2**20, "optimizer": 2**21}
+    results = {
+        "fsdp": {
+            4: {
+                "bytes": {"ddp": mib, "fsdp": mib, "hsdp": mib},
+                "state_ratio": 0.25,
+                "hsdp_state_ratio": 0.5,
+                "step_ratio": interval,
+                "median_step_ms": {"ddp": 1.0, "fsdp": 2.0, "hsdp": 1.5},
+            }
+        }
+    }
+    text = report(results)
+    assert "| 4 | hsdp | 1.0 | 1.0 | 2.0 | 1.5 |" in text
+    assert "state hsdp/ddp 0.500 with R=2 replicas of S=2 shards (1/S = 0.500)" in text

@@ -7,7 +7,8 @@
     python -m ddp_reduce.bench sweep      # start-up cost per point of a 16-point multirun
     python -m ddp_reduce.bench memory     # peak RSS per rank, growth over a 2,000-step run
     python -m ddp_reduce.bench data       # in-memory batches vs a DataLoader
-    python -m ddp_reduce.bench fsdp       # sharded state and step time, FSDP vs DDP, W=2 and 4
+    python -m ddp_reduce.bench fsdp       # sharded state and step time, FSDP vs DDP, W=2 and 4;
+                                          # HSDP (R=2, S=2) at W=4
     python -m ddp_reduce.bench precision  # bf16/fp16 communication vs fp32
     python -m ddp_reduce.bench all [--quick] [--device cuda] [--json results.json]
 
@@ -347,14 +348,22 @@ def _fsdp_job(ctx: DistContext, cfgs: dict[str, dict], rounds: int) -> dict[str,
     return {"memory": memory, "wall": wall}
 
 
+HSDP_REPLICAS = 2  # at W=4: 2 replicas of shard groups of 2 ranks
+
+
 def bench_fsdp(quick: bool) -> dict[str, Any]:
-    """Per-rank state under DDP and FSDP at W=2 and 4 (an MLP of ~17M parameters, Adam), as
-    ratios, and the step-time ratio fsdp/ddp, interleaved."""
+    """Per-rank state under DDP and FSDP at W=2 and 4, and HSDP (R=2, S=2) at W=4 (an MLP of
+    ~17M parameters, Adam), as ratios, and the step-time ratio fsdp/ddp, interleaved."""
     out: dict[str, Any] = {}
     for world in (2, 4):
+        strategies = {"ddp": (), "fsdp": ()}
+        if world % HSDP_REPLICAS == 0 and world > HSDP_REPLICAS:
+            strategies["hsdp"] = (f"dist.replicate={HSDP_REPLICAS}",)
         cfgs = {
-            s: _cfg("cpu", *FSDP_MODEL, f"dist.strategy={s}", NO_NOISE, "train.steps=100000")
-            for s in ("ddp", "fsdp")
+            s: _cfg(
+                "cpu", *FSDP_MODEL, f"dist.strategy={s}", *extra, NO_NOISE, "train.steps=100000"
+            )
+            for s, extra in strategies.items()
         }
         pool = RankPool(DistConfig(threads_per_rank=1), world)
         try:
@@ -366,6 +375,7 @@ def bench_fsdp(quick: bool) -> dict[str, Any]:
         out[world] = {
             "bytes": mem,
             "state_ratio": total["fsdp"] / total["ddp"],
+            **({"hsdp_state_ratio": total["hsdp"] / total["ddp"]} if "hsdp" in total else {}),
             "step_ratio": paired_ratio(res["wall"]["fsdp"], res["wall"]["ddp"]),
             "median_step_ms": {s: 1e3 * statistics.median(v) for s, v in res["wall"].items()},
         }
@@ -623,7 +633,7 @@ def report(results: dict[str, Any]) -> str:
     if "fsdp" in results:
         rows = []
         for world, r in results["fsdp"].items():
-            for s in ("ddp", "fsdp"):
+            for s in r["bytes"]:
                 b = r["bytes"][s]
                 rows.append(
                     [
@@ -647,6 +657,12 @@ def report(results: dict[str, Any]) -> str:
                 f"- W={world}: state fsdp/ddp {r['state_ratio']:.3f} (1/W = {1 / int(world):.3f}); "
                 f"step time fsdp/ddp {sr['ratio']:.2f} [{sr['low']:.2f}, {sr['high']:.2f}]"
             )
+            if "hsdp_state_ratio" in r:
+                shards = int(world) // HSDP_REPLICAS
+                lines.append(
+                    f"- W={world}: state hsdp/ddp {r['hsdp_state_ratio']:.3f} with "
+                    f"R={HSDP_REPLICAS} replicas of S={shards} shards (1/S = {1 / shards:.3f})"
+                )
         lines.append("")
     if "precision" in results:
         pr = results["precision"]

@@ -19,6 +19,7 @@ the device until read (no synchronization on the hot path).
 
 # No `from __future__ import annotations`: DDP checks the hook's annotations at run time.
 import contextlib
+import dataclasses
 import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -29,7 +30,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from ddp_reduce.layer import reduction
+from ddp_reduce.layer import reduction, terms
+from ddp_reduce.layer.hsdp import HSDPReduction, hsdp_shape
 from ddp_reduce.layer.noise import NOISE_BETA, NoiseEstimate, NoiseScaleEstimator
 from ddp_reduce.layer.strategy import is_fsdp, total_norm
 
@@ -50,6 +52,8 @@ class Route(Enum):
     manual = "manual"  # every micro-batch under no_sync, then one all-reduce per gradient
     fsdp_comm = "fsdp_comm"  # FSDP2 with our reduce-scatter: SUM, the planned division
     fsdp_native = "fsdp_native"  # FSDP2's own reduce-scatter, its divide factor set to ours
+    hsdp_comm = "hsdp_comm"  # FSDP2 on a (replicate, shard) mesh: our reduce-scatter, FSDP's
+    # all-reduce, both SUM, one division split around them (ddp_reduce.layer.hsdp)
 
 
 def _enum(cls, value):
@@ -127,6 +131,8 @@ class StepReport:
     route: Route
     _step: _Step = field(repr=False)
     _reducer: "Reducer" = field(repr=False)
+    # a loss of several terms (Reducer.term_scales): each unit's factor, counts, c, exactness
+    terms: dict[str, reduction.TermPlan] | None = None
 
     @functools.cached_property
     def grad_norm(self) -> torch.Tensor:
@@ -201,10 +207,13 @@ class Reducer:
             noise and self.world_size >= 2 and impl is not reduction.ReduceImpl.builtin
         )
         self._fsdp_units = [m for m in model.modules() if is_fsdp(m)] if self.sharded else []
+        shape = hsdp_shape(model) if self.sharded else None
+        self._hsdp = HSDPReduction(shape, self.predivide) if shape is not None else None
         self.route: Route | None = None  # decided at the first step (see _choose_route)
         self._step: _Step | None = None
         self._report: StepReport | None = None
         self._counts_given: bool | None = None
+        self._terms: dict[str, reduction.TermPlan] | None = None
 
     # -- planning, before the forward -------------------------------------------------------
 
@@ -252,13 +261,15 @@ class Reducer:
             self.route = self._choose_route(given)
             if self.route is Route.hook:
                 self.model.register_comm_hook(self, _reduce_bucket)
-            elif self.route is Route.fsdp_comm:
+            elif self.route in (Route.fsdp_comm, Route.hsdp_comm):
                 comm = _FSDPReduceScatter(self)
                 for unit in self._fsdp_units:
                     unit.set_custom_reduce_scatter(comm)
                     # SUM only (gloo has no PREMUL_SUM); the division is ours alone
                     unit.set_force_sum_reduction_for_comms(True)
                     unit.set_gradient_divide_factor(1.0)
+                    if self._hsdp is not None:  # the rest of the division, after the all-reduce
+                        unit.set_all_reduce_hook(functools.partial(_after_all_reduce, self))
         elif given != self._counts_given:
             raise ValueError(
                 "pass counts= (or global_items=) on every step or on none: the reduction "
@@ -303,17 +314,46 @@ class Reducer:
             audit=log and self._low_precision(),
             amp=amp,
         )
-        self._report = None
+        self._report, self._terms = None, None
         if self.route is Route.fsdp_native:
             for unit in self._fsdp_units:
                 unit.set_gradient_divide_factor(plan.divisor)
-        fold = 1.0
-        if self.route is Route.ddp_builtin and plan.divisor not in (None, float(self.world_size)):
-            fold = self.world_size / plan.divisor  # DDP divides by W; the rest is folded here
+        fold = self._fold(plan)
         return tuple(scale * fold for scale in plan.loss_scales)
+
+    def _fold(self, plan: reduction.StepPlan) -> float:
+        """The part of the step's division that the loss scale carries (the route's)."""
+        if self._hsdp is not None:
+            return self._hsdp.plan(plan.divisor)  # S = 1: the division before the all-reduce
+        if self.route is Route.ddp_builtin and plan.divisor not in (None, float(self.world_size)):
+            return self.world_size / plan.divisor  # DDP divides by W; the rest is folded here
+        return 1.0
+
+    def term_scales(self, *, log: bool = False, amp: float = 1.0, **units: int) -> dict[str, float]:
+        """The factor of each term of a loss of several terms, each summed over its own units:
+        ``term_scales(tokens=n_tok, sequences=n_seq)`` with this rank's counts over the whole
+        step (all micro-batches), before the step's first forward. The first unit named is the
+        step's items (``global_mean`` divides the gradient by its count; every other term's
+        factor makes up the difference). One all-reduce carries every unit's count. Multiply
+        each term's sum by its factor and its weight; ``last_step.terms`` gives each c.
+        """
+        if not units:
+            raise ValueError("term_scales() needs a count per unit, e.g. term_scales(tokens=n)")
+        global_units, equal = terms.all_reduce_units(units, self.process_group, self.device)
+        first = next(iter(units))
+        self.loss_scales([units[first]], global_items=global_units[first], log=log, amp=amp)
+        self._step.plan = self._step.plan.with_counts(global_units[first], equal[first])
+        plans = reduction.plan_terms(
+            self.loss, self.op, self.world_size, dict(units), global_units, equal
+        )
+        fold = self._fold(self._step.plan)  # the route's share of the division, as for one loss
+        self._terms = {u: dataclasses.replace(p, factor=p.factor * fold) for u, p in plans.items()}
+        return {unit: plan.factor for unit, plan in self._terms.items()}
 
     def _choose_route(self, counts_given: bool) -> Route:
         divisor_known = self.op is not reduction.ReduceOp.global_mean or counts_given
+        if self._hsdp is not None:
+            return Route.hsdp_comm
         if self.sharded and self.world_size == 1:
             return Route.fsdp_native  # one rank: FSDP runs no reduce-scatter, only its division
         if self.sharded:
@@ -385,6 +425,7 @@ class Reducer:
                 route=self.route,
                 _step=step,
                 _reducer=self,
+                terms=self._terms,
             )
         return self._report
 
@@ -454,7 +495,7 @@ def attach(
     if not isinstance(model, DDP) and not is_fsdp(model):
         raise TypeError(
             "attach() takes a torch.nn.parallel.DistributedDataParallel model or an FSDP2 "
-            f"(fully_shard) one, got {type(model).__name__}"
+            f"(fully_shard, 1-D or HSDP's 2-D mesh) one, got {type(model).__name__}"
         )
     return Reducer(
         model,
@@ -557,22 +598,34 @@ class _FSDPReduceScatter:
         step = self.reducer._step
         step.read_local(input_tensor, input_tensor.dtype in LOW_PRECISION)
         before, after = reduction.division_split(_divisor_value(step), self.reducer.predivide)
-        reference = None
+        reference, hsdp = None, self.reducer._hsdp
         if step.audit:
             reference = input_tensor.double() / before
-            ref_out = torch.empty(
-                output_tensor.shape, dtype=torch.float64, device=output_tensor.device
-            )
-            _reduce_scatter(ref_out, reference, group=group)
+            if hsdp is not None:  # summed over the replicas too
+                ref_out = hsdp.reference_shard(reference, group, self.reducer.process_group)
+            else:
+                ref_out = torch.empty(
+                    output_tensor.shape, dtype=torch.float64, device=output_tensor.device
+                )
+                _reduce_scatter(ref_out, reference, group=group)
         if isinstance(before, torch.Tensor) or before != 1:
             input_tensor.div_(before)
         _reduce_scatter(output_tensor, input_tensor, op=dist.ReduceOp.SUM, group=group)
+        if hsdp is not None:  # the rest after FSDP's all-reduce over the replicas
+            hsdp.pending_ref = ref_out if reference is not None else None
+            return None
         if isinstance(after, torch.Tensor) or after != 1:
             output_tensor.div_(after)
         if reference is not None:
             ref_out.div_(after)
             step.add_audit(output_tensor, ref_out)  # a shard's: summed over ranks when read
         return None
+
+
+def _after_all_reduce(reducer: Reducer, reduced: torch.Tensor) -> None:
+    """FSDP's all-reduce hook under HSDP: the division left for after the all-reduce."""
+    step = reducer._step
+    reducer._hsdp.finish(reduced, _divisor_value(step), step)
 
 
 def _reduce_manually(reducer: Reducer) -> None:

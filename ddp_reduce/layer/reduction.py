@@ -338,3 +338,58 @@ def scale_rule(loss: LossReduction, op: ReduceOp) -> str:
     """c in words, for summaries and reports."""
     ratio = scale_symbol(loss, op)
     return _SYMBOL_MEANING.get(ratio, ratio)
+
+
+# -- loss terms with their own units ---------------------------------------------------------
+#
+# A loss of several terms (a token cross-entropy, a per-sequence load-balancing loss, a
+# per-micro-batch z-loss, ...) has one unit per term, so one count per term: the reduction
+# divides the whole gradient by one divisor d (that of the step's first unit, its "items"),
+# and each term's factor makes up the difference. Term u, with n_u units on this rank and N_u
+# on all ranks, is summed over its units and multiplied by
+#
+#     factor_u = loss_scale_u · d / d_u
+#
+# where loss_scale_u and d_u are what the step's (loss, op) would give that term alone. Then
+# the term's c is what that (loss, op) gives a one-term loss: with loss=sum, op=global_mean
+# every term receives c = 1, the optimizer gets the gradient of Σ_u w_u · (the mean of term u
+# over the global batch's units), and a weight w_u means the same at any W, A and b.
+
+
+@dataclass(frozen=True)
+class TermPlan:
+    """One loss term's share of the step: the factor on this rank's summed term, and its c."""
+
+    local_units: int
+    global_units: int
+    factor: float  # multiply this rank's summed term by it (and by its weight)
+    c: float  # the optimizer receives c times the gradient of the term's global mean
+    exact: bool  # a sum loss, or every rank held the same count of this unit
+
+
+def plan_terms(
+    loss: LossReduction,
+    op: ReduceOp,
+    world_size: int,
+    local_units: dict[str, int],
+    global_units: dict[str, int],
+    equal: dict[str, bool],
+) -> dict[str, TermPlan]:
+    """Each term's factor and c (the rule above); the first unit's divisor is the step's."""
+    if loss is LossReduction.micro_mean:
+        raise ValueError(
+            "loss=micro_mean has no factor per term: use loss=sum (or mean) with terms"
+        )
+    plans = {
+        u: StepPlan(loss, op, world_size, local_units[u], global_units[u], equal[u])
+        for u in local_units
+    }
+    d = next(iter(plans.values())).divisor
+    out = {}
+    for u, plan in plans.items():
+        if not plan.global_items:
+            out[u] = TermPlan(plan.local_items, 0, 0.0, 0.0, True)  # no unit of u anywhere
+            continue
+        factor = plan.loss_scale * d / plan.divisor
+        out[u] = TermPlan(plan.local_items, plan.global_items, factor, plan.c, plan.exact)
+    return out
