@@ -4,9 +4,9 @@ FSDP2 reduces an HSDP gradient in two collectives: a reduce-scatter over the S r
 group, then an all-reduce of each shard over the R replicas. Its own division is by R·S, split
 between them; a second division left on top of the layer's (torchtitan divided by the
 data-parallel size twice, torchtitan#2318) or a shard group of one skipping it
-(pytorch#167178) gives gradients off by a constant factor. Here both collectives SUM (FSDP's own division is set to 1)
-and the layer's divisor d (``reduction.DIVISORS``, over all W ranks) is split as the
-``predivide`` setting says, d = before·after:
+(pytorch#167178) gives gradients off by a constant factor. Here both collectives SUM (FSDP's
+own division is set to 1) and the layer's divisor d (``reduction.DIVISORS``, over all W
+ranks) is split as the ``predivide`` setting says, d = before·after:
 
 * ``before``: in the layer's reduce-scatter (S >= 2). With S = 1 FSDP runs no reduce-scatter, so
   ``before`` is folded into the loss scale instead (gradients are linear in the loss): the
