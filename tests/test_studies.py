@@ -132,44 +132,63 @@ def _lr_batch_groups(out):
 def test_lr_batch_refined_optima_agree_in_c1_units(studies):
     out, report = studies("lr_batch")
     spec, groups = _lr_batch_groups(out)
-    assert len(groups) == len(spec.modes) * len(spec.global_batch)
+    assert len(spec.seeds) >= 3
+    assert len(groups) == len(spec.seeds) * len(spec.modes) * len(spec.global_batch)
     grid_step = 10 ** (1 / spec.lr.per_decade)
     for g in groups.values():
-        assert g.search is not None and g.optimum is not None, (g.mode, g.n)
+        assert g.search is not None and g.optimum is not None, (g.seed, g.mode, g.n)
         lo, hi = g.search.bracket
         assert lo <= g.search.best <= hi
-        # refined well below the grid's spacing (a bracket of two grid steps to start with)
+        # refined below the grid's spacing (a bracket of two grid steps to start with)
         assert hi / lo < grid_step / 2, (g.mode, g.n, lo, hi)
+        assert g.optimum["summary"]["steps_to_target"] is not None
         for r in g.runs.values():  # every run took lr x c / c, and its c is the run's own
             assert r["labels"]["c"] == r["summary"]["grad_scale"]
             assert r["labels"]["lr"] * r["summary"]["grad_scale"] == pytest.approx(
                 r["labels"]["lr_c1"], rel=1e-12
             )
     spreads = {}
-    for n in spec.global_batch:
-        opts = [groups[(m, n)].search.best for m in spec.modes]
-        spreads[n] = max(opts) / min(opts) - 1
+    for seed in spec.seeds:
+        for n in spec.global_batch:
+            opts = [groups[(seed, m, n)].search.best for m in spec.modes]
+            spreads[(seed, n)] = max(opts) / min(opts) - 1
     tol = spec.agree_within
     if all(s <= tol for s in spreads.values()):
-        assert f"agree within {100 * tol:g}% at every N" in report
+        assert f"agree within {100 * tol:g}% at every (seed, N)" in report
     else:
         assert "do not agree" in report
     # the theory: the same steps in other units, so the same optimum
     assert all(s <= tol for s in spreads.values()), spreads
 
 
-def test_lr_batch_reports_the_knee_next_to_b_simple(studies):
+def test_lr_batch_reports_intervals_the_knee_and_b_simple(studies):
+    from ddp_reduce.analysis.studies import lr_batch_report as rep
+    from ddp_reduce.analysis.studies.lr_batch import optima
+
     out, report = studies("lr_batch")
+    spec, groups = _lr_batch_groups(out)
+    opt = optima(spec, groups)
+    for m in spec.modes:
+        for n in spec.global_batch:
+            i = opt.interval(m, n)
+            assert i is not None and i.n == len(spec.seeds)
+            assert i.text() in report  # c = 1 units
+            c = opt.c[(m, n)]
+            assert f"{i.median / c:.3g} [{i.low / c:.3g}, {i.high / c:.3g}]" in report  # raw
+    pooled = rep.pooled_intervals(opt)
+    ns = sorted(pooled)
+    falls = any(pooled[b].high < pooled[a].low for a, b in zip(ns, ns[1:], strict=False))
+    assert ("**not monotonic**" in report) == falls
     assert "lr_opt(N) = lr_max/(1 + B/N)" in report
-    assert "standard error from the fit's curvature" in report
-    assert "Measured B_simple at the optimum runs" in report
-    assert "Fitted B / median B_simple" in report
-    # at N=1 every convention has c = 1: identical runs
-    n1 = {}
+    assert "B_simple at the optimum runs" in report
+    # c is a power of two here: at equal lr x c the conventions' runs are the same runs
+    same = {}
     for r in _csv(out):
-        if r["global_batch"] == "1":
-            n1.setdefault(r["lr"], set()).add(r["final_train_loss"])
-    assert n1 and all(len(v) == 1 for v in n1.values())
+        same.setdefault((r["seed"], r["global_batch"], r["lr_c1"]), set()).add(
+            r["final_train_loss"]
+        )
+    assert same and all(len(v) == 1 for v in same.values())
+    assert "the same runs" in report
 
 
 def test_noise_scale_best_lr_is_inside_the_lrs_tried_or_flagged(studies):
@@ -178,18 +197,39 @@ def test_noise_scale_best_lr_is_inside_the_lrs_tried_or_flagged(studies):
     out, report = studies("noise_scale")
     spec = load_spec("noise_scale", quick=True)
     found = searches(spec, read_records(out))
-    assert sorted(found) == sorted(spec.global_batch)
-    for n, search in found.items():
+    assert len(spec.seeds) >= 3
+    assert sorted(found) == sorted((s, n) for s in spec.seeds for n in spec.global_batch)
+    for (seed, n), search in found.items():
         tried = sorted(search.scores)
         grid_edge = search.best in (min(spec.lr), max(spec.lr))
         if search.edge:
-            assert re.search(rf"\| {n} \|[^\n]*on the {search.edge} edge", report)
+            assert re.search(rf"\| {seed} \| {n} \|[^\n]*on the {search.edge} edge", report)
         else:
             assert tried[0] < search.best < tried[-1]
         if grid_edge:  # an edge of the grid given: extended, or flagged
             assert search.extended or search.edge
-    assert "steps to target" in report
-    assert "B_simple over the second half of the trace run" in report
+
+
+def test_noise_scale_reports_three_critical_batches_with_intervals(studies):
+    from ddp_reduce.analysis.report import _runs_of
+    from ddp_reduce.analysis.studies.noise_scale import estimates, per_seed, searches
+
+    out, report = studies("noise_scale")
+    spec = load_spec("noise_scale", quick=True)
+    runs = _runs_of(out)
+    est = estimates(per_seed(spec, runs, searches(spec, runs)))
+    for key in ("tradeoff", "knee", "b_simple", "b_noise"):
+        i = est[key]
+        assert i is not None and i.n == len(spec.seeds), key
+        assert i.low <= i.median <= i.high
+        assert i.text() in report, key
+    # every comparison sentence follows from the intervals it names
+    for b in ("b_simple", "b_noise"):
+        for ref in ("tradeoff", "knee"):
+            apart = not est[b].overlaps(est[ref])
+            assert (f"ratio of medians {est[b].median / est[ref].median:.2g}") in report
+            assert report.count("does not predict") >= int(apart)
+    assert "B_noise = tr(HΣ)/(GᵀHG)" in report
 
 
 def test_report_regenerates_from_the_directory(studies):

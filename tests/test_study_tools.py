@@ -85,10 +85,10 @@ def test_knee_fit_recovers_the_curve_and_its_uncertainty():
 
 
 def test_critical_batch_fit():
-    from ddp_reduce.analysis.studies.noise_scale import fit_critical_batch
+    from ddp_reduce.analysis.critical_batch import fit_tradeoff
 
-    s_min, b_crit = fit_critical_batch([(n, 20 * (1 + 100 / n)) for n in (8, 32, 128, 512)])
-    assert s_min == pytest.approx(20) and b_crit == pytest.approx(100)
+    fit = fit_tradeoff([(n, 20 * (1 + 100 / n)) for n in (8, 32, 128, 512)])
+    assert fit.s_min == pytest.approx(20, rel=1e-5) and fit.b_crit == pytest.approx(100, rel=1e-5)
 
 
 def test_progress_prints_one_line_per_run_with_an_eta():

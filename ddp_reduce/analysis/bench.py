@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from ddp_reduce.analysis.intervals import median_interval
 from ddp_reduce.analysis.tables import table
 from ddp_reduce.config import Device, DistConfig, load_config
 from ddp_reduce.distributed import DistContext, available_cores
@@ -161,9 +162,8 @@ def paired_ratio(samples: list[float], base: list[float], seed: int = 0) -> dict
 
 def _interval(samples: list[float], seed: int = 0) -> dict[str, float]:
     """Median with a 95% bootstrap interval."""
-    rng = random.Random(seed)
-    boot = sorted(statistics.median(rng.choices(samples, k=len(samples))) for _ in range(1000))
-    return {"ratio": statistics.median(samples), "low": boot[25], "high": boot[974]}
+    i = median_interval(samples, seed)
+    return {"ratio": i.median, "low": i.low, "high": i.high}
 
 
 def verdict(interval: dict[str, float], target: float) -> str:

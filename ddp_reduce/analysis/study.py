@@ -1,7 +1,7 @@
 """``ddp-reduce study NAME``: run a study's sweep, then write its report.
 
     ddp-reduce study equivalence             the default variant (minutes)
-    ddp-reduce study lr_batch --quick        the quick variant (under 2 minutes here)
+    ddp-reduce study lr_batch --quick        the quick variant (minutes)
     ddp-reduce study stability --out DIR dist.device=cuda   extra overrides for every run
 
 A study is ``conf/study/<name>.yaml`` (its sweep: the runs, their overrides, the quick variant's

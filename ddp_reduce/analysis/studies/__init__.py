@@ -139,16 +139,13 @@ def minimize_log(
 
 def grad_scale_of(overrides: list[str]) -> float:
     """c of the run these overrides compose (equal counts: the nominal factor of its summary)."""
-    from ddp_reduce.config import load_config
+    from ddp_reduce.config import batch_geometry, load_config
+    from ddp_reduce.data import load_data
     from ddp_reduce.layer.reduction import nominal_scale
     from ddp_reduce.run.compose import compose_config
 
     cfg = load_config(compose_config(list(overrides))[0])
-    world = cfg.dist.nproc
-    accum = cfg.train.accum_steps
-    local = (
-        cfg.data.global_batch_size // (world * accum)
-        if cfg.data.global_batch_size
-        else cfg.data.batch_size
+    geom = batch_geometry(cfg, cfg.dist.nproc, len(load_data(cfg.data).train))
+    return nominal_scale(
+        cfg.reduce.loss, cfg.reduce.op, geom.world_size, geom.local_batch_size, geom.accum_steps
     )
-    return nominal_scale(cfg.reduce.loss, cfg.reduce.op, world, local, accum)

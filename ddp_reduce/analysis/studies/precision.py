@@ -269,22 +269,9 @@ def recommendations(rows) -> dict[str, str]:
     return out
 
 
-def analyze(
-    study_dir: Path, spec: dict[str, Any], runs: list[dict[str, Any]], common: list[str] = ()
-) -> str:
-
-    data = json.loads((Path(study_dir) / ARITHMETIC).read_text())
-    rows, agreement = data["rows"], data["agreement"]
-    text = [
-        f"Each rank holds the summed or mean gradient of {spec['items_per_rank']} digits items "
-        f"(the MLP at its initial weights, {data['parameters']} parameters) times a scale; the "
-        "reduction is the layer's: cast to the comm dtype, divide by `before`, sum over ranks "
-        "in that dtype, divide by `after`. Error: |reduced - float64| / |float64|. Real gloo "
-        f"groups for W in {list(spec['real_world_sizes'])}; every W in the same arithmetic in "
-        "gloo's ring order.",
-        "",
-    ]
-    # the simulation against the real groups
+def _agreement_lines(rows: list[dict], agreement: list[dict]) -> list[str]:
+    """The ring simulation against the real groups."""
+    text: list[str] = []
     if agreement:
         worst = min(a["bitwise"] for a in agreement)
         differ = sum(rows[a["row"]]["overflow"] != a["real"]["overflow"] for a in agreement)
@@ -295,20 +282,12 @@ def analyze(
             f"element); the overflow verdicts agree in {verdicts}."
         )
         text.append("")
-    # overflow
-    edges = overflow_edges(rows)
-    text += [
-        "**Where an fp16 reduction overflows** (fp16's largest number is 65504): the smallest W "
-        "that overflowed at each gradient scale ('-': none up to the largest W tried).",
-        "",
-        table(
-            ["loss/op", "predivide", "scale", "max |local gradient|", "first W that overflows"],
-            edges,
-            digits=3,
-        ),
-        "",
-    ]
-    # underflow under full pre-division
+    return text
+
+
+def _underflow_lines(rows: list[dict]) -> list[str]:
+    """Where full pre-division underflows in fp16."""
+    text: list[str] = []
     fl = sorted(
         (
             r
@@ -336,7 +315,12 @@ def analyze(
             f"{_fmt(plain)}."
         )
         text.append("")
-    # what sqrt buys
+    return text
+
+
+def _sqrt_lines(rows: list[dict]) -> list[str]:
+    """What splitting the division buys."""
+    text: list[str] = []
     sqrt_rows = []
     for scale in sorted({r["scale"] for r in rows}):
         line = [scale]
@@ -354,7 +338,12 @@ def analyze(
         table(["scale", "none", "sqrt", "full"], sqrt_rows),
         "",
     ]
-    # bf16 vs fp32 error growth
+    return text
+
+
+def _growth_lines(rows: list[dict]) -> list[str]:
+    """The error's growth with W per dtype, and the recommendations."""
+    text: list[str] = []
     growth = []
     for dtype in ("fp32", "bf16", "fp16"):
         pts = [
@@ -383,7 +372,12 @@ def analyze(
     for dtype, verdict in recommendations(rows).items():
         text.append(f"- {dtype}: {verdict}.")
     text.append("")
-    # training
+    return text
+
+
+def _training_lines(spec: dict[str, Any], runs: list[dict[str, Any]]) -> list[str]:
+    """Training in low precision against fp32."""
+    text: list[str] = []
     by_work: dict[str, dict[tuple[str, str], dict]] = {}
     for r in runs:
         lab = r["labels"]
@@ -430,6 +424,42 @@ def analyze(
         "",
         "![fp16 overflow and underflow](precision_fp16.png)",
     ]
+    return text
+
+
+def analyze(
+    study_dir: Path, spec: dict[str, Any], runs: list[dict[str, Any]], common: list[str] = ()
+) -> str:
+
+    data = json.loads((Path(study_dir) / ARITHMETIC).read_text())
+    rows, agreement = data["rows"], data["agreement"]
+    text = [
+        f"Each rank holds the summed or mean gradient of {spec['items_per_rank']} digits items "
+        f"(the MLP at its initial weights, {data['parameters']} parameters) times a scale; the "
+        "reduction is the layer's: cast to the comm dtype, divide by `before`, sum over ranks "
+        "in that dtype, divide by `after`. Error: |reduced - float64| / |float64|. Real gloo "
+        f"groups for W in {list(spec['real_world_sizes'])}; every W in the same arithmetic in "
+        "gloo's ring order.",
+        "",
+    ]
+    text += _agreement_lines(rows, agreement)
+    # overflow
+    edges = overflow_edges(rows)
+    text += [
+        "**Where an fp16 reduction overflows** (fp16's largest number is 65504): the smallest W "
+        "that overflowed at each gradient scale ('-': none up to the largest W tried).",
+        "",
+        table(
+            ["loss/op", "predivide", "scale", "max |local gradient|", "first W that overflows"],
+            edges,
+            digits=3,
+        ),
+        "",
+    ]
+    text += _underflow_lines(rows)
+    text += _sqrt_lines(rows)
+    text += _growth_lines(rows)
+    text += _training_lines(spec, runs)
     _plots(Path(study_dir), rows)
     return "\n".join(text)
 

@@ -72,6 +72,26 @@ def gradient_bias(spec: dict[str, Any], common: list[str] = ()) -> list[list[Any
     return rows
 
 
+def _verdict(diffs: dict[str, float | None], tol: float) -> list[str]:
+    """Which runs match the reference, which differ, which have no weights."""
+    exact = [k for k, v in diffs.items() if k != "reference" and v is not None and v <= tol]
+    biased = [k for k, v in diffs.items() if v is not None and v > tol]
+    missing = [k for k, v in diffs.items() if v is None]
+    verdict = []
+    if exact:
+        verdict.append(
+            f"match the per-token reference to float rounding (r <= {tol:g}): "
+            + ", ".join(f"`{k}` (r = {diffs[k]:.2g})" for k in exact)
+        )
+    if biased:
+        verdict.append(
+            "differ from it: " + ", ".join(f"`{k}` (r = {diffs[k]:.2g})" for k in biased)
+        )
+    if missing:
+        verdict.append("no weights to compare: " + ", ".join(f"`{k}`" for k in missing))
+    return verdict
+
+
 def analyze(
     study_dir: Path, spec: dict[str, Any], runs: list[dict[str, Any]], common: list[str] = ()
 ) -> str:
@@ -105,22 +125,7 @@ def analyze(
         )
     bias = gradient_bias(OmegaConf.to_container(OmegaConf.create(spec)), list(common))
     _plot(study_dir, by_role, diffs, bias, spec["exact_below"])
-    tol = spec["exact_below"]
-    exact = [k for k, v in diffs.items() if k != "reference" and v is not None and v <= tol]
-    biased = [k for k, v in diffs.items() if v is not None and v > tol]
-    missing = [k for k, v in diffs.items() if v is None]
-    verdict = []
-    if exact:
-        verdict.append(
-            f"match the per-token reference to float rounding (r <= {tol:g}): "
-            + ", ".join(f"`{k}` (r = {diffs[k]:.2g})" for k in exact)
-        )
-    if biased:
-        verdict.append(
-            "differ from it: " + ", ".join(f"`{k}` (r = {diffs[k]:.2g})" for k in biased)
-        )
-    if missing:
-        verdict.append("no weights to compare: " + ", ".join(f"`{k}`" for k in missing))
+    verdict = _verdict(diffs, spec["exact_below"])
     return "\n".join(
         [
             f"Variable-length sequences (`{' '.join(spec['common'])}`), {spec['steps']} steps. "

@@ -140,10 +140,7 @@ def _bound(mode: str, c: float, nesterov: bool) -> str:
     return f"2(1+mu)/({c_part}lambda)" if c_part else "2(1+mu)/lambda"
 
 
-def analyze(
-    study_dir: Path, spec: dict[str, Any], runs: list[dict[str, Any]], common: list[str] = ()
-) -> str:
-    rows_data = thresholds(runs)
+def _table_rows(rows_data: list[dict[str, Any]]) -> list[list]:
     rows = []
     for t in rows_data:
         variant = _variant_name(t["momentum"], t["nesterov"])
@@ -168,19 +165,12 @@ def analyze(
                 _bound(t["mode"], t["c"], t["nesterov"]),
             ]
         )
-    _plot(study_dir, spec, rows_data)
+    return rows
+
+
+def _summary(spec: dict[str, Any], rows_data: list[dict[str, Any]]) -> list[str]:
     done = [t for t in rows_data if t["measured"] is not None]
     failed = [t for t in rows_data if t["measured"] is None]
-    lam = rows_data[0]["lambda_max"] if rows_data else float("nan")
-    n_items = runs[0]["summary"].get("global_batch_size") if runs else None
-    head = (
-        f"Full batch (N = {n_items}), lambda_max(H) = {lam:.6g}. Each row bisects lr over "
-        f"[pred/4, 4 pred] ({spec['bisection_steps']} steps, {spec['steps']} GD steps per run); "
-        "a run blew up if its loss became NaN/inf or it ended above its initial loss (the "
-        "column in the table of all runs). The measured threshold is the geometric middle of the "
-        "last bracket [largest stable lr, smallest unstable lr]. Heavy ball and plain GD: "
-        "2(1+mu)/(c lambda); Nesterov: 2(1+mu)/(c lambda (1+2mu)).\n"
-    )
     summary = []
     if done:
         worst = max(done, key=lambda t: abs(t["measured"] / t["predicted"] - 1))
@@ -202,6 +192,26 @@ def analyze(
             )
             + "."
         )
+    return summary
+
+
+def analyze(
+    study_dir: Path, spec: dict[str, Any], runs: list[dict[str, Any]], common: list[str] = ()
+) -> str:
+    rows_data = thresholds(runs)
+    rows = _table_rows(rows_data)
+    _plot(study_dir, spec, rows_data)
+    lam = rows_data[0]["lambda_max"] if rows_data else float("nan")
+    n_items = runs[0]["summary"].get("global_batch_size") if runs else None
+    head = (
+        f"Full batch (N = {n_items}), lambda_max(H) = {lam:.6g}. Each row bisects lr over "
+        f"[pred/4, 4 pred] ({spec['bisection_steps']} steps, {spec['steps']} GD steps per run); "
+        "a run blew up if its loss became NaN/inf or it ended above its initial loss (the "
+        "column in the table of all runs). The measured threshold is the geometric middle of the "
+        "last bracket [largest stable lr, smallest unstable lr]. Heavy ball and plain GD: "
+        "2(1+mu)/(c lambda); Nesterov: 2(1+mu)/(c lambda (1+2mu)).\n"
+    )
+    summary = _summary(spec, rows_data)
     return (
         head
         + "\n"
