@@ -162,35 +162,35 @@ class Trainer:
             cfg.data.loader is Loader.auto and isinstance(self.data, Dataset)
         )
         device = ctx.device if self.in_memory else torch.device("cpu")
-        self.train_split = _on(self.data.train, device)
-        self.test_split = _on(self.data.test, device)
+        self.train_split = _to_device(self.data.train, device)
+        self.test_split = _to_device(self.data.test, device)
         self.sampler = GlobalBatchSampler(
             len(self.train_split), self.geom.global_batch_size, cfg.seed, cfg.data.last_batch
         )
-        rc = cfg.reduce
+        reduce_cfg = cfg.reduce
         self.model = prepared.model.to(ctx.device)
         # DDP(model), or model itself sharded in place (FSDP2): the one seam of the strategy
         self.wrapped = parallel.wrap(
-            self.model, cfg.dist.strategy, ctx, reduce_dtype=TORCH_DTYPES[rc.dtype]
+            self.model, cfg.dist.strategy, ctx, reduce_dtype=TORCH_DTYPES[reduce_cfg.dtype]
         )
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.noise_source, self.noise_unavailable = noise_source(
             cfg.noise.enabled,
             ctx.world_size,
             cfg.train.accum_steps,
-            rc.impl is not ReduceImpl.builtin,
+            reduce_cfg.impl is not ReduceImpl.builtin,
         )
         # Items are drawn without replacement; where an item is a token, whole sequences are:
         # no finite-population correction then.
         population = len(self.train_split) if self.objective.per_sample else None
         self.reducer: Reducer = attach(
             self.wrapped,
-            rc.loss,
-            rc.op,
+            reduce_cfg.loss,
+            reduce_cfg.op,
             noise=self.noise_source is not None,
-            dtype=rc.dtype,
-            predivide=rc.predivide,
-            impl=rc.impl,
+            dtype=reduce_cfg.dtype,
+            predivide=reduce_cfg.predivide,
+            impl=reduce_cfg.impl,
             noise_beta=cfg.noise.beta,
             noise_population=population,
         )
@@ -210,14 +210,14 @@ class Trainer:
     def batches(self) -> MemoryBatches | LoaderBatches:
         """Where the steps' micro-batches come from (made at the first step, after a resume)."""
         if self._batches is None:
-            ctx, a = self.ctx, self.geom.accum_steps
+            ctx, accum = self.ctx, self.geom.accum_steps
             if self.in_memory:
                 self._batches = MemoryBatches(
                     self.train_split,
                     self.sampler,
                     ctx.rank,
                     ctx.world_size,
-                    a,
+                    accum,
                     counts_known=self.objective.counts_split_items,
                 )
             else:
@@ -226,7 +226,7 @@ class Trainer:
                     self.sampler,
                     ctx.rank,
                     ctx.world_size,
-                    a,
+                    accum,
                     ctx.device,
                     self.cfg.data.num_workers,
                     start=self.step,
@@ -430,7 +430,7 @@ class Trainer:
         del self.wrapped
 
 
-def _on(split: Any, device: torch.device) -> Any:
+def _to_device(split: Any, device: torch.device) -> Any:
     """A built-in split on ``device``; your own data stay where they are."""
     return split.to(device) if isinstance(split, Split) else split
 

@@ -41,7 +41,15 @@ TORCH_DTYPES = {
 
 
 class Route(Enum):
-    """How the reduction is carried out (the summary names it; c is the same on every route)."""
+    """How the reduction is carried out (the summary names it; c is the same on every route).
+
+    Not :class:`~ddp_reduce.layer.reduction.ReduceImpl`: that is what the user asks for
+    (``reduce.impl``: the layer, the manual reference, or DDP's built-in baseline), this is what
+    runs, decided at the first step from the request, the strategy (DDP or FSDP2), the device,
+    the comm dtype, the noise estimate and whether the counts are known: ``impl=hook`` runs as
+    ``ddp_builtin`` where DDP's own arithmetic is already ours, as ``fsdp_comm`` or
+    ``fsdp_native`` under FSDP2.
+    """
 
     ddp_builtin = "ddp_builtin"  # no hook: DDP's own C++ mean; any other divisor is folded into
     # the loss scale (gradients are linear in the loss), so the optimizer gets the same c·G
@@ -68,8 +76,9 @@ def _sq(t: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class _Step:
-    """The step being reduced: planned before the forward, filled in by the hook."""
+class _InFlight:
+    """The reduction in flight: planned before the forward, filled in by the hook, read into
+    the :class:`StepReport` once the backward is done."""
 
     plan: reduction.StepPlan
     divisor: Any  # float, or a 0-dim tensor (an all-reduced count still in flight)
@@ -124,7 +133,7 @@ class StepReport:
     global_items: int
     world_size: int
     route: Route
-    _step: _Step = field(repr=False)
+    _step: _InFlight = field(repr=False)
     _reducer: "Reducer" = field(repr=False)
 
     @functools.cached_property
@@ -204,7 +213,7 @@ class Reducer:
         )
         self._fsdp_units = [m for m in model.modules() if is_fsdp(m)] if self.sharded else []
         self.route: Route | None = None  # decided at the first step (see _choose_route)
-        self._step: _Step | None = None
+        self._step: _InFlight | None = None
         self._report: StepReport | None = None
         self._counts_given: bool | None = None
 
@@ -296,7 +305,7 @@ class Reducer:
         d = plan.divisor
         if d is None:  # global_mean with the count still in flight: divide by the tensor
             d = _LazyCount(self)
-        self._step = _Step(
+        self._step = _InFlight(
             plan=plan,
             divisor=d,
             count=count,
@@ -472,7 +481,7 @@ def attach(
 # -- the arithmetic, carried out ------------------------------------------------------------
 
 
-def _divisor_value(step: _Step):
+def _divisor_value(step: _InFlight):
     d = step.divisor
     return d.tensor() if isinstance(d, _LazyCount) else d
 

@@ -132,11 +132,11 @@ def _open_run_dir(cfg: RunConfig, run_dir: Path) -> None:
 def _logger(trainer: Trainer, run_dir: Path, ctx: DistContext) -> MetricsLogger | NullLogger:
     if not ctx.is_main:
         return NullLogger()
-    rc = trainer.cfg.reduce
+    reduce_cfg = trainer.cfg.reduce
     return MetricsLogger(
         run_dir,
         resume_step=trainer.step,
-        mode=f"{rc.loss.name}-{rc.op.name}",
+        mode=f"{reduce_cfg.loss.name}-{reduce_cfg.op.name}",
         global_batch=trainer.geom.global_batch_size,
     )
 
