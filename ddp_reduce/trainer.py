@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -38,6 +38,7 @@ from ddp_reduce.layer.reduction import LossReduction, ReduceImpl
 from ddp_reduce.layer.strategy import total_norm
 from ddp_reduce.models import Objective, build_model, build_objective, check_model_for_data
 from ddp_reduce.optim import build_optimizer, build_schedule, effective_optim
+from ddp_reduce.verdict import Verdicts, blown_up
 
 
 @dataclass
@@ -121,13 +122,18 @@ def evaluate(
 
 @dataclass
 class StepOutcome:
-    """What one step's forward, backward and reduction produced, identical on every rank."""
+    """What one optimizer step came to, identical on every rank."""
 
+    step: int  # its number, 1-based
     report: StepReport  # c, exactness, item counts, |c·G|, noise statistics
-    diverged: bool  # a NaN or inf in some rank's loss or in the reduced gradient
-    cause: str | None = None  # then where it came from: loss | backward | reduction | gradient
+    losses: list[torch.Tensor] = field(repr=False)  # this rank's summed loss per micro-batch
     loss: float | None = None  # all-reduced loss per item of the global batch; logged steps
     local_norm_mean: float | None = None  # mean over ranks of |local mean gradient|; logged
+    # Once the verdict is read: the step the run diverged at (this one or, read late, an
+    # earlier one, whose update was rolled back) and why; None while the run goes on.
+    diverged_at: int | None = None
+    why: str | None = None
+    skipped: bool = False  # fp16: the loss scaler skipped this step (a non-finite gradient)
 
 
 @dataclass
@@ -198,6 +204,7 @@ class Trainer:
         self.schedule = build_schedule(cfg.optim, self.optimizer, cfg.train.steps)
         self.step = 0  # optimizer steps done
         self.c_range = CRange()
+        self.verdicts = Verdicts()
         self.initial_loss: float | None = None  # over the training set, before the first step
         # fp16: a loss scaler (its unscale_ divides the reduced gradient, c·G·S, by S: c stays)
         self.scaler = (
@@ -237,23 +244,23 @@ class Trainer:
     def forward_backward(self, step: int, log: bool = False) -> StepOutcome:
         """Step ``step`` (1-based) up to the reduced gradient; the optimizer is not touched.
 
-        The only collective is the gradient all-reduce, unless ``log`` asks for the step's
-        all-reduced loss and accuracy (one small collective more).
+        The only collective is the gradient all-reduce, and nothing is read from the device,
+        unless ``log`` asks for the step's all-reduced loss and accuracy (one small collective
+        and one read more).
         """
-        ctx = self.ctx
         # micro_mean is exact only where every micro-batch holds the same count
-        got = self.batches().step(step, self.cfg.reduce.loss is LossReduction.micro_mean)
-        micro = got.micro
-        micro_items = got.micro_items
+        batches = self.batches().step(step, self.cfg.reduce.loss is LossReduction.micro_mean)
+        micro_items = batches.micro_items
         if micro_items is None:
-            micro_items = [self.objective.count(batch) for batch in micro]
-        amp = self.scaler.get_scale() if self.scaler is not None else 1.0
+            micro_items = [self.objective.count(batch) for batch in batches.micro]
+        amp = self._amp_scale()
         scales = self.reducer.loss_scales(
-            micro_items, counts=got.counts, micro_equal=got.micro_equal, log=log, amp=amp
+            micro_items, counts=batches.counts, micro_equal=batches.micro_equal, log=log, amp=amp
         )
         losses, corrects = [], []  # summed only where read: a logged or a diverged step
-        for a, batch in enumerate(micro):
-            with self.reducer.micro_batch(last=a == len(micro) - 1):
+        last = len(batches.micro) - 1
+        for micro, batch in enumerate(batches.micro):
+            with self.reducer.micro_batch(last=micro == last):
                 with self._autocast():  # accuracy on logged steps only: it costs a pass
                     loss_sum, correct = self.objective(self.wrapped(batch.x), batch, log)
                 loss_sum = loss_sum.float()
@@ -265,57 +272,60 @@ class Trainer:
                 # included), which the all-reduce carries to every rank, and all stop
                 # at this step with no collective of their own. Where finite, the product is
                 # loss·scale, bit for bit.
-                scale = loss_sum.detach() * 0.0 + scales[a]
+                scale = loss_sum.detach() * 0.0 + scales[micro]
                 objective = loss_sum * scale
                 if self.cfg.optim.l2:
                     # (l2/2)·|w|² on every item, so the term is scaled with the loss.
                     l2 = 0.5 * sum(p.pow(2).sum() for p in self.params)
-                    objective = objective + self.cfg.optim.l2 * micro_items[a] * scales[a] * l2
+                    l2_scale = self.cfg.optim.l2 * micro_items[micro] * scales[micro]
+                    objective = objective + l2_scale * l2
                 # fp16: the loss scaler's factor too, taken out again by unscale_ below
                 (self.scaler.scale(objective) if self.scaler is not None else objective).backward()
             losses.append(loss_sum.detach())
             if correct is not None:
                 corrects.append(correct)
-            if a == 0 and self.noise_source is NoiseSource.micro:
+            if micro == 0 and self.noise_source is NoiseSource.micro:
                 # One rank, A >= 2: the first micro-batch's own gradient is the small batch.
                 sq = total_norm(self.params).double() ** 2
                 mean_sq = sq / (scales[0] * amp * micro_items[0]) ** 2
-                self.reducer.small_batch(micro_items[0], mean_sq.item())
+                self.reducer.small_batch(micro_items[0], mean_sq)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        report = self.reducer.last_step
-        # The reduced gradient is the same on every rank, so is this verdict.
-        outcome = StepOutcome(report, diverged=not bool(torch.isfinite(report.grad_norm)))
-        if not (outcome.diverged or log):
-            return outcome
-        loss_local = torch.zeros((), dtype=torch.float64, device=ctx.device)
-        for loss_sum in losses:
-            loss_local += loss_sum
-        correct_local = torch.zeros_like(loss_local)
-        for correct in corrects:
-            correct_local += correct
-        if outcome.diverged:
-            outcome.cause = self._cause(loss_local, report)
+        outcome = StepOutcome(step, self.reducer.last_step, losses)
         if log:
-            local_sq = report.local_sq
-            local_norm = local_sq.sqrt() if local_sq is not None else torch.zeros_like(loss_local)
-            stats = torch.stack([loss_local, correct_local, local_norm.to(loss_local.dtype)])
-            dist.all_reduce(stats)
-            loss_total, _, local_norm_sum = stats.tolist()
-            outcome.loss = loss_total / report.global_items
-            outcome.local_norm_mean = (
-                local_norm_sum / ctx.world_size if local_sq is not None else None
-            )
+            self._log_stats(outcome, corrects)
         return outcome
 
-    def _cause(self, loss_local: torch.Tensor, report: StepReport) -> str:
+    def _amp_scale(self) -> float | torch.Tensor:
+        """fp16: the loss scaler's factor, as the tensor it keeps on the device (read only
+        where the noise estimate's norms divide by it); 1 otherwise."""
+        if self.scaler is None:
+            return 1.0
+        scale = self.scaler._get_scale_async()  # PyTorch's own no-sync getter
+        return self.scaler.get_scale() if scale is None else scale  # None: the initial one
+
+    def _log_stats(self, outcome: StepOutcome, corrects: list[torch.Tensor]) -> None:
+        """The step's all-reduced loss per item and the ranks' mean local gradient norm."""
+        report = outcome.report
+        loss_local = _summed(outcome.losses, self.ctx.device)
+        correct_local = _summed(corrects, self.ctx.device)
+        local_sq = report.local_sq
+        local_norm = local_sq.sqrt() if local_sq is not None else torch.zeros_like(loss_local)
+        stats = torch.stack([loss_local, correct_local, local_norm.to(loss_local.dtype)])
+        dist.all_reduce(stats)
+        loss_total, _, local_norm_sum = stats.tolist()
+        outcome.loss = loss_total / report.global_items
+        if local_sq is not None:
+            outcome.local_norm_mean = local_norm_sum / self.ctx.world_size
+
+    def _cause(self, outcome: StepOutcome) -> str:
         """Where a non-finite reduced gradient came from, the same verdict on every rank (one
         small collective, on such a step only): a rank's loss, a rank's own gradient (the
         backward), or the reduction itself (the communication overflowed)."""
-        amax = report.local_amax
+        amax = outcome.report.local_amax
         flags = torch.tensor(
             [
-                float(not torch.isfinite(loss_local)),
+                float(not torch.isfinite(_summed(outcome.losses, self.ctx.device))),
                 float(amax is not None and not torch.isfinite(amax)),
                 float(amax is None),  # this rank's gradient was not looked at before reducing
             ],
@@ -361,12 +371,34 @@ class Trainer:
         self.step += 1
 
     def train_step(self, log: bool = False) -> StepOutcome:
-        """The next optimizer step; on divergence the weights are left as they were."""
+        """The next optimizer step, the one step of a run and of the benchmarks: forward,
+        backward and reduction, the divergence verdict, the optimizer step.
+
+        A step that diverges (``outcome.diverged_at``, ``outcome.why``) is not taken: the
+        weights stay those of the step before. ``log``: also all-reduce the step's loss and
+        accuracy into the outcome.
+        """
         outcome = self.forward_backward(self.step + 1, log=log)
         self.c_range.add(outcome.report)
-        if not outcome.diverged:
-            self.apply(outcome)
+        self._settle(outcome)
         return outcome
+
+    def _settle(self, outcome: StepOutcome) -> None:
+        """Read the verdict of ``outcome``'s step and take the step unless the run diverged."""
+        amp = self.scaler is not None
+        if bool(torch.isfinite(outcome.report.grad_norm)):
+            self.verdicts.finite()
+            outcome.why = blown_up(outcome.loss, self.initial_loss, self.cfg.train.blowup_factor)
+        else:
+            dtype = self.cfg.reduce.dtype.name
+            outcome.why = self.verdicts.non_finite(outcome.step, self._cause(outcome), dtype, amp)
+            outcome.skipped = outcome.why is None
+        if outcome.why:
+            outcome.diverged_at = outcome.step
+            return
+        if not outcome.skipped:
+            outcome.report.update_noise()
+        self.apply(outcome)  # fp16: the loss scaler skips a step whose gradient is not finite
 
     def evaluate(self, split: Any) -> tuple[float, float | None]:
         return evaluate(self.model, self.objective, split, self.ctx, self.cfg.data.num_workers)
@@ -428,6 +460,14 @@ class Trainer:
     def close(self) -> None:
         # The DDP reducer holds the process group: release it before the group is destroyed.
         del self.wrapped
+
+
+def _summed(values: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The sum of some 0-dim tensors in float64 (0 for none), left on the device."""
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for value in values:
+        total += value
+    return total
 
 
 def _to_device(split: Any, device: torch.device) -> Any:

@@ -91,8 +91,9 @@ class _InFlight:
     local_amax: torch.Tensor | None = None  # max |g| of this rank's gradient before the cast
     err_sq: torch.Tensor | None = None  # audit: |reduced - reduced in float64|²
     ref_sq: torch.Tensor | None = None  # audit: |reduced in float64|²
-    small_batch: tuple[float, float] | None = None  # (items, |mean gradient|²) given by caller
-    amp: float = 1.0  # the losses were multiplied by this too (a mixed-precision loss scaler)
+    # (items, |mean gradient|²: a number or a 0-dim tensor) given by the caller
+    small_batch: tuple[float, Any] | None = None
+    amp: Any = 1.0  # the losses were multiplied by this too (a loss scaler's, maybe a tensor)
 
     def read_local(self, grad: torch.Tensor, low_precision: bool) -> None:
         """Before a piece of this rank's gradient is reduced (a DDP bucket, an FSDP unit):
@@ -135,6 +136,7 @@ class StepReport:
     route: Route
     _step: _InFlight = field(repr=False)
     _reducer: "Reducer" = field(repr=False)
+    _fed: bool | None = field(default=None, repr=False)  # given to the noise estimate yet
 
     @functools.cached_property
     def grad_norm(self) -> torch.Tensor:
@@ -164,10 +166,18 @@ class StepReport:
         """max |g| of this rank's gradient before a low-precision cast (overflow diagnosis)."""
         return self._step.local_amax
 
+    def update_noise(self) -> bool:
+        """Give this step to the running noise-scale estimate, once, on the device (nothing is
+        read); whether the step had a smaller batch to give (noise=True, W >= 2 or A >= 2)."""
+        if self._fed is None:
+            self._fed = self._reducer._observe_noise(self)
+        return self._fed
+
     @functools.cached_property
     def noise(self) -> NoiseEstimate | None:
-        """The running noise-scale estimate including this step (noise=True, W >= 2)."""
-        return self._reducer._observe_noise(self)
+        """The running noise-scale estimate including this step (noise=True, W >= 2), read
+        from the device."""
+        return self._reducer.estimator.estimate() if self.update_noise() else None
 
 
 class Reducer:
@@ -402,23 +412,25 @@ class Reducer:
     def grad_norm(self) -> torch.Tensor:
         return total_norm(self.params).to(self.device)
 
-    def small_batch(self, items: int, mean_grad_sq: float) -> None:
+    def small_batch(self, items: int, mean_grad_sq: float | torch.Tensor) -> None:
         """Give this step's smaller batch for the noise scale where the ranks cannot (one rank,
-        accumulation: the first micro-batch): its items and |its mean gradient|² (c = 1)."""
+        accumulation: the first micro-batch): its items and |its mean gradient|² (c = 1), a
+        number or a 0-dim tensor left on the device."""
         self._step.small_batch = (float(items), mean_grad_sq)
 
-    def _observe_noise(self, report: StepReport) -> NoiseEstimate | None:
+    def _observe_noise(self, report: StepReport) -> bool:
         step = report._step
         if self.estimator is None:
-            return None
+            return False
         if self.collect_sq and step.ranks_sq is not None:
-            small = (report.global_items / self.world_size, float(report.ranks_sq_mean))
+            small = (report.global_items / self.world_size, report.ranks_sq_mean)
         elif step.small_batch is not None:
             small = step.small_batch
         else:
-            return None
-        big_sq = (float(report.grad_norm) / report.c) ** 2
-        return self.estimator.update(small[0], report.global_items, small[1], big_sq)
+            return False
+        big_sq = (report.grad_norm.double() / report.c) ** 2
+        self.estimator.add(small[0], report.global_items, small[1], big_sq)
+        return True
 
     def state_dict(self) -> dict[str, Any]:
         return {"noise": self.estimator.state_dict() if self.estimator else None}

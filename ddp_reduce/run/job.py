@@ -6,7 +6,6 @@ The steps themselves are the :class:`~ddp_reduce.trainer.Trainer`'s.
 
 from __future__ import annotations
 
-import math
 import os
 import signal
 import sys
@@ -40,6 +39,7 @@ from ddp_reduce.run.rundir import (
 )
 from ddp_reduce.sysinfo import peak_rss_mb, rss_mb
 from ddp_reduce.trainer import Prepared, StepOutcome, Trainer
+from ddp_reduce.verdict import blown_up
 
 
 @dataclass
@@ -71,7 +71,6 @@ class _Progress:
     window: _Window = field(default_factory=_Window)
     reduce_overflow_at: int | None = None  # the reduction itself made the gradient non-finite
     amp_skipped: int = 0  # fp16: steps the loss scaler skipped (a non-finite gradient)
-    amp_skipped_in_a_row: int = 0
     lossy_logged: int = 0  # logged steps whose low-precision reduction was off by more than
     rel_error_max: float | None = None  # ... reduce.lossy_threshold; the largest such error
 
@@ -158,67 +157,27 @@ def _train_step(trainer: Trainer, step: int, progress: _Progress) -> dict[str, f
     t0 = time.perf_counter()
     before = parallel.snapshot(trainer.params) if log else None
     lr = trainer.optimizer.param_groups[0]["lr"]
-    outcome = trainer.forward_backward(step, log=log)
-    trainer.c_range.add(outcome.report)
-    why = _nonfinite_why(trainer, outcome, step, progress) or _blown_up(trainer, outcome.loss)
-    if why:  # the step is not taken: the weights stay the last sound ones
-        progress.status, progress.diverged_at, progress.diverged_why = "diverged", step, why
+    outcome = trainer.train_step(log=log)
+    verdicts = trainer.verdicts
+    progress.amp_skipped, progress.reduce_overflow_at = (
+        verdicts.amp_skipped,
+        verdicts.reduce_overflow_at,
+    )
+    if outcome.why:  # the step was not taken: the weights stay the last sound ones
+        progress.status = "diverged"
+        progress.diverged_at, progress.diverged_why = outcome.diverged_at, outcome.why
         return {"train/loss": outcome.loss} if outcome.loss is not None else {}
-    trainer.apply(outcome)  # fp16: the loss scaler skips a step whose gradient is not finite
     if ctx.device.type == "cuda":
         torch.cuda.synchronize(ctx.device)
     progress.window.add(time.perf_counter() - t0, outcome.report.global_items)
-    progress.noise = outcome.report.noise or progress.noise
+    if not outcome.skipped:
+        progress.noise = outcome.report.noise or progress.noise
     if not log:
         return {}
     progress.last_loss = outcome.loss
     scalars = _step_scalars(trainer, outcome, progress, lr, before)
     progress.window = _Window()
     return scalars
-
-
-AMP_SKIPS_IN_A_ROW = 20  # fp16: this many skipped steps in a row is a divergence, not bad luck
-
-CAUSES = {
-    "loss": "a NaN or inf in a rank's loss",
-    "backward": "a NaN or inf in a rank's own gradient (the backward overflowed)",
-    "reduction": "the gradient all-reduce overflowed (reduce.dtype={dtype}): every rank's "
-    "own gradient was finite, the reduced one is not",
-    "gradient": "a NaN or inf in the reduced gradient",
-}
-
-
-def _nonfinite_why(
-    trainer: Trainer, outcome: StepOutcome, step: int, progress: _Progress
-) -> str | None:
-    """Why a non-finite step ends the run, or None (a finite step, or one fp16's loss scaler
-    skips). A reduction that overflowed is named as such: the communication, not the loss."""
-    if not outcome.diverged:
-        progress.amp_skipped_in_a_row = 0
-        return None
-    cause = outcome.cause or "gradient"
-    if cause == "reduction" and progress.reduce_overflow_at is None:
-        progress.reduce_overflow_at = step
-    why = CAUSES[cause].format(dtype=trainer.cfg.reduce.dtype.name)
-    if trainer.scaler is not None and cause != "loss":
-        progress.amp_skipped += 1
-        progress.amp_skipped_in_a_row += 1
-        if progress.amp_skipped_in_a_row < AMP_SKIPS_IN_A_ROW:
-            return None
-        return f"{why}, {AMP_SKIPS_IN_A_ROW} steps in a row (the loss scaler skips them)"
-    return why
-
-
-def _blown_up(trainer: Trainer, loss: float | None) -> str | None:
-    """Why a finite loss counts as a blow-up (train.blowup_factor), or None."""
-    factor, initial = trainer.cfg.train.blowup_factor, trainer.initial_loss
-    if factor is None or loss is None or initial is None or not initial > 0:
-        return None
-    if not math.isfinite(loss):
-        return "a NaN or inf in the loss"
-    if loss > factor * initial:
-        return f"blow-up: loss {loss:.4g} > train.blowup_factor={factor:g} x initial {initial:.4g}"
-    return None
 
 
 def _step_scalars(
@@ -297,7 +256,7 @@ def _finish(
     """Final evaluation, the summary, the weights and the HParams record."""
     cfg, ctx = trainer.cfg, trainer.ctx
     train_loss, train_acc = trainer.evaluate(trainer.train_split)
-    why = _blown_up(trainer, train_loss)
+    why = blown_up(train_loss, trainer.initial_loss, cfg.train.blowup_factor)
     if why and progress.status == "completed":
         progress.status, progress.diverged_at, progress.diverged_why = "diverged", trainer.step, why
     eval_loss, eval_acc = trainer.evaluate(trainer.test_split)
