@@ -11,6 +11,8 @@ receives c·G. The loss that is logged is the all-reduced one, per item (c = 1 u
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,7 +34,7 @@ from ddp_reduce.config import (
 )
 from ddp_reduce.data import Dataset, GlobalBatchSampler, Split, UserData, load_data
 from ddp_reduce.distributed import DistContext
-from ddp_reduce.layer.noise import NoiseSource, noise_source
+from ddp_reduce.layer.noise import NoiseEstimate, NoiseSource, noise_source
 from ddp_reduce.layer.reducer import TORCH_DTYPES, Reducer, StepReport, attach
 from ddp_reduce.layer.reduction import LossReduction, ReduceImpl
 from ddp_reduce.layer.strategy import total_norm
@@ -205,6 +207,8 @@ class Trainer:
         self.step = 0  # optimizer steps done
         self.c_range = CRange()
         self.verdicts = Verdicts()
+        self._unsettled: list[StepOutcome] = []  # steps taken, their verdict not read yet
+        self._sound: dict[str, Any] = {}  # the state before them (see train_step)
         self.initial_loss: float | None = None  # over the training set, before the first step
         # fp16: a loss scaler (its unscale_ divides the reduced gradient, c·G·S, by S: c stays)
         self.scaler = (
@@ -292,6 +296,7 @@ class Trainer:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         outcome = StepOutcome(step, self.reducer.last_step, losses)
+        outcome.report.grad_norm  # noqa: B018 (|c·G| of this step's gradient, on the device)
         if log:
             self._log_stats(outcome, corrects)
         return outcome
@@ -370,35 +375,103 @@ class Trainer:
         self.optimizer_step(outcome)
         self.step += 1
 
-    def train_step(self, log: bool = False) -> StepOutcome:
+    def train_step(self, log: bool = False, settle: bool = True) -> StepOutcome:
         """The next optimizer step, the one step of a run and of the benchmarks: forward,
         backward and reduction, the divergence verdict, the optimizer step.
 
         A step that diverges (``outcome.diverged_at``, ``outcome.why``) is not taken: the
         weights stay those of the step before. ``log``: also all-reduce the step's loss and
-        accuracy into the outcome.
+        accuracy into the outcome. ``settle=False``: read nothing from the device (no host
+        synchronization): the step is taken, its verdict read with the next settled step's,
+        and a step found non-finite then is undone (:meth:`_roll_back`). Settle before
+        reading or saving the state (a logged step, an evaluation, a checkpoint, the last
+        step). Under fp16 every step settles: the loss scaler reads its own verdict anyway.
         """
+        settle = settle or log or self.scaler is not None
+        if not settle and not self._unsettled:
+            self._sound = self._capture()  # the state after the last step known to be sound
         outcome = self.forward_backward(self.step + 1, log=log)
         self.c_range.add(outcome.report)
-        self._settle(outcome)
+        if settle:
+            self._settle(outcome)
+        else:
+            outcome.report.update_noise()
+            self._unsettled.append(outcome)
+            self.apply(outcome)
         return outcome
 
     def _settle(self, outcome: StepOutcome) -> None:
-        """Read the verdict of ``outcome``'s step and take the step unless the run diverged."""
+        """Read the verdict of ``outcome``'s step and of the unsettled steps before it (one
+        read of their norms |c·G|); take the step unless the run diverged."""
+        pending, self._unsettled = [*self._unsettled, outcome], []
+        finite = torch.isfinite(torch.stack([o.report.grad_norm for o in pending])).tolist()
+        bad = next((o for o, ok in zip(pending, finite, strict=True) if not ok), None)
         amp = self.scaler is not None
-        if bool(torch.isfinite(outcome.report.grad_norm)):
+        if bad is None:
             self.verdicts.finite()
             outcome.why = blown_up(outcome.loss, self.initial_loss, self.cfg.train.blowup_factor)
         else:
             dtype = self.cfg.reduce.dtype.name
-            outcome.why = self.verdicts.non_finite(outcome.step, self._cause(outcome), dtype, amp)
-            outcome.skipped = outcome.why is None
+            outcome.why = self.verdicts.non_finite(bad.step, self._cause(bad), dtype, amp)
+            outcome.skipped = outcome.why is None  # fp16 (bad is this step): the scaler skips
         if outcome.why:
-            outcome.diverged_at = outcome.step
+            outcome.diverged_at = outcome.step if bad is None else bad.step
+            if bad is not None and bad is not outcome:
+                self._roll_back(bad)
             return
         if not outcome.skipped:
             outcome.report.update_noise()
         self.apply(outcome)  # fp16: the loss scaler skips a step whose gradient is not finite
+
+    def _capture(self) -> dict[str, Any]:
+        """What :meth:`_roll_back` restores: weights, optimizer, schedule, RNG, c range and
+        noise estimate, copied on the device (nothing is read)."""
+        return {
+            "step": self.step,
+            "model": [t.detach().clone() for t in self.model.state_dict().values()],
+            "optimizer": {
+                p: {k: v.clone() if torch.is_tensor(v) else v for k, v in state.items()}
+                for p, state in self.optimizer.state.items()
+            },
+            "lr": [group["lr"] for group in self.optimizer.param_groups],
+            "schedule": self.schedule.state_dict(),
+            "rng": _rng_state(self.ctx.device),
+            "c_range": dataclasses.replace(self.c_range),
+            "noise": copy.copy(self.reducer.estimator),
+        }
+
+    def _roll_back(self, bad: StepOutcome) -> None:
+        """Undo the steps taken unsettled from the diverged one ``bad`` on: back to the state
+        captured before them, then the steps between that and ``bad`` again (the same batches
+        and random numbers: the same updates), so the weights are those after ``bad.step - 1``
+        exactly, as if the verdict had been read at every step."""
+        sound = self._sound
+        self.optimizer.zero_grad(set_to_none=True)  # the diverged gradient of the last step
+        for now, then in zip(self.model.state_dict().values(), sound["model"], strict=True):
+            now.copy_(then)
+        self.optimizer.state.clear()
+        for p, state in sound["optimizer"].items():
+            self.optimizer.state[p] = state
+        for group, lr in zip(self.optimizer.param_groups, sound["lr"], strict=True):
+            group["lr"] = lr
+        self.schedule.load_state_dict(sound["schedule"])
+        _set_rng_state(sound["rng"], self.ctx.device)
+        self.c_range, self.reducer.estimator = sound["c_range"], sound["noise"]
+        self.step = sound["step"]
+        if not self.in_memory:
+            self._batches = None  # a DataLoader again from this step
+        while self.step + 1 < bad.step:
+            replayed = self.forward_backward(self.step + 1)
+            self.c_range.add(replayed.report)
+            replayed.report.update_noise()
+            self.apply(replayed)
+        self.c_range.add(bad.report)
+
+    def noise(self) -> NoiseEstimate | None:
+        """The running noise-scale estimate, read from the device (None before its first
+        step, or with no estimate)."""
+        estimator = self.reducer.estimator
+        return None if estimator is None or estimator.empty else estimator.estimate()
 
     def evaluate(self, split: Any) -> tuple[float, float | None]:
         return evaluate(self.model, self.objective, split, self.ctx, self.cfg.data.num_workers)
@@ -410,11 +483,8 @@ class Trainer:
     def extra_state(self) -> dict[str, Any]:
         """What a resumed run needs besides the model and the optimizer; a collective (every
         rank's RNG state is gathered)."""
-        rng = {"cpu": torch.get_rng_state()}
-        if self.ctx.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.ctx.device)
         every_rng: list[Any] = [None] * self.ctx.world_size
-        dist.all_gather_object(every_rng, rng)
+        dist.all_gather_object(every_rng, _rng_state(self.ctx.device))
         return {
             "step": self.step,
             "config": to_dict(self.cfg),
@@ -434,9 +504,7 @@ class Trainer:
         # Same world size: each rank gets its own RNG back; otherwise rank 0's, for all.
         rngs = state["rng"]
         rng = rngs[self.ctx.rank] if len(rngs) == self.ctx.world_size else rngs[0]
-        torch.set_rng_state(rng["cpu"])
-        if "cuda" in rng and self.ctx.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], self.ctx.device)
+        _set_rng_state(rng, self.ctx.device)
         self.step = state["step"]
         self.c_range.load_state_dict(state["c_range"])
         self.initial_loss = state["initial_loss"]
@@ -460,6 +528,19 @@ class Trainer:
     def close(self) -> None:
         # The DDP reducer holds the process group: release it before the group is destroyed.
         del self.wrapped
+
+
+def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    rng = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    return rng
+
+
+def _set_rng_state(rng: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"], device)
 
 
 def _summed(values: list[torch.Tensor], device: torch.device) -> torch.Tensor:

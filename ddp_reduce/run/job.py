@@ -154,10 +154,16 @@ def _train_step(trainer: Trainer, step: int, progress: _Progress) -> dict[str, f
     """One optimizer step; returns its scalars (empty on steps that are not logged)."""
     cfg, ctx = trainer.cfg, trainer.ctx
     log = step % cfg.train.log_every == 0 or step == cfg.train.steps
+    # The verdict is read (the device waited for) only where the state is read or saved next;
+    # a step found diverged then is rolled back (Trainer.train_step).
+    every = cfg.train.checkpoint_every
+    settle = log or _eval_due(cfg, step) or bool(every and step % every == 0)
     t0 = time.perf_counter()
     before = parallel.snapshot(trainer.params) if log else None
     lr = trainer.optimizer.param_groups[0]["lr"]
-    outcome = trainer.train_step(log=log)
+    outcome = trainer.train_step(log=log, settle=settle)
+    if settle or outcome.why:
+        progress.noise = trainer.noise() or progress.noise
     verdicts = trainer.verdicts
     progress.amp_skipped, progress.reduce_overflow_at = (
         verdicts.amp_skipped,
@@ -166,12 +172,11 @@ def _train_step(trainer: Trainer, step: int, progress: _Progress) -> dict[str, f
     if outcome.why:  # the step was not taken: the weights stay the last sound ones
         progress.status = "diverged"
         progress.diverged_at, progress.diverged_why = outcome.diverged_at, outcome.why
-        return {"train/loss": outcome.loss} if outcome.loss is not None else {}
-    if ctx.device.type == "cuda":
-        torch.cuda.synchronize(ctx.device)
+        this_step = outcome.loss is not None and outcome.diverged_at == step
+        return {"train/loss": outcome.loss} if this_step else {}
+    if settle and ctx.device.type == "cuda":
+        torch.cuda.synchronize(ctx.device)  # the window's time: its steps done on the device
     progress.window.add(time.perf_counter() - t0, outcome.report.global_items)
-    if not outcome.skipped:
-        progress.noise = outcome.report.noise or progress.noise
     if not log:
         return {}
     progress.last_loss = outcome.loss
