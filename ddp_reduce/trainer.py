@@ -11,7 +11,6 @@ receives c·G. The loss that is logged is the all-reduced one, per item (c = 1 u
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import warnings
 from dataclasses import dataclass, field
@@ -421,6 +420,7 @@ class Trainer:
             return
         if not outcome.skipped:
             outcome.report.update_noise()
+        self.reducer.noise_estimate()  # the steps since folded in, their norms read in one go
         self.apply(outcome)  # fp16: the loss scaler skips a step whose gradient is not finite
 
     def _capture(self) -> dict[str, Any]:
@@ -437,7 +437,7 @@ class Trainer:
             "schedule": self.schedule.state_dict(),
             "rng": _rng_state(self.ctx.device),
             "c_range": dataclasses.replace(self.c_range),
-            "noise": copy.copy(self.reducer.estimator),
+            "noise": self.reducer.noise_state(),
         }
 
     def _roll_back(self, bad: StepOutcome) -> None:
@@ -456,7 +456,8 @@ class Trainer:
             group["lr"] = lr
         self.schedule.load_state_dict(sound["schedule"])
         _set_rng_state(sound["rng"], self.ctx.device)
-        self.c_range, self.reducer.estimator = sound["c_range"], sound["noise"]
+        self.c_range = sound["c_range"]
+        self.reducer.set_noise_state(sound["noise"])
         self.step = sound["step"]
         if not self.in_memory:
             self._batches = None  # a DataLoader again from this step
@@ -470,8 +471,7 @@ class Trainer:
     def noise(self) -> NoiseEstimate | None:
         """The running noise-scale estimate, read from the device (None before its first
         step, or with no estimate)."""
-        estimator = self.reducer.estimator
-        return None if estimator is None or estimator.empty else estimator.estimate()
+        return self.reducer.noise_estimate()
 
     def evaluate(self, split: Any) -> tuple[float, float | None]:
         return evaluate(self.model, self.objective, split, self.ctx, self.cfg.data.num_workers)

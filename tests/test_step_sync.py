@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+import pytest
 import torch
 
 from ddp_reduce.distributed import distributed
@@ -103,3 +104,18 @@ def test_a_divergence_read_late_is_named_exactly_and_its_update_undone(tmp_path)
         assert "loss" in rank["why"]
         assert rank["same_weights"], "the weights are those after step 2, bit for bit"
         assert rank["noise"] == rank["reference_noise"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_unlogged_steps_do_not_synchronize_on_cuda():
+    cfg = config(*SMALL, "dist.device=cuda", "dist.nproc=1", "train.accum_steps=2")
+    with distributed(cfg.dist) as ctx:
+        trainer = Trainer(cfg, ctx)
+        trainer.train_step(log=True)
+        torch.cuda.set_sync_debug_mode("error")  # a synchronizing call raises
+        try:
+            for _ in range(3):
+                trainer.train_step(settle=False)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        trainer.close()

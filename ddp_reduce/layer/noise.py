@@ -23,7 +23,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any
 
 NOISE_BETA = 0.95  # the default smoothing of the numerator and the denominator
 
@@ -71,19 +70,13 @@ class NoiseScaleEstimator:
 
     def update(self, b_small: float, b_big: float, small_sq: float, big_sq: float) -> NoiseEstimate:
         """One step: mean gradients' squared norms (c = 1 units) at batch sizes b_small < b_big."""
-        self.add(b_small, b_big, small_sq, big_sq)
-        return self.estimate()
-
-    def add(self, b_small: float, b_big: float, small_sq: Any, big_sq: Any) -> None:
-        """:meth:`update` without reading the estimate: the squared norms may be 0-dim tensors,
-        and the moving averages then stay on their device (no synchronization) until
-        :meth:`estimate` or :meth:`state_dict` reads them."""
         f_small, f_big = self._coefficient(b_small), self._coefficient(b_big)
         trace = (small_sq - big_sq) / (f_small - f_big)
         grad_sq = (f_small * big_sq - f_big * small_sq) / (f_small - f_big)
         self._grad_sq = self.beta * self._grad_sq + (1 - self.beta) * grad_sq
         self._trace = self.beta * self._trace + (1 - self.beta) * trace
         self._weight = self.beta * self._weight + (1 - self.beta)
+        return self.estimate()
 
     def _coefficient(self, batch: float) -> float:
         """E|G_B|² = |G|² + tr(Σ)·coefficient(B)."""
@@ -96,16 +89,12 @@ class NoiseScaleEstimator:
         return self._weight == 0
 
     def estimate(self) -> NoiseEstimate:
-        g = float(self._grad_sq / self._weight)
-        t = float(self._trace / self._weight)
+        g = self._grad_sq / self._weight
+        t = self._trace / self._weight
         return NoiseEstimate(g, t, t / g if g > 0 else None)
 
     def state_dict(self) -> dict[str, float]:
-        return {
-            "grad_sq": float(self._grad_sq),
-            "trace": float(self._trace),
-            "weight": self._weight,
-        }
+        return {"grad_sq": self._grad_sq, "trace": self._trace, "weight": self._weight}
 
     def load_state_dict(self, state: dict[str, float]) -> None:
         self._grad_sq, self._trace, self._weight = state["grad_sq"], state["trace"], state["weight"]

@@ -19,6 +19,7 @@ the device until read (no synchronization on the hot path).
 
 # No `from __future__ import annotations`: DDP checks the hook's annotations at run time.
 import contextlib
+import copy
 import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -177,7 +178,7 @@ class StepReport:
     def noise(self) -> NoiseEstimate | None:
         """The running noise-scale estimate including this step (noise=True, W >= 2), read
         from the device."""
-        return self._reducer.estimator.estimate() if self.update_noise() else None
+        return self._reducer.noise_estimate() if self.update_noise() else None
 
 
 class Reducer:
@@ -216,6 +217,9 @@ class Reducer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.device = self.params[0].device if self.params else torch.device("cpu")
         self.estimator = NoiseScaleEstimator(noise_beta, noise_population) if noise else None
+        # Steps given to the estimate and not read yet: (B_small, B_big, |G_small|², |c·G|, c),
+        # the norms still on the device; folded in where the estimate is read.
+        self._noise_queue: list[tuple[float, float, Any, torch.Tensor, float]] = []
         # The ranks' own gradients are a second batch size for the noise scale (W >= 2); they
         # exist only where the hook (or the reference) sees them, not on DDP's own path.
         self.collect_sq = (
@@ -428,11 +432,37 @@ class Reducer:
             small = step.small_batch
         else:
             return False
-        big_sq = (report.grad_norm.double() / report.c) ** 2
-        self.estimator.add(small[0], report.global_items, small[1], big_sq)
+        self._noise_queue.append(
+            (small[0], report.global_items, small[1], report.grad_norm, report.c)
+        )
         return True
 
+    def noise_estimate(self) -> NoiseEstimate | None:
+        """The running noise-scale estimate: the steps given since the last call folded in
+        (their norms read from the device in one go); None before the first or without one."""
+        if self.estimator is None:
+            return None
+        if self._noise_queue:
+            queue, self._noise_queue = self._noise_queue, []
+            small = [torch.as_tensor(q[2], dtype=torch.float64, device=self.device) for q in queue]
+            norms = [q[3].to(torch.float64) for q in queue]
+            values = torch.stack([*small, *norms]).tolist()
+            for (b_small, b_big, _, _, c), small_sq, norm in zip(
+                queue, values[: len(queue)], values[len(queue) :], strict=True
+            ):
+                self.estimator.update(b_small, b_big, small_sq, (norm / c) ** 2)
+        return None if self.estimator.empty else self.estimator.estimate()
+
+    def noise_state(self) -> tuple[NoiseScaleEstimator | None, list]:
+        """A copy of the estimate's state, queue included (see :meth:`set_noise_state`)."""
+        return copy.copy(self.estimator), list(self._noise_queue)
+
+    def set_noise_state(self, state: tuple[NoiseScaleEstimator | None, list]) -> None:
+        estimator, queue = state
+        self.estimator, self._noise_queue = copy.copy(estimator), list(queue)
+
     def state_dict(self) -> dict[str, Any]:
+        self.noise_estimate()  # the queued steps folded in
         return {"noise": self.estimator.state_dict() if self.estimator else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
