@@ -120,7 +120,7 @@ def as_dataset(data: Split | Any) -> tuple[Any, Callable[[list], Batch]]:
 
 
 @dataclass
-class StepBatches:
+class MicroBatches:
     """A step's micro-batches on this rank and, where the data know them (the split's own
     item counts, read on the host: no device sync), the item counts the step is planned with."""
 
@@ -147,13 +147,13 @@ class MemoryBatches:
         self.rank, self.world_size, self.accum_steps = rank, world_size, accum_steps
         self.counts_known = counts_known
 
-    def step(self, step: int, micro_equal: bool = False) -> StepBatches:
+    def step(self, step: int, micro_equal: bool = False) -> MicroBatches:
         """Step ``step`` (1-based); ``micro_equal``: also say whether all micro-batches of all
         ranks hold the same count (what ``loss=micro_mean`` needs to be exact)."""
         shares = self.sampler.rank_shares(step - 1, self.world_size)
         # each rank's A micro-batches: as the sampler's micro_batches splits them
         mine = torch.tensor_split(shares[self.rank], self.accum_steps)
-        out = StepBatches([self.split.batch(idx) for idx in mine])
+        out = MicroBatches([self.split.batch(idx) for idx in mine])
         if self.counts_known:
             out.micro_items = [self.split.items(idx) for idx in mine]
             out.counts = [self.split.items(s) for s in shares]
@@ -198,12 +198,12 @@ class LoaderBatches:
             )
         )
 
-    def step(self, step: int, micro_equal: bool = False) -> StepBatches:
+    def step(self, step: int, micro_equal: bool = False) -> MicroBatches:
         """The step's micro-batches; no counts: the other ranks' batches are theirs."""
         if step != self.next_step:
             raise RuntimeError(f"the DataLoader is at step {self.next_step}, not {step}")
         self.next_step += 1
-        return StepBatches([next(self._iter).to(self.device) for _ in range(self.accum_steps)])
+        return MicroBatches([next(self._iter).to(self.device) for _ in range(self.accum_steps)])
 
 
 def eval_batches(

@@ -11,8 +11,9 @@ receives c·G. The loss that is logged is the all-reduced one, per item (c = 1 u
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -32,7 +33,7 @@ from ddp_reduce.config import (
 )
 from ddp_reduce.data import Dataset, GlobalBatchSampler, Split, UserData, load_data
 from ddp_reduce.distributed import DistContext
-from ddp_reduce.layer.noise import NoiseSource, noise_source
+from ddp_reduce.layer.noise import NoiseEstimate, NoiseSource, noise_source
 from ddp_reduce.layer.reducer import TORCH_DTYPES, Reducer, StepReport, attach
 from ddp_reduce.layer.reduction import LossReduction, ReduceImpl
 from ddp_reduce.layer.strategy import total_norm
@@ -44,6 +45,7 @@ from ddp_reduce.models import (
     check_model_for_data,
 )
 from ddp_reduce.optim import build_optimizer, build_schedule, effective_optim
+from ddp_reduce.verdict import Verdicts, blown_up
 
 
 @dataclass
@@ -127,13 +129,18 @@ def evaluate(
 
 @dataclass
 class StepOutcome:
-    """What one step's forward, backward and reduction produced, identical on every rank."""
+    """What one optimizer step came to, identical on every rank."""
 
+    step: int  # its number, 1-based
     report: StepReport  # c, exactness, item counts, |c·G|, noise statistics
-    diverged: bool  # a NaN or inf in some rank's loss or in the reduced gradient
-    cause: str | None = None  # then where it came from: loss | backward | reduction | gradient
+    losses: list[torch.Tensor] = field(repr=False)  # this rank's summed loss per micro-batch
     loss: float | None = None  # all-reduced loss per item of the global batch; logged steps
     local_norm_mean: float | None = None  # mean over ranks of |local mean gradient|; logged
+    # Once the verdict is read: the step the run diverged at (this one or, read late, an
+    # earlier one, whose update was rolled back) and why; None while the run goes on.
+    diverged_at: int | None = None
+    why: str | None = None
+    skipped: bool = False  # fp16: the loss scaler skipped this step (a non-finite gradient)
 
 
 @dataclass
@@ -168,19 +175,19 @@ class Trainer:
             cfg.data.loader is Loader.auto and isinstance(self.data, Dataset)
         )
         device = ctx.device if self.in_memory else torch.device("cpu")
-        self.train_split = _on(self.data.train, device)
-        self.test_split = _on(self.data.test, device)
+        self.train_split = _to_device(self.data.train, device)
+        self.test_split = _to_device(self.data.test, device)
         self.sampler = GlobalBatchSampler(
             len(self.train_split), self.geom.global_batch_size, cfg.seed, cfg.data.last_batch
         )
-        rc = cfg.reduce
+        reduce_cfg = cfg.reduce
         self.model = prepared.model.to(ctx.device)
         # DDP(model), or model itself sharded in place (FSDP2): the one seam of the strategy
         self.wrapped = parallel.wrap(
             self.model,
             cfg.dist.strategy,
             ctx,
-            reduce_dtype=TORCH_DTYPES[rc.dtype],
+            reduce_dtype=TORCH_DTYPES[reduce_cfg.dtype],
             replicate=cfg.dist.replicate,
         )
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -188,19 +195,19 @@ class Trainer:
             cfg.noise.enabled,
             ctx.world_size,
             cfg.train.accum_steps,
-            rc.impl is not ReduceImpl.builtin,
+            reduce_cfg.impl is not ReduceImpl.builtin,
         )
         # Items are drawn without replacement; where an item is a token, whole sequences are:
         # no finite-population correction then.
         population = len(self.train_split) if self.objective.per_sample else None
         self.reducer: Reducer = attach(
             self.wrapped,
-            rc.loss,
-            rc.op,
+            reduce_cfg.loss,
+            reduce_cfg.op,
             noise=self.noise_source is not None,
-            dtype=rc.dtype,
-            predivide=rc.predivide,
-            impl=rc.impl,
+            dtype=reduce_cfg.dtype,
+            predivide=reduce_cfg.predivide,
+            impl=reduce_cfg.impl,
             noise_beta=cfg.noise.beta,
             noise_population=population,
         )
@@ -208,6 +215,9 @@ class Trainer:
         self.schedule = build_schedule(cfg.optim, self.optimizer, cfg.train.steps)
         self.step = 0  # optimizer steps done
         self.c_range = CRange()
+        self.verdicts = Verdicts()
+        self._unsettled: list[StepOutcome] = []  # steps taken, their verdict not read yet
+        self._sound: dict[str, Any] = {}  # the state before them (see train_step)
         self.initial_loss: float | None = None  # over the training set, before the first step
         # fp16: a loss scaler (its unscale_ divides the reduced gradient, c·G·S, by S: c stays)
         self.scaler = (
@@ -220,14 +230,14 @@ class Trainer:
     def batches(self) -> MemoryBatches | LoaderBatches:
         """Where the steps' micro-batches come from (made at the first step, after a resume)."""
         if self._batches is None:
-            ctx, a = self.ctx, self.geom.accum_steps
+            ctx, accum = self.ctx, self.geom.accum_steps
             if self.in_memory:
                 self._batches = MemoryBatches(
                     self.train_split,
                     self.sampler,
                     ctx.rank,
                     ctx.world_size,
-                    a,
+                    accum,
                     counts_known=self.objective.counts_split_items,
                 )
             else:
@@ -236,7 +246,7 @@ class Trainer:
                     self.sampler,
                     ctx.rank,
                     ctx.world_size,
-                    a,
+                    accum,
                     ctx.device,
                     self.cfg.data.num_workers,
                     start=self.step,
@@ -247,26 +257,30 @@ class Trainer:
     def forward_backward(self, step: int, log: bool = False) -> StepOutcome:
         """Step ``step`` (1-based) up to the reduced gradient; the optimizer is not touched.
 
-        The only collective is the gradient all-reduce, unless ``log`` asks for the step's
-        all-reduced loss and accuracy (one small collective more).
+        The only collective is the gradient all-reduce, and nothing is read from the device,
+        unless ``log`` asks for the step's all-reduced loss and accuracy (one small collective
+        and one read more).
         """
-        ctx = self.ctx
         # micro_mean is exact only where every micro-batch holds the same count
-        got = self.batches().step(step, self.cfg.reduce.loss is LossReduction.micro_mean)
-        micro = got.micro
-        micro_items = got.micro_items
+        batches = self.batches().step(step, self.cfg.reduce.loss is LossReduction.micro_mean)
+        micro_items = batches.micro_items
         if micro_items is None:
-            micro_items = [self.objective.count(batch) for batch in micro]
-        amp = self.scaler.get_scale() if self.scaler is not None else 1.0
+            micro_items = [self.objective.count(batch) for batch in batches.micro]
+        amp = self._amp_scale()
         if isinstance(self.objective, TermsLoss):  # several terms: a factor per unit
-            scales = self.objective.plan(self.reducer, micro, log=log, amp=amp)
+            scales = self.objective.plan(self.reducer, batches.micro, log=log, amp=amp)
         else:
             scales = self.reducer.loss_scales(
-                micro_items, counts=got.counts, micro_equal=got.micro_equal, log=log, amp=amp
+                micro_items,
+                counts=batches.counts,
+                micro_equal=batches.micro_equal,
+                log=log,
+                amp=amp,
             )
         losses, corrects = [], []  # summed only where read: a logged or a diverged step
-        for a, batch in enumerate(micro):
-            with self.reducer.micro_batch(last=a == len(micro) - 1):
+        last = len(batches.micro) - 1
+        for micro, batch in enumerate(batches.micro):
+            with self.reducer.micro_batch(last=micro == last):
                 with self._autocast():  # accuracy on logged steps only: it costs a pass
                     loss_sum, correct = self.objective(self.wrapped(batch.x), batch, log)
                 loss_sum = loss_sum.float()
@@ -278,57 +292,61 @@ class Trainer:
                 # included), which the all-reduce carries to every rank, and all stop
                 # at this step with no collective of their own. Where finite, the product is
                 # loss·scale, bit for bit.
-                scale = loss_sum.detach() * 0.0 + scales[a]
+                scale = loss_sum.detach() * 0.0 + scales[micro]
                 objective = loss_sum * scale
                 if self.cfg.optim.l2:
                     # (l2/2)·|w|² on every item, so the term is scaled with the loss.
                     l2 = 0.5 * sum(p.pow(2).sum() for p in self.params)
-                    objective = objective + self.cfg.optim.l2 * micro_items[a] * scales[a] * l2
+                    l2_scale = self.cfg.optim.l2 * micro_items[micro] * scales[micro]
+                    objective = objective + l2_scale * l2
                 # fp16: the loss scaler's factor too, taken out again by unscale_ below
                 (self.scaler.scale(objective) if self.scaler is not None else objective).backward()
             losses.append(loss_sum.detach())
             if correct is not None:
                 corrects.append(correct)
-            if a == 0 and self.noise_source is NoiseSource.micro:
+            if micro == 0 and self.noise_source is NoiseSource.micro:
                 # One rank, A >= 2: the first micro-batch's own gradient is the small batch.
                 sq = total_norm(self.params).double() ** 2
                 mean_sq = sq / (scales[0] * amp * micro_items[0]) ** 2
-                self.reducer.small_batch(micro_items[0], mean_sq.item())
+                self.reducer.small_batch(micro_items[0], mean_sq)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        report = self.reducer.last_step
-        # The reduced gradient is the same on every rank, so is this verdict.
-        outcome = StepOutcome(report, diverged=not bool(torch.isfinite(report.grad_norm)))
-        if not (outcome.diverged or log):
-            return outcome
-        loss_local = torch.zeros((), dtype=torch.float64, device=ctx.device)
-        for loss_sum in losses:
-            loss_local += loss_sum
-        correct_local = torch.zeros_like(loss_local)
-        for correct in corrects:
-            correct_local += correct
-        if outcome.diverged:
-            outcome.cause = self._cause(loss_local, report)
+        outcome = StepOutcome(step, self.reducer.last_step, losses)
+        outcome.report.grad_norm  # noqa: B018 (|c·G| of this step's gradient, on the device)
         if log:
-            local_sq = report.local_sq
-            local_norm = local_sq.sqrt() if local_sq is not None else torch.zeros_like(loss_local)
-            stats = torch.stack([loss_local, correct_local, local_norm.to(loss_local.dtype)])
-            dist.all_reduce(stats)
-            loss_total, _, local_norm_sum = stats.tolist()
-            outcome.loss = loss_total / report.global_items
-            outcome.local_norm_mean = (
-                local_norm_sum / ctx.world_size if local_sq is not None else None
-            )
+            self._log_stats(outcome, corrects)
         return outcome
 
-    def _cause(self, loss_local: torch.Tensor, report: StepReport) -> str:
+    def _amp_scale(self) -> float | torch.Tensor:
+        """fp16: the loss scaler's factor, as the tensor it keeps on the device (read only
+        where the noise estimate's norms divide by it); 1 otherwise."""
+        if self.scaler is None:
+            return 1.0
+        scale = self.scaler._get_scale_async()  # PyTorch's own no-sync getter
+        return self.scaler.get_scale() if scale is None else scale  # None: the initial one
+
+    def _log_stats(self, outcome: StepOutcome, corrects: list[torch.Tensor]) -> None:
+        """The step's all-reduced loss per item and the ranks' mean local gradient norm."""
+        report = outcome.report
+        loss_local = _summed(outcome.losses, self.ctx.device)
+        correct_local = _summed(corrects, self.ctx.device)
+        local_sq = report.local_sq
+        local_norm = local_sq.sqrt() if local_sq is not None else torch.zeros_like(loss_local)
+        stats = torch.stack([loss_local, correct_local, local_norm.to(loss_local.dtype)])
+        dist.all_reduce(stats)
+        loss_total, _, local_norm_sum = stats.tolist()
+        outcome.loss = loss_total / report.global_items
+        if local_sq is not None:
+            outcome.local_norm_mean = local_norm_sum / self.ctx.world_size
+
+    def _cause(self, outcome: StepOutcome) -> str:
         """Where a non-finite reduced gradient came from, the same verdict on every rank (one
         small collective, on such a step only): a rank's loss, a rank's own gradient (the
         backward), or the reduction itself (the communication overflowed)."""
-        amax = report.local_amax
+        amax = outcome.report.local_amax
         flags = torch.tensor(
             [
-                float(not torch.isfinite(loss_local)),
+                float(not torch.isfinite(_summed(outcome.losses, self.ctx.device))),
                 float(amax is not None and not torch.isfinite(amax)),
                 float(amax is None),  # this rank's gradient was not looked at before reducing
             ],
@@ -373,13 +391,104 @@ class Trainer:
         self.optimizer_step(outcome)
         self.step += 1
 
-    def train_step(self, log: bool = False) -> StepOutcome:
-        """The next optimizer step; on divergence the weights are left as they were."""
+    def train_step(self, log: bool = False, settle: bool = True) -> StepOutcome:
+        """The next optimizer step, the one step of a run and of the benchmarks: forward,
+        backward and reduction, the divergence verdict, the optimizer step.
+
+        A step that diverges (``outcome.diverged_at``, ``outcome.why``) is not taken: the
+        weights stay those of the step before. ``log``: also all-reduce the step's loss and
+        accuracy into the outcome. ``settle=False``: read nothing from the device (no host
+        synchronization): the step is taken, its verdict read with the next settled step's,
+        and a step found non-finite then is undone (:meth:`_roll_back`). Settle before
+        reading or saving the state (a logged step, an evaluation, a checkpoint, the last
+        step). Under fp16 every step settles: the loss scaler reads its own verdict anyway.
+        """
+        settle = settle or log or self.scaler is not None
+        if not settle and not self._unsettled:
+            self._sound = self._capture()  # the state after the last step known to be sound
         outcome = self.forward_backward(self.step + 1, log=log)
         self.c_range.add(outcome.report)
-        if not outcome.diverged:
+        if settle:
+            self._settle(outcome)
+        else:
+            outcome.report.update_noise()
+            self._unsettled.append(outcome)
             self.apply(outcome)
         return outcome
+
+    def _settle(self, outcome: StepOutcome) -> None:
+        """Read the verdict of ``outcome``'s step and of the unsettled steps before it (one
+        read of their norms |c·G|); take the step unless the run diverged."""
+        pending, self._unsettled = [*self._unsettled, outcome], []
+        finite = torch.isfinite(torch.stack([o.report.grad_norm for o in pending])).tolist()
+        bad = next((o for o, ok in zip(pending, finite, strict=True) if not ok), None)
+        amp = self.scaler is not None
+        if bad is None:
+            self.verdicts.finite()
+            outcome.why = blown_up(outcome.loss, self.initial_loss, self.cfg.train.blowup_factor)
+        else:
+            dtype = self.cfg.reduce.dtype.name
+            outcome.why = self.verdicts.non_finite(bad.step, self._cause(bad), dtype, amp)
+            outcome.skipped = outcome.why is None  # fp16 (bad is this step): the scaler skips
+        if outcome.why:
+            outcome.diverged_at = outcome.step if bad is None else bad.step
+            if bad is not None and bad is not outcome:
+                self._roll_back(bad)
+            return
+        if not outcome.skipped:
+            outcome.report.update_noise()
+        self.reducer.noise_estimate()  # the steps since folded in, their norms read in one go
+        self.apply(outcome)  # fp16: the loss scaler skips a step whose gradient is not finite
+
+    def _capture(self) -> dict[str, Any]:
+        """What :meth:`_roll_back` restores: weights, optimizer, schedule, RNG, c range and
+        noise estimate, copied on the device (nothing is read)."""
+        return {
+            "step": self.step,
+            "model": [t.detach().clone() for t in self.model.state_dict().values()],
+            "optimizer": {
+                p: {k: v.clone() if torch.is_tensor(v) else v for k, v in state.items()}
+                for p, state in self.optimizer.state.items()
+            },
+            "lr": [group["lr"] for group in self.optimizer.param_groups],
+            "schedule": self.schedule.state_dict(),
+            "rng": _rng_state(self.ctx.device),
+            "c_range": dataclasses.replace(self.c_range),
+            "noise": self.reducer.noise_state(),
+        }
+
+    def _roll_back(self, bad: StepOutcome) -> None:
+        """Undo the steps taken unsettled from the diverged one ``bad`` on: back to the state
+        captured before them, then the steps between that and ``bad`` again (the same batches
+        and random numbers: the same updates), so the weights are those after ``bad.step - 1``
+        exactly, as if the verdict had been read at every step."""
+        sound = self._sound
+        self.optimizer.zero_grad(set_to_none=True)  # the diverged gradient of the last step
+        for now, then in zip(self.model.state_dict().values(), sound["model"], strict=True):
+            now.copy_(then)
+        self.optimizer.state.clear()
+        for p, state in sound["optimizer"].items():
+            self.optimizer.state[p] = state
+        for group, lr in zip(self.optimizer.param_groups, sound["lr"], strict=True):
+            group["lr"] = lr
+        self.schedule.load_state_dict(sound["schedule"])
+        _set_rng_state(sound["rng"], self.ctx.device)
+        self.c_range = sound["c_range"]
+        self.reducer.set_noise_state(sound["noise"])
+        self.step = sound["step"]
+        if not self.in_memory:
+            self._batches = None  # a DataLoader again from this step
+        while self.step + 1 < bad.step:
+            replayed = self.forward_backward(self.step + 1)
+            self.c_range.add(replayed.report)
+            replayed.report.update_noise()
+            self.apply(replayed)
+        self.c_range.add(bad.report)
+
+    def noise(self) -> NoiseEstimate | None:
+        """The running noise-scale estimate, read from the device (None before its first
+        step, or with no estimate)."""
+        return self.reducer.noise_estimate()
 
     def evaluate(self, split: Any) -> tuple[float, float | None]:
         return evaluate(self.model, self.objective, split, self.ctx, self.cfg.data.num_workers)
@@ -391,11 +500,8 @@ class Trainer:
     def extra_state(self) -> dict[str, Any]:
         """What a resumed run needs besides the model and the optimizer; a collective (every
         rank's RNG state is gathered)."""
-        rng = {"cpu": torch.get_rng_state()}
-        if self.ctx.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.ctx.device)
         every_rng: list[Any] = [None] * self.ctx.world_size
-        dist.all_gather_object(every_rng, rng)
+        dist.all_gather_object(every_rng, _rng_state(self.ctx.device))
         return {
             "step": self.step,
             "config": to_dict(self.cfg),
@@ -415,9 +521,7 @@ class Trainer:
         # Same world size: each rank gets its own RNG back; otherwise rank 0's, for all.
         rngs = state["rng"]
         rng = rngs[self.ctx.rank] if len(rngs) == self.ctx.world_size else rngs[0]
-        torch.set_rng_state(rng["cpu"])
-        if "cuda" in rng and self.ctx.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], self.ctx.device)
+        _set_rng_state(rng, self.ctx.device)
         self.step = state["step"]
         self.c_range.load_state_dict(state["c_range"])
         self.initial_loss = state["initial_loss"]
@@ -443,7 +547,28 @@ class Trainer:
         del self.wrapped
 
 
-def _on(split: Any, device: torch.device) -> Any:
+def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    rng = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    return rng
+
+
+def _set_rng_state(rng: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"], device)
+
+
+def _summed(values: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The sum of some 0-dim tensors in float64 (0 for none), left on the device."""
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for value in values:
+        total += value
+    return total
+
+
+def _to_device(split: Any, device: torch.device) -> Any:
     """A built-in split on ``device``; your own data stay where they are."""
     return split.to(device) if isinstance(split, Split) else split
 

@@ -133,6 +133,8 @@ def test_report_renders_the_targets_of_the_trainer_the_start_and_the_strategies(
                 "state_ratio": 0.5,
                 "step_ratio": interval,
                 "median_step_ms": {"ddp": 1.0, "fsdp": 2.0},
+                "layer_over_alone": interval,
+                "layer_route": "fsdp_comm",
             }
         },
         "precision": {
@@ -143,7 +145,8 @@ def test_report_renders_the_targets_of_the_trainer_the_start_and_the_strategies(
         },
     }
     text = report(results)
-    assert "| m | mean + noise | 1.020 [0.990, 1.040] | <= 1.05 | yes |" in text
+    assert "| m | mean + noise | 1.020 [0.990, 1.040] | <= 1.03 | within noise |" in text
+    assert "FSDP2 alone (its divide factor W, the same c = 1): 1.020 [0.990, 1.040]" in text
     assert "2.00x [1.90, 2.60] (target <= 2.5: within noise)" in text
     assert "| convert | 0.050 [0.040, 0.060] | <= 0.3 | yes |" in text
     assert "state fsdp/ddp 0.500 (1/W = 0.500)" in text

@@ -34,11 +34,14 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from ddp_reduce import parallel
 from ddp_reduce.analysis.intervals import median_interval
 from ddp_reduce.analysis.tables import table
-from ddp_reduce.config import Device, DistConfig, load_config
+from ddp_reduce.config import Device, DistConfig, Strategy, load_config
 from ddp_reduce.distributed import DistContext, available_cores
+from ddp_reduce.layer.strategy import is_fsdp
 from ddp_reduce.models import build_model, loss_sums
+from ddp_reduce.optim import build_optimizer
 from ddp_reduce.run.compose import compose_config
 from ddp_reduce.run.pool import RankPool
 from ddp_reduce.run.rundir import SUMMARY
@@ -61,16 +64,20 @@ VARIANTS = {
     "mean": ("reduce.op=mean", NO_NOISE),
     "sum": ("reduce.op=sum", NO_NOISE),
     "global_mean": ("reduce.loss=sum", "reduce.op=global_mean", NO_NOISE),
+    # the three above run DDP's own C++ path (DDP's arithmetic is theirs); this one the Python
+    # hook without the noise norms (a split division forces it): the hook's own cost
+    "mean, hook": ("reduce.op=mean", "reduce.predivide=sqrt", NO_NOISE),
     "mean + noise": ("reduce.op=mean", "noise.enabled=true"),
     "sum + noise": ("reduce.op=sum", "noise.enabled=true"),
     "global_mean + noise": ("reduce.loss=sum", "reduce.op=global_mean", "noise.enabled=true"),
 }
-TARGETS = {"mean": 1.02, "sum": 1.02, "global_mean": 1.05}
+TARGETS = {"mean": 1.02, "sum": 1.02, "global_mean": 1.05, "mean, hook": 1.05}
 NOISE_TARGET = 1.05
 BARE = "bare DDP loop"  # no bookkeeping at all: a reference, not a target
+FSDP_ALONE = "FSDP2 alone"  # a bare FSDP2 loop, its own divide factor giving the same c
 # The trainer against the bare loop: its defaults (noise estimate on) and without the estimate.
 TRAINER_VS_BARE = ("mean + noise", "mean")
-TRAINER_TARGET = 1.05
+TRAINER_TARGETS = {"cpu": 1.03, "cuda": 1.05}  # CPU at W=2; a GPU at W=1 (NCCL)
 
 
 def _cfg(device: str, *overrides: str) -> dict:
@@ -90,14 +97,18 @@ class _Stepper:
         self.trainer = Trainer(load_config(cfg_dict), ctx)
 
     def __call__(self) -> None:
-        self.trainer.train_step().report.noise  # noqa: B018 (the estimate's update)
+        # as a run steps: the verdict read and the statistics logged every train.log_every
+        log = (self.trainer.step + 1) % self.trainer.cfg.train.log_every == 0
+        self.trainer.train_step(log=log, settle=log)  # the noise estimate's update included
 
     def close(self) -> None:
         self.trainer.close()
 
 
 class _BareStepper:
-    """A plain DDP step: forward, mean loss, backward, optimizer step. Nothing else."""
+    """A plain DDP step: forward, mean loss, backward, optimizer step. Nothing else. Under
+    ``dist.strategy=fsdp``: FSDP2 alone, its own divide factor W (c = 1, as the layer's
+    mean/mean), the configured optimizer."""
 
     def __init__(self, cfg_dict: dict, ctx: DistContext):
         t = Trainer(load_config(cfg_dict), ctx)  # for the same data, model and sampler
@@ -106,9 +117,15 @@ class _BareStepper:
         t.close()
         cfg = load_config(cfg_dict)
         model = build_model(cfg.model, t.data).to(ctx.device)
-        ids = [ctx.device] if ctx.device.type == "cuda" else None
-        self.ddp = DDP(model, device_ids=ids)
-        self.opt = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=0.9)
+        if cfg.dist.strategy is Strategy.fsdp:
+            self.ddp = parallel.wrap(model, Strategy.fsdp, ctx)
+            for unit in (m for m in model.modules() if is_fsdp(m)):
+                unit.set_gradient_divide_factor(float(ctx.world_size))
+            self.opt = build_optimizer(cfg.optim, model, self.geom.global_batch_size)
+        else:
+            ids = [ctx.device] if ctx.device.type == "cuda" else None
+            self.ddp = DDP(model, device_ids=ids)
+            self.opt = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=0.9)
         self.step = 0
 
     def __call__(self) -> None:
@@ -130,7 +147,8 @@ def _interleaved_job(
     """Per variant, ``rounds`` samples of the mean step time over ``block`` consecutive steps;
     the variants' blocks interleaved in a shuffled order (the same on every rank)."""
     steppers = {
-        name: (_BareStepper if name == BARE else _Stepper)(cfg, ctx) for name, cfg in cfgs.items()
+        name: (_BareStepper if name in (BARE, FSDP_ALONE) else _Stepper)(cfg, ctx)
+        for name, cfg in cfgs.items()
     }
     order = list(steppers)
     for _ in range(warmup):
@@ -318,6 +336,7 @@ def bench_startup(quick: bool) -> dict[str, Any]:
     }
 
 
+FSDP_TARGET = 1.05  # FSDP2 with the layer over FSDP2 alone where the layer's route runs
 FSDP_MODEL = ("model=mlp", "model.hidden=[4096,4096]", "data.batch_size=16", "optim=adam")
 
 
@@ -366,8 +385,10 @@ def bench_fsdp(quick: bool) -> dict[str, Any]:
             for s, extra in strategies.items()
         }
         pool = RankPool(DistConfig(threads_per_rank=1), world)
+        pair = {"FSDP2 with the layer": cfgs["fsdp"], FSDP_ALONE: cfgs["fsdp"]}
         try:
             res = pool.call(_fsdp_job, cfgs, 3 if quick else 10)[0]
+            alone = pool.call(_interleaved_job, pair, 2, 5 if quick else 20, 1)[0]["wall"]
         finally:
             pool.close()
         mem = res["memory"]
@@ -378,6 +399,9 @@ def bench_fsdp(quick: bool) -> dict[str, Any]:
             **({"hsdp_state_ratio": total["hsdp"] / total["ddp"]} if "hsdp" in total else {}),
             "step_ratio": paired_ratio(res["wall"]["fsdp"], res["wall"]["ddp"]),
             "median_step_ms": {s: 1e3 * statistics.median(v) for s, v in res["wall"].items()},
+            # on gloo the layer's route (fsdp_comm) is the only one: no PREMUL_SUM
+            "layer_over_alone": paired_ratio(*alone.values()),
+            "layer_route": "fsdp_comm",
         }
     return out
 
@@ -385,10 +409,11 @@ def bench_fsdp(quick: bool) -> dict[str, Any]:
 def bench_precision(device: str, quick: bool) -> dict[str, Any]:
     """Step time with gradients travelling in bf16 (and fp16) against fp32, small MLP, W=2."""
     nproc = 2 if device == "cpu" else min(2, torch.cuda.device_count())
-    cfgs = {
-        d: _cfg(device, *MODELS["small MLP (communication-bound)"], f"reduce.dtype={d}", NO_NOISE)
-        for d in ("fp32", "bf16", "fp16")
-    }
+    mlp = MODELS["small MLP (communication-bound)"]
+    cfgs = {d: _cfg(device, *mlp, f"reduce.dtype={d}", NO_NOISE) for d in ("fp32", "bf16", "fp16")}
+    # fp16 training with its loss scaler (gradients reduced in fp32), the defaults otherwise
+    cfgs[AMP] = _cfg(device, *mlp, "train.precision=fp16")
+    cfgs[AMP_BASE] = _cfg(device, *mlp, "train.precision=fp32")
     pool = RankPool(DistConfig(device=Device[device], threads_per_rank=1), nproc)
     try:
         wall = pool.call(_interleaved_job, cfgs, 10, 30 if quick else 300, 10)[0]["wall"]
@@ -398,8 +423,15 @@ def bench_precision(device: str, quick: bool) -> dict[str, Any]:
         "world_size": nproc,
         "device": device,
         "median_ms": {d: 1e3 * statistics.median(v) for d, v in wall.items()},
-        "ratios": {d: paired_ratio(wall[d], wall["fp32"]) for d in ("bf16", "fp16")},
+        "ratios": {
+            **{d: paired_ratio(wall[d], wall["fp32"]) for d in ("bf16", "fp16")},
+            AMP: paired_ratio(wall[AMP], wall[AMP_BASE]),
+        },
     }
+
+
+AMP = "train.precision=fp16 (loss scaler)"  # against AMP_BASE, both with the noise estimate on
+AMP_BASE = "train.precision=fp32"
 
 
 _STEPPERS: dict[str, _Stepper] = {}  # kept in a pool's ranks between calls
@@ -523,195 +555,271 @@ def _shown(r: dict[str, float]) -> str:
     return f"{r['ratio']:.3f} [{r['low']:.3f}, {r['high']:.3f}]"
 
 
-def report(results: dict[str, Any]) -> str:
+def _report_reduce(results: dict[str, Any]) -> list[str]:
+    if "reduce" not in results:
+        return []
     lines: list[str] = []
-    if "reduce" in results:
-        r = results["reduce"]
-        lines += [
-            f"## Reduction overhead (W={r['world_size']}, {r['device']}, interleaved, medians)",
-            "",
-            "Ratio: median over rounds of the variant's step time over the built-in's in the",
-            "same round, [95% bootstrap interval]; met when the whole interval is under target.",
-            "",
-            "| model | variant | steps | median step (ms) | ratio to built-in | CPU-time ratio "
-            "| target | met |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for model, rows in r["models"].items():
-            for name, row in rows.items():
-                target = TARGETS.get(name) or (NOISE_TARGET if "noise" in name else None)
-                met = verdict(row, target) if target else ""
-                shown = f"<= {target}" if target else ("reference" if name == BARE else "")
-                lines.append(
-                    f"| {model} | {name} | {row['steps']} | {row['median_ms']:.3f} | "
-                    f"{_shown(row)} | {row['cpu_ratio']:.3f} | {shown} | {met} |"
-                )
-        lines.append("")
-    if "scaling" in results:
-        s = results["scaling"]
-        lines += [
-            f"## Scaling (CNN, {s['cores']} cores; medians, set-ups interleaved)",
-            "",
-            "| case | items/s |",
-            "|---|---|",
-        ]
-        for b in s["batches"].values():
-            for name, value in b["items_per_s"].items():
-                lines.append(f"| {name} | {value:.0f} |")
-        lines.append("")
-        for batch, b in s["batches"].items():
-            sp, alt = b["speedup_w2_over_w1"], b["w2_over_one_process_two_threads"]
-            met = "yes" if sp["low"] >= 1.6 else ("**no**" if sp["high"] < 1.6 else "within noise")
+    r = results["reduce"]
+    lines += [
+        f"## Reduction overhead (W={r['world_size']}, {r['device']}, interleaved, medians)",
+        "",
+        "Ratio: median over rounds of the variant's step time over the built-in's in the",
+        "same round, [95% bootstrap interval]; met when the whole interval is under target.",
+        "",
+        "| model | variant | steps | median step (ms) | ratio to built-in | CPU-time ratio "
+        "| target | met |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for model, rows in r["models"].items():
+        for name, row in rows.items():
+            target = TARGETS.get(name) or (NOISE_TARGET if "noise" in name else None)
+            met = verdict(row, target) if target else ""
+            shown = f"<= {target}" if target else ("reference" if name == BARE else "")
             lines.append(
-                f"- b={batch}: W=1 -> W=2 speed-up {sp['ratio']:.2f}x [{sp['low']:.2f}, "
-                f"{sp['high']:.2f}] (efficiency {50 * sp['ratio']:.0f}%; target >= 1.6x: {met}); "
-                f"W=2 against one process with 2 threads: {alt['ratio']:.2f}x"
+                f"| {model} | {name} | {row['steps']} | {row['median_ms']:.3f} | "
+                f"{_shown(row)} | {row['cpu_ratio']:.3f} | {shown} | {met} |"
             )
-        lines.append("")
-    if "sweep" in results:
-        lines += [
-            "## Sweep start-up cost",
-            "",
-            "| ranks | points | wall (s) | training (s) | overhead per point (s) |",
-            "|---|---|---|---|---|",
-        ]
-        for name, w in results["sweep"].items():
-            lines.append(
-                f"| {name} | {w['points']} | {w['wall_s']:.1f} | {w['training_s']:.1f} | "
-                f"{w['overhead_per_point_s']:.2f} |"
-            )
-        lines += ["", "Target: <= 1 s per point (with reuse_ranks).", ""]
-    if "trainer" in results.get("reduce", {}):
-        rows = [
-            [
-                model,
-                name,
-                _shown(r),
-                f"<= {TRAINER_TARGET}",
-                verdict(r, TRAINER_TARGET),
-            ]
-            for model, by in results["reduce"]["trainer"].items()
-            for name, r in by.items()
-        ]
-        lines += [
-            "## The trainer against a bare DDP loop (step time, same round, [95% interval])",
-            "",
-            "The trainer with everything on (the noise estimate its default), logging on",
-            "logged steps only; a bare loop: forward, mean loss, backward, optimizer step.",
-            "",
-            table(["model", "trainer variant", "trainer / bare", "target", "met"], rows),
-            "",
-        ]
-    if "startup" in results:
-        st = results["startup"]
-        r = st["ratio_to_floor"]
-        rows = [[name, f"{v:.2f}"] for name, v in st["median_s"].items()]
-        rows.append(
-            ["  of which inside the ranks (summary wall_time_s)", f"{st['run_inside_ranks_s']:.2f}"]
+    lines.append("")
+    return lines
+
+
+def _report_scaling(results: dict[str, Any]) -> list[str]:
+    if "scaling" not in results:
+        return []
+    lines: list[str] = []
+    s = results["scaling"]
+    lines += [
+        f"## Scaling (CNN, {s['cores']} cores; medians, set-ups interleaved)",
+        "",
+        "| case | items/s |",
+        "|---|---|",
+    ]
+    for b in s["batches"].values():
+        for name, value in b["items_per_s"].items():
+            lines.append(f"| {name} | {value:.0f} |")
+    lines.append("")
+    for batch, b in s["batches"].items():
+        sp, alt = b["speedup_w2_over_w1"], b["w2_over_one_process_two_threads"]
+        met = "yes" if sp["low"] >= 1.6 else ("**no**" if sp["high"] < 1.6 else "within noise")
+        lines.append(
+            f"- b={batch}: W=1 -> W=2 speed-up {sp['ratio']:.2f}x [{sp['low']:.2f}, "
+            f"{sp['high']:.2f}] (efficiency {50 * sp['ratio']:.0f}%; target >= 1.6x: {met}); "
+            f"W=2 against one process with 2 threads: {alt['ratio']:.2f}x"
         )
-        calc = [
-            [
-                name,
-                _shown(c),
-                f"<= {CALCULATOR_TARGET_S}",
-                verdict(c, CALCULATOR_TARGET_S),
-            ]
-            for name, c in st["calculator"].items()
+    lines.append("")
+    return lines
+
+
+def _report_sweep(results: dict[str, Any]) -> list[str]:
+    if "sweep" not in results:
+        return []
+    lines: list[str] = []
+    lines += [
+        "## Sweep start-up cost",
+        "",
+        "| ranks | points | wall (s) | training (s) | overhead per point (s) |",
+        "|---|---|---|---|---|",
+    ]
+    for name, w in results["sweep"].items():
+        lines.append(
+            f"| {name} | {w['points']} | {w['wall_s']:.1f} | {w['training_s']:.1f} | "
+            f"{w['overhead_per_point_s']:.2f} |"
+        )
+    lines += ["", "Target: <= 1 s per point (with reuse_ranks).", ""]
+    return lines
+
+
+def _report_trainer(results: dict[str, Any]) -> list[str]:
+    if "trainer" not in results.get("reduce", {}):
+        return []
+    lines: list[str] = []
+    target = TRAINER_TARGETS[results["reduce"]["device"]]
+    rows = [
+        [
+            model,
+            name,
+            _shown(r),
+            f"<= {target}",
+            verdict(r, target),
         ]
-        lines += [
-            f"## Cold start ({st['rounds']} interleaved rounds, medians in seconds)",
-            "",
-            table(["what", "median (s)"], rows),
-            "",
-            f"A one-step default run over the import floor: {r['ratio']:.2f}x [{r['low']:.2f}, "
-            f"{r['high']:.2f}] (target <= {STARTUP_TARGET}: {verdict(r, STARTUP_TARGET)}). The "
-            "ranks' imports run beside the launcher's (a forkserver imports them once).",
-            "",
-            table(["calculator", "median (s) [95% interval]", "target", "met"], calc),
-            "",
+        for model, by in results["reduce"]["trainer"].items()
+        for name, r in by.items()
+    ]
+    lines += [
+        "## The trainer against a bare DDP loop (step time, same round, [95% interval])",
+        "",
+        "The trainer with everything on (the noise estimate its default), logging on",
+        "logged steps only; a bare loop: forward, mean loss, backward, optimizer step.",
+        "",
+        table(["model", "trainer variant", "trainer / bare", "target", "met"], rows),
+        "",
+    ]
+    return lines
+
+
+def _report_startup(results: dict[str, Any]) -> list[str]:
+    if "startup" not in results:
+        return []
+    lines: list[str] = []
+    st = results["startup"]
+    r = st["ratio_to_floor"]
+    rows = [[name, f"{v:.2f}"] for name, v in st["median_s"].items()]
+    rows.append(
+        ["  of which inside the ranks (summary wall_time_s)", f"{st['run_inside_ranks_s']:.2f}"]
+    )
+    calc = [
+        [
+            name,
+            _shown(c),
+            f"<= {CALCULATOR_TARGET_S}",
+            verdict(c, CALCULATOR_TARGET_S),
         ]
-    if "fsdp" in results:
-        rows = []
-        for world, r in results["fsdp"].items():
-            for s in r["bytes"]:
-                b = r["bytes"][s]
-                rows.append(
-                    [
-                        world,
-                        s,
-                        *(f"{b[k] / 2**20:.1f}" for k in ("parameters", "gradients", "optimizer")),
-                        f"{r['median_step_ms'][s]:.1f}",
-                    ]
-                )
-        lines += [
-            "## FSDP against DDP (per rank; MiB of this rank's own shards)",
-            "",
-            table(
-                ["W", "strategy", "parameters", "gradients", "optimizer", "median step (ms)"], rows
-            ),
-            "",
-        ]
-        for world, r in results["fsdp"].items():
-            sr = r["step_ratio"]
-            lines.append(
-                f"- W={world}: state fsdp/ddp {r['state_ratio']:.3f} (1/W = {1 / int(world):.3f}); "
-                f"step time fsdp/ddp {sr['ratio']:.2f} [{sr['low']:.2f}, {sr['high']:.2f}]"
+        for name, c in st["calculator"].items()
+    ]
+    lines += [
+        f"## Cold start ({st['rounds']} interleaved rounds, medians in seconds)",
+        "",
+        table(["what", "median (s)"], rows),
+        "",
+        f"A one-step default run over the import floor: {r['ratio']:.2f}x [{r['low']:.2f}, "
+        f"{r['high']:.2f}] (target <= {STARTUP_TARGET}: {verdict(r, STARTUP_TARGET)}). The "
+        "ranks' imports run beside the launcher's (a forkserver imports them once).",
+        "",
+        table(["calculator", "median (s) [95% interval]", "target", "met"], calc),
+        "",
+    ]
+    return lines
+
+
+def _report_fsdp(results: dict[str, Any]) -> list[str]:
+    if "fsdp" not in results:
+        return []
+    lines: list[str] = []
+    rows = []
+    for world, r in results["fsdp"].items():
+        for s in r["bytes"]:
+            b = r["bytes"][s]
+            rows.append(
+                [
+                    world,
+                    s,
+                    *(f"{b[k] / 2**20:.1f}" for k in ("parameters", "gradients", "optimizer")),
+                    f"{r['median_step_ms'][s]:.1f}",
+                ]
             )
-            if "hsdp_state_ratio" in r:
-                shards = int(world) // HSDP_REPLICAS
-                lines.append(
-                    f"- W={world}: state hsdp/ddp {r['hsdp_state_ratio']:.3f} with "
-                    f"R={HSDP_REPLICAS} replicas of S={shards} shards (1/S = {1 / shards:.3f})"
-                )
-        lines.append("")
-    if "precision" in results:
-        pr = results["precision"]
-        rows = [
-            [
-                d,
-                f"{pr['median_ms'][d]:.3f}",
-                _shown(pr["ratios"][d]) if d in pr["ratios"] else "1",
-            ]
-            for d in pr["median_ms"]
-        ]
-        lines += [
-            f"## Gradients in low precision (small MLP, W={pr['world_size']}, {pr['device']})",
-            "",
-            table(["reduce.dtype", "median step (ms)", "ratio to fp32"], rows),
-            "",
-        ]
-    if "data" in results:
-        rows = [
-            [
-                case,
-                name,
-                f"{r['median_ms']:.2f}",
-                _shown(r),
-            ]
-            for case, paths in results["data"].items()
-            for name, r in paths.items()
-        ]
-        lines += [
-            "## Data paths (W=2, interleaved; ratio to the in-memory path in the same round)",
-            "",
-            table(["data", "path", "median step (ms)", "ratio to memory"], rows),
-            "",
-        ]
-    if "memory" in results:
-        m = results["memory"]
-        lines += [
-            f"## Memory ({m['steps']} steps, W=2; growth measured after {m['warmup_steps']})",
-            "",
-            "| rank | RSS after warm-up (MiB) | RSS at end (MiB) | growth | peak RSS (MiB) |",
-            "|---|---|---|---|---|",
-        ]
-        for i, r in enumerate(m["ranks"]):
+    lines += [
+        "## FSDP against DDP (per rank; MiB of this rank's own shards)",
+        "",
+        table(["W", "strategy", "parameters", "gradients", "optimizer", "median step (ms)"], rows),
+        "",
+    ]
+    for world, r in results["fsdp"].items():
+        sr = r["step_ratio"]
+        lines.append(
+            f"- W={world}: state fsdp/ddp {r['state_ratio']:.3f} (1/W = {1 / int(world):.3f}); "
+            f"step time fsdp/ddp {sr['ratio']:.2f} [{sr['low']:.2f}, {sr['high']:.2f}]"
+        )
+        if "hsdp_state_ratio" in r:
+            shards = int(world) // HSDP_REPLICAS
             lines.append(
-                f"| {i} | {r['rss_after_warmup_mb']:.1f} | {r['rss_end_mb']:.1f} | "
-                f"{100 * r['growth']:+.2f}% | {r['peak_rss_mb']:.1f} |"
+                f"- W={world}: state hsdp/ddp {r['hsdp_state_ratio']:.3f} with "
+                f"R={HSDP_REPLICAS} replicas of S={shards} shards (1/S = {1 / shards:.3f})"
             )
-        lines += ["", "Target: growth < 5% after warm-up.", ""]
-    return "\n".join(lines)
+        if "layer_over_alone" in r:
+            alone = r["layer_over_alone"]
+            lines.append(
+                f"- W={world}: FSDP2 with the layer ({r['layer_route']}) / FSDP2 alone (its "
+                f"divide factor W, the same c = 1): {_shown(alone)} "
+                f"(target <= {FSDP_TARGET}: {verdict(alone, FSDP_TARGET)})"
+            )
+    lines.append("")
+    return lines
+
+
+def _report_precision(results: dict[str, Any]) -> list[str]:
+    if "precision" not in results:
+        return []
+    lines: list[str] = []
+    pr = results["precision"]
+    rows = [
+        [
+            d,
+            f"{pr['median_ms'][d]:.3f}",
+            _shown(pr["ratios"][d]) if d in pr["ratios"] else "1",
+        ]
+        for d in pr["median_ms"]
+    ]
+    lines += [
+        f"## Gradients in low precision (small MLP, W={pr['world_size']}, {pr['device']})",
+        "",
+        table(["reduce.dtype or training precision", "median step (ms)", "ratio"], rows),
+        "",
+        f"Ratios: each reduce.dtype to fp32 (noise estimate off); {AMP} to {AMP_BASE} (the",
+        "defaults otherwise: the noise estimate on).",
+        "",
+    ]
+    return lines
+
+
+def _report_data(results: dict[str, Any]) -> list[str]:
+    if "data" not in results:
+        return []
+    lines: list[str] = []
+    rows = [
+        [
+            case,
+            name,
+            f"{r['median_ms']:.2f}",
+            _shown(r),
+        ]
+        for case, paths in results["data"].items()
+        for name, r in paths.items()
+    ]
+    lines += [
+        "## Data paths (W=2, interleaved; ratio to the in-memory path in the same round)",
+        "",
+        table(["data", "path", "median step (ms)", "ratio to memory"], rows),
+        "",
+    ]
+    return lines
+
+
+def _report_memory(results: dict[str, Any]) -> list[str]:
+    if "memory" not in results:
+        return []
+    lines: list[str] = []
+    m = results["memory"]
+    lines += [
+        f"## Memory ({m['steps']} steps, W=2; growth measured after {m['warmup_steps']})",
+        "",
+        "| rank | RSS after warm-up (MiB) | RSS at end (MiB) | growth | peak RSS (MiB) |",
+        "|---|---|---|---|---|",
+    ]
+    for i, r in enumerate(m["ranks"]):
+        lines.append(
+            f"| {i} | {r['rss_after_warmup_mb']:.1f} | {r['rss_end_mb']:.1f} | "
+            f"{100 * r['growth']:+.2f}% | {r['peak_rss_mb']:.1f} |"
+        )
+    lines += ["", "Target: growth < 5% after warm-up.", ""]
+    return lines
+
+
+_SECTIONS = (
+    _report_reduce,
+    _report_scaling,
+    _report_sweep,
+    _report_trainer,
+    _report_startup,
+    _report_fsdp,
+    _report_precision,
+    _report_data,
+    _report_memory,
+)
+
+
+def report(results: dict[str, Any]) -> str:
+    """The markdown report of whatever ``results`` holds, section by section."""
+    return "\n".join(line for section in _SECTIONS for line in section(results))
 
 
 LOADED_PER_CORE = 0.5  # 1-minute load average per core above which timings are suspect

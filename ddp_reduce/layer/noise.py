@@ -83,6 +83,11 @@ class NoiseScaleEstimator:
         n = self.population
         return 1.0 / batch if n is None else (n - batch) / (batch * (n - 1))
 
+    @property
+    def empty(self) -> bool:
+        """No step added yet (nothing to estimate from)."""
+        return self._weight == 0
+
     def estimate(self) -> NoiseEstimate:
         g = self._grad_sq / self._weight
         t = self._trace / self._weight

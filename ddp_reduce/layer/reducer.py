@@ -19,6 +19,7 @@ the device until read (no synchronization on the hot path).
 
 # No `from __future__ import annotations`: DDP checks the hook's annotations at run time.
 import contextlib
+import copy
 import dataclasses
 import functools
 from collections.abc import Iterator, Sequence
@@ -44,7 +45,15 @@ LOW_PRECISION = (torch.bfloat16, torch.float16)  # comm dtypes whose reduction i
 
 
 class Route(Enum):
-    """How the reduction is carried out (the summary names it; c is the same on every route)."""
+    """How the reduction is carried out (the summary names it; c is the same on every route).
+
+    Not :class:`~ddp_reduce.layer.reduction.ReduceImpl`: that is what the user asks for
+    (``reduce.impl``: the layer, the manual reference, or DDP's built-in baseline), this is what
+    runs, decided at the first step from the request, the strategy (DDP or FSDP2), the device,
+    the comm dtype, the noise estimate and whether the counts are known: ``impl=hook`` runs as
+    ``ddp_builtin`` where DDP's own arithmetic is already ours, as ``fsdp_comm`` or
+    ``fsdp_native`` under FSDP2.
+    """
 
     ddp_builtin = "ddp_builtin"  # no hook: DDP's own C++ mean; any other divisor is folded into
     # the loss scale (gradients are linear in the loss), so the optimizer gets the same c·G
@@ -73,8 +82,9 @@ def _sq(t: torch.Tensor) -> torch.Tensor:
 
 
 @dataclass
-class _Step:
-    """The step being reduced: planned before the forward, filled in by the hook."""
+class _InFlight:
+    """The reduction in flight: planned before the forward, filled in by the hook, read into
+    the :class:`StepReport` once the backward is done."""
 
     plan: reduction.StepPlan
     divisor: Any  # float, or a 0-dim tensor (an all-reduced count still in flight)
@@ -87,8 +97,9 @@ class _Step:
     local_amax: torch.Tensor | None = None  # max |g| of this rank's gradient before the cast
     err_sq: torch.Tensor | None = None  # audit: |reduced - reduced in float64|²
     ref_sq: torch.Tensor | None = None  # audit: |reduced in float64|²
-    small_batch: tuple[float, float] | None = None  # (items, |mean gradient|²) given by caller
-    amp: float = 1.0  # the losses were multiplied by this too (a mixed-precision loss scaler)
+    # (items, |mean gradient|²: a number or a 0-dim tensor) given by the caller
+    small_batch: tuple[float, Any] | None = None
+    amp: Any = 1.0  # the losses were multiplied by this too (a loss scaler's, maybe a tensor)
 
     def read_local(self, grad: torch.Tensor, low_precision: bool) -> None:
         """Before a piece of this rank's gradient is reduced (a DDP bucket, an FSDP unit):
@@ -129,10 +140,11 @@ class StepReport:
     global_items: int
     world_size: int
     route: Route
-    _step: _Step = field(repr=False)
+    _step: _InFlight = field(repr=False)
     _reducer: "Reducer" = field(repr=False)
     # a loss of several terms (Reducer.term_scales): each unit's factor, counts, c, exactness
     terms: dict[str, reduction.TermPlan] | None = None
+    _fed: bool | None = field(default=None, repr=False)  # given to the noise estimate yet
 
     @functools.cached_property
     def grad_norm(self) -> torch.Tensor:
@@ -162,10 +174,18 @@ class StepReport:
         """max |g| of this rank's gradient before a low-precision cast (overflow diagnosis)."""
         return self._step.local_amax
 
+    def update_noise(self) -> bool:
+        """Give this step to the running noise-scale estimate, once, on the device (nothing is
+        read); whether the step had a smaller batch to give (noise=True, W >= 2 or A >= 2)."""
+        if self._fed is None:
+            self._fed = self._reducer._observe_noise(self)
+        return self._fed
+
     @functools.cached_property
     def noise(self) -> NoiseEstimate | None:
-        """The running noise-scale estimate including this step (noise=True, W >= 2)."""
-        return self._reducer._observe_noise(self)
+        """The running noise-scale estimate including this step (noise=True, W >= 2), read
+        from the device."""
+        return self._reducer.noise_estimate() if self.update_noise() else None
 
 
 class Reducer:
@@ -201,6 +221,9 @@ class Reducer:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.device = self.params[0].device if self.params else torch.device("cpu")
         self.estimator = NoiseScaleEstimator(noise_beta, noise_population) if noise else None
+        # Steps given to the estimate and not read yet: (B_small, B_big, |G_small|², |c·G|, c),
+        # the norms still on the device; folded in where the estimate is read.
+        self._noise_queue: list[tuple[float, float, Any, torch.Tensor, float]] = []
         # The ranks' own gradients are a second batch size for the noise scale (W >= 2); they
         # exist only where the hook (or the reference) sees them, not on DDP's own path.
         self.collect_sq = (
@@ -210,7 +233,7 @@ class Reducer:
         shape = hsdp_shape(model) if self.sharded else None
         self._hsdp = HSDPReduction(shape, self.predivide) if shape is not None else None
         self.route: Route | None = None  # decided at the first step (see _choose_route)
-        self._step: _Step | None = None
+        self._step: _InFlight | None = None
         self._report: StepReport | None = None
         self._counts_given: bool | None = None
         self._terms: dict[str, reduction.TermPlan] | None = None
@@ -305,7 +328,7 @@ class Reducer:
         d = plan.divisor
         if d is None:  # global_mean with the count still in flight: divide by the tensor
             d = _LazyCount(self)
-        self._step = _Step(
+        self._step = _InFlight(
             plan=plan,
             divisor=d,
             count=count,
@@ -432,25 +455,53 @@ class Reducer:
     def grad_norm(self) -> torch.Tensor:
         return total_norm(self.params).to(self.device)
 
-    def small_batch(self, items: int, mean_grad_sq: float) -> None:
+    def small_batch(self, items: int, mean_grad_sq: float | torch.Tensor) -> None:
         """Give this step's smaller batch for the noise scale where the ranks cannot (one rank,
-        accumulation: the first micro-batch): its items and |its mean gradient|² (c = 1)."""
+        accumulation: the first micro-batch): its items and |its mean gradient|² (c = 1), a
+        number or a 0-dim tensor left on the device."""
         self._step.small_batch = (float(items), mean_grad_sq)
 
-    def _observe_noise(self, report: StepReport) -> NoiseEstimate | None:
+    def _observe_noise(self, report: StepReport) -> bool:
         step = report._step
         if self.estimator is None:
-            return None
+            return False
         if self.collect_sq and step.ranks_sq is not None:
-            small = (report.global_items / self.world_size, float(report.ranks_sq_mean))
+            small = (report.global_items / self.world_size, report.ranks_sq_mean)
         elif step.small_batch is not None:
             small = step.small_batch
         else:
+            return False
+        self._noise_queue.append(
+            (small[0], report.global_items, small[1], report.grad_norm, report.c)
+        )
+        return True
+
+    def noise_estimate(self) -> NoiseEstimate | None:
+        """The running noise-scale estimate: the steps given since the last call folded in
+        (their norms read from the device in one go); None before the first or without one."""
+        if self.estimator is None:
             return None
-        big_sq = (float(report.grad_norm) / report.c) ** 2
-        return self.estimator.update(small[0], report.global_items, small[1], big_sq)
+        if self._noise_queue:
+            queue, self._noise_queue = self._noise_queue, []
+            small = [torch.as_tensor(q[2], dtype=torch.float64, device=self.device) for q in queue]
+            norms = [q[3].to(torch.float64) for q in queue]
+            values = torch.stack([*small, *norms]).tolist()
+            for (b_small, b_big, _, _, c), small_sq, norm in zip(
+                queue, values[: len(queue)], values[len(queue) :], strict=True
+            ):
+                self.estimator.update(b_small, b_big, small_sq, (norm / c) ** 2)
+        return None if self.estimator.empty else self.estimator.estimate()
+
+    def noise_state(self) -> tuple[NoiseScaleEstimator | None, list]:
+        """A copy of the estimate's state, queue included (see :meth:`set_noise_state`)."""
+        return copy.copy(self.estimator), list(self._noise_queue)
+
+    def set_noise_state(self, state: tuple[NoiseScaleEstimator | None, list]) -> None:
+        estimator, queue = state
+        self.estimator, self._noise_queue = copy.copy(estimator), list(queue)
 
     def state_dict(self) -> dict[str, Any]:
+        self.noise_estimate()  # the queued steps folded in
         return {"noise": self.estimator.state_dict() if self.estimator else None}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -514,7 +565,7 @@ def attach(
 # -- the arithmetic, carried out ------------------------------------------------------------
 
 
-def _divisor_value(step: _Step):
+def _divisor_value(step: _InFlight):
     d = step.divisor
     return d.tensor() if isinstance(d, _LazyCount) else d
 

@@ -6,7 +6,6 @@ The steps themselves are the :class:`~ddp_reduce.trainer.Trainer`'s.
 
 from __future__ import annotations
 
-import math
 import os
 import signal
 import sys
@@ -36,6 +35,7 @@ from ddp_reduce.run.rundir import (
 from ddp_reduce.run.summary import RunSummary, Status, read_summary, write_summary
 from ddp_reduce.sysinfo import peak_rss_mb, rss_mb
 from ddp_reduce.trainer import Prepared, StepOutcome, Trainer
+from ddp_reduce.verdict import blown_up
 
 
 @dataclass
@@ -67,7 +67,6 @@ class _Progress:
     window: _Window = field(default_factory=_Window)
     reduce_overflow_at: int | None = None  # the reduction itself made the gradient non-finite
     amp_skipped: int = 0  # fp16: steps the loss scaler skipped (a non-finite gradient)
-    amp_skipped_in_a_row: int = 0
     lossy_logged: int = 0  # logged steps whose low-precision reduction was off by more than
     rel_error_max: float | None = None  # ... reduce.lossy_threshold; the largest such error
 
@@ -150,11 +149,11 @@ def _open_run_dir(cfg: RunConfig, run_dir: Path) -> None:
 def _logger(trainer: Trainer, run_dir: Path, ctx: DistContext) -> MetricsLogger | NullLogger:
     if not ctx.is_main:
         return NullLogger()
-    rc = trainer.cfg.reduce
+    reduce_cfg = trainer.cfg.reduce
     return MetricsLogger(
         run_dir,
         resume_step=trainer.step,
-        mode=f"{rc.loss.name}-{rc.op.name}",
+        mode=f"{reduce_cfg.loss.name}-{reduce_cfg.op.name}",
         global_batch=trainer.geom.global_batch_size,
     )
 
@@ -173,70 +172,35 @@ def _train_step(trainer: Trainer, step: int, progress: _Progress) -> dict[str, f
     """One optimizer step; returns its scalars (empty on steps that are not logged)."""
     cfg, ctx = trainer.cfg, trainer.ctx
     log = step % cfg.train.log_every == 0 or step == cfg.train.steps
+    # The verdict is read (the device waited for) only where the state is read or saved next;
+    # a step found diverged then is rolled back (Trainer.train_step).
+    every = cfg.train.checkpoint_every
+    settle = log or _eval_due(cfg, step) or bool(every and step % every == 0)
     t0 = time.perf_counter()
     before = parallel.snapshot(trainer.params) if log else None
     lr = trainer.optimizer.param_groups[0]["lr"]
-    outcome = trainer.forward_backward(step, log=log)
-    trainer.c_range.add(outcome.report)
-    why = _nonfinite_why(trainer, outcome, step, progress) or _blown_up(trainer, outcome.loss)
-    if why:  # the step is not taken: the weights stay the last sound ones
-        progress.status, progress.diverged_at, progress.diverged_why = Status.diverged, step, why
-        return {"train/loss": outcome.loss} if outcome.loss is not None else {}
-    trainer.apply(outcome)  # fp16: the loss scaler skips a step whose gradient is not finite
-    if ctx.device.type == "cuda":
-        torch.cuda.synchronize(ctx.device)
+    outcome = trainer.train_step(log=log, settle=settle)
+    if settle or outcome.why:
+        progress.noise = trainer.noise() or progress.noise
+    verdicts = trainer.verdicts
+    progress.amp_skipped, progress.reduce_overflow_at = (
+        verdicts.amp_skipped,
+        verdicts.reduce_overflow_at,
+    )
+    if outcome.why:  # the step was not taken: the weights stay the last sound ones
+        progress.status = Status.diverged
+        progress.diverged_at, progress.diverged_why = outcome.diverged_at, outcome.why
+        this_step = outcome.loss is not None and outcome.diverged_at == step
+        return {"train/loss": outcome.loss} if this_step else {}
+    if settle and ctx.device.type == "cuda":
+        torch.cuda.synchronize(ctx.device)  # the window's time: its steps done on the device
     progress.window.add(time.perf_counter() - t0, outcome.report.global_items)
-    progress.noise = outcome.report.noise or progress.noise
     if not log:
         return {}
     progress.last_loss = outcome.loss
     scalars = _step_scalars(trainer, outcome, progress, lr, before)
     progress.window = _Window()
     return scalars
-
-
-AMP_SKIPS_IN_A_ROW = 20  # fp16: this many skipped steps in a row is a divergence, not bad luck
-
-CAUSES = {
-    "loss": "a NaN or inf in a rank's loss",
-    "backward": "a NaN or inf in a rank's own gradient (the backward overflowed)",
-    "reduction": "the gradient all-reduce overflowed (reduce.dtype={dtype}): every rank's "
-    "own gradient was finite, the reduced one is not",
-    "gradient": "a NaN or inf in the reduced gradient",
-}
-
-
-def _nonfinite_why(
-    trainer: Trainer, outcome: StepOutcome, step: int, progress: _Progress
-) -> str | None:
-    """Why a non-finite step ends the run, or None (a finite step, or one fp16's loss scaler
-    skips). A reduction that overflowed is named as such: the communication, not the loss."""
-    if not outcome.diverged:
-        progress.amp_skipped_in_a_row = 0
-        return None
-    cause = outcome.cause or "gradient"
-    if cause == "reduction" and progress.reduce_overflow_at is None:
-        progress.reduce_overflow_at = step
-    why = CAUSES[cause].format(dtype=trainer.cfg.reduce.dtype.name)
-    if trainer.scaler is not None and cause != "loss":
-        progress.amp_skipped += 1
-        progress.amp_skipped_in_a_row += 1
-        if progress.amp_skipped_in_a_row < AMP_SKIPS_IN_A_ROW:
-            return None
-        return f"{why}, {AMP_SKIPS_IN_A_ROW} steps in a row (the loss scaler skips them)"
-    return why
-
-
-def _blown_up(trainer: Trainer, loss: float | None) -> str | None:
-    """Why a finite loss counts as a blow-up (train.blowup_factor), or None."""
-    factor, initial = trainer.cfg.train.blowup_factor, trainer.initial_loss
-    if factor is None or loss is None or initial is None or not initial > 0:
-        return None
-    if not math.isfinite(loss):
-        return "a NaN or inf in the loss"
-    if loss > factor * initial:
-        return f"blow-up: loss {loss:.4g} > train.blowup_factor={factor:g} x initial {initial:.4g}"
-    return None
 
 
 def _step_scalars(
@@ -315,7 +279,7 @@ def _finish(
     """Final evaluation, the summary, the weights and the HParams record."""
     cfg, ctx = trainer.cfg, trainer.ctx
     train_loss, train_acc = trainer.evaluate(trainer.train_split)
-    why = _blown_up(trainer, train_loss)
+    why = blown_up(train_loss, trainer.initial_loss, cfg.train.blowup_factor)
     if why and progress.status is Status.completed:
         progress.status, progress.diverged_at, progress.diverged_why = (
             Status.diverged,
