@@ -234,3 +234,28 @@ def test_every_config_group_is_packaged():
     for group in groups:
         assert f"ddp_reduce.conf.{group}" in setup["packages"], group
         assert setup["package-data"][f"ddp_reduce.conf.{group}"] == ["*.yaml"], group
+
+
+LONGEST_FUNCTION = 80  # lines, decorators excluded: a longer one is split into named helpers
+
+
+def long_functions(path: Path, limit: int = LONGEST_FUNCTION) -> list[str]:
+    """The functions (methods and nested ones included) of ``path`` longer than ``limit``."""
+    return [
+        f"{path.name}:{node.name}: {node.end_lineno - node.lineno + 1} lines"
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.end_lineno - node.lineno + 1 > limit
+    ]
+
+
+def test_the_length_check_finds_a_planted_long_function(tmp_path):
+    body = "".join(f"    x{i} = {i}\n" for i in range(LONGEST_FUNCTION))
+    planted = tmp_path / "planted.py"
+    planted.write_text(f"def short():\n    return 1\n\n\ndef long():\n{body}")
+    assert [line.split(":")[1] for line in long_functions(planted)] == ["long"]
+
+
+def test_no_function_of_the_package_is_longer_than_the_bound():
+    too_long = [f for path in sorted(PACKAGE.rglob("*.py")) for f in long_functions(path)]
+    assert not too_long, too_long
