@@ -37,7 +37,7 @@ from ddp_reduce.run.cli_errors import error_message
 from ddp_reduce.run.compose import compose_config, override_key
 from ddp_reduce.run.launch import run_job
 from ddp_reduce.run.pool import RankPool
-from ddp_reduce.run.rundir import write_json
+from ddp_reduce.run.rundir import open_append, write_json
 from ddp_reduce.run.validate import validate
 
 
@@ -231,7 +231,7 @@ class Runner:
             self.failures.append((name, str(summary.get("error") or "")))
         record["summary"] = summary
         self.records.append(record)
-        with open(self.out / INDEX, "a") as f:
+        with open_append(self.out / INDEX) as f:  # never through a planted link
             f.write(json.dumps(record) + "\n")
         if self.progress is not None:
             self.progress.update(name, summary, time.perf_counter() - start)
