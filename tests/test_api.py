@@ -372,3 +372,113 @@ def test_a_batch_beyond_the_data_is_one_ragged_batch_when_kept():
         10, 16, rank=1, world_size=2, steps=2, last_batch="keep"
     )
     assert [len(b) for b in sampler] == [5, 5]  # every item once an epoch, none duplicated
+
+
+# -- counting per micro-batch, and the c the optimizer received, measured ---------------------
+
+SPLIT = [[2, 3], [7, 4]]  # each rank's micro-batch counts: ragged ranks, ragged micro-batches
+
+
+def _sum_loss(forward, batch):
+    x, y = batch
+    return _item_losses(forward, x, y).sum(), len(y)
+
+
+def _counted_step(model, reducer, x, y, parts, log=False, factor=1.0) -> None:
+    """One step counted per micro-batch: add_items before each forward, a plain summed loss
+    (``factor``: a framework's own division of it)."""
+    for a, idx in enumerate(parts):
+        reducer.add_items(len(idx), log=log)
+        with reducer.micro_batch(last=a == len(parts) - 1):
+            (_item_losses(model, x[idx], y[idx]).sum() * factor).backward()
+
+
+def _counting_job(init: str, split: list[list[int]]) -> dict:
+    import warnings
+
+    out = {}
+    with distributed(DistConfig(threads_per_rank=1), init) as ctx:
+        counts = [sum(s) for s in split]
+        x, y = _data(sum(counts), torch.float32)
+        start = sum(counts[: ctx.rank])
+        bounds = torch.tensor(split[ctx.rank]).cumsum(0).tolist()[:-1]
+        parts = list(torch.tensor_split(torch.arange(start, start + counts[ctx.rank]), bounds))
+        batches = [(x[idx], y[idx]) for idx in parts]
+        for op in ("sum", "mean", "global_mean"):
+            model = DDP(_model())
+            reducer = ddp_reduce.attach(model, loss="sum", op=op)
+            for _ in range(2):  # a second step: the counts start again from zero
+                model.zero_grad()
+                _counted_step(model, reducer, x, y, parts)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                report = reducer.measure(_sum_loss, batches)
+            out[op] = {
+                "grad": _flat_grad(model.module),
+                "c": report.c,
+                "exact": report.exact,
+                "global_items": report.global_items,
+                "measured_c": report.measured_c,
+                "residual": report.residual,
+                "warnings": [str(w.message) for w in caught],
+            }
+        # a framework that divides the loss by its 2 accumulation steps: measured, it warns;
+        # undone (reducer.undo), the stated c is received again
+        for undo in (1, 2):
+            model = DDP(_model())
+            reducer = ddp_reduce.attach(model, loss="sum", op="global_mean")
+            reducer.undo = undo
+            _counted_step(model, reducer, x, y, parts, factor=0.5)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                report = reducer.measure(_sum_loss, batches)
+            out[f"halved-{undo}"] = (report.measured_c, [str(w.message) for w in caught])
+        # a compiled DDP model, attached as torch.compile returns it
+        compiled = torch.compile(DDP(_model()), backend="aot_eager")
+        reducer = ddp_reduce.attach(compiled, loss="sum", op="global_mean")
+        scale = reducer.loss_scale(counts[ctx.rank])
+        for a, idx in enumerate(parts):
+            with reducer.micro_batch(last=a == len(parts) - 1):
+                (_item_losses(compiled, x[idx], y[idx]).sum() * scale).backward()
+        report = reducer.measure(_sum_loss, batches)
+        out["compiled"] = {
+            "grad": _flat_grad(compiled._orig_mod.module),
+            "c": report.c,
+            "measured_c": report.measured_c,
+        }
+        dist.barrier()
+    return out
+
+
+@pytest.fixture(scope="module")
+def counted(tmp_path_factory):
+    return spawn(_counting_job, W, tmp_path_factory.mktemp("counted"), SPLIT)
+
+
+@pytest.mark.parametrize("op,c", [("sum", 16), ("mean", 8), ("global_mean", 1)])
+def test_counting_per_micro_batch_gives_c_times_G(counted, op, c):
+    g, _ = _reference([sum(s) for s in SPLIT])
+    for rank in counted:
+        r = rank[op]
+        assert (r["c"], r["exact"], r["global_items"]) == (c, True, 16)
+        assert_close(r["grad"], c * g)
+        # measured through torch.func, against the stated c: the same, and no warning
+        assert r["measured_c"] == pytest.approx(c, rel=1e-5) and r["residual"] < 1e-5
+        assert r["warnings"] == []
+
+
+def test_a_framework_dividing_the_loss_is_measured_and_undone(counted):
+    for rank in counted:
+        measured, warned = rank["halved-1"]
+        assert measured == pytest.approx(0.5, rel=1e-5)
+        assert len(warned) == 1 and "1/2" in warned[0] and "accumulate_grad_batches" in warned[0]
+        measured, warned = rank["halved-2"]
+        assert measured == pytest.approx(1.0, rel=1e-5) and warned == []
+
+
+def test_torch_compile_over_ddp_keeps_c(counted):
+    g, _ = _reference([sum(s) for s in SPLIT])
+    for rank in counted:
+        r = rank["compiled"]
+        assert r["c"] == 1 and r["measured_c"] == pytest.approx(1, rel=1e-5)
+        assert_close(r["grad"], g)
