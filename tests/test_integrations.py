@@ -1,0 +1,110 @@
+"""The reduction layer where people train, each in a real gloo group (W=2, ragged counts,
+A=2 micro-batches of ragged size): Accelerate, Lightning's Trainer and Fabric, the Hugging Face
+Trainer. The received gradient is checked against G computed in one process in float64 (1e-5),
+and the c the layer states against the c measured (torch.func)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ddp_reduce.config import DistConfig
+from ddp_reduce.distributed import distributed
+from tests.helpers import W, assert_close, spawn
+
+SPLIT = [[2, 3], [7, 4]]  # each rank's micro-batch item counts
+COUNTS = [sum(s) for s in SPLIT]
+
+
+def _data(dtype=torch.float32):
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(sum(COUNTS), 6, generator=g), torch.randn(sum(COUNTS), generator=g)
+    return x.to(dtype), y.to(dtype)
+
+
+def _model(dtype=torch.float32) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 1)).to(dtype)
+
+
+def _loss(model, x, y) -> torch.Tensor:
+    return (0.5 * (model(x).squeeze(-1) - y) ** 2).sum()
+
+
+def _sum_loss(forward, batch):
+    x, y = batch
+    return _loss(forward, x, y), len(y)
+
+
+def _micro(rank: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's micro-batches (contiguous slices of the global batch)."""
+    x, y = _data()
+    start = sum(COUNTS[:rank])
+    bounds = torch.tensor(SPLIT[rank]).cumsum(0).tolist()[:-1]
+    idx = torch.tensor_split(torch.arange(start, start + COUNTS[rank]), bounds)
+    return [(x[i], y[i]) for i in idx]
+
+
+def _reference() -> torch.Tensor:
+    """G: the mean gradient over every item of the step, one process, float64."""
+    model = _model(torch.float64)
+    x, y = _data(torch.float64)
+    (_loss(model, x, y) / len(y)).backward()
+    return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+def _flat(module: nn.Module) -> torch.Tensor:
+    return torch.cat([p.grad.flatten().double() for p in module.parameters()])
+
+
+def _result(report, grad) -> dict:
+    return {"grad": grad, "c": report.c, "exact": report.exact, "measured": report.measured_c}
+
+
+def _check(results: list[dict], c: float = 1.0) -> None:
+    g = _reference()
+    for r in results:
+        assert r["c"] == c and r["exact"], r
+        assert r["measured"] == pytest.approx(r["c"], rel=1e-5)  # stated c = received c
+        assert_close(r["grad"], c * g)
+
+
+# -- Accelerate --------------------------------------------------------------------------------
+
+
+def _accelerate_job(init: str) -> dict:
+    from accelerate import Accelerator
+
+    from ddp_reduce.integrations import accelerate as integration
+
+    out = {}
+    with distributed(DistConfig(threads_per_rank=1), init) as ctx:
+        accelerator = Accelerator(gradient_accumulation_steps=2, cpu=True)
+        micro = _micro(ctx.rank)
+        for route in ("add_items", "loss_scale"):
+            model = accelerator.prepare(_model())
+            reducer = integration.attach(accelerator, model, op="global_mean")
+            scale = reducer.loss_scale(COUNTS[ctx.rank]) if route == "loss_scale" else 1.0
+            for x, y in micro:
+                if route == "add_items":
+                    reducer.add_items(len(y))
+                with accelerator.accumulate(model):
+                    accelerator.backward(_loss(model, x, y) * scale)
+            report = reducer.measure(_sum_loss, micro)
+            out[route] = _result(report, _flat(accelerator.unwrap_model(model)))
+        dist.barrier()
+    return out
+
+
+@pytest.fixture(scope="module")
+def accelerated(tmp_path_factory):
+    pytest.importorskip("accelerate")
+    return spawn(_accelerate_job, W, tmp_path_factory.mktemp("accelerate"))
+
+
+@pytest.mark.parametrize("route", ["add_items", "loss_scale"])
+def test_accelerate_gives_the_stated_c(accelerated, route):
+    # Accelerate divides the loss by its 2 accumulation steps; the integration undoes it
+    _check([rank[route] for rank in accelerated])
