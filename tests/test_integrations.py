@@ -108,3 +108,118 @@ def accelerated(tmp_path_factory):
 def test_accelerate_gives_the_stated_c(accelerated, route):
     # Accelerate divides the loss by its 2 accumulation steps; the integration undoes it
     _check([rank[route] for rank in accelerated])
+
+
+# -- Lightning: the Trainer's callback, and Fabric --------------------------------------------
+
+
+class _RankBatches(torch.utils.data.Sampler):
+    """This rank's micro-batches of the step, as index lists (ragged)."""
+
+    def __init__(self, rank: int):
+        start = sum(COUNTS[:rank])
+        bounds = torch.tensor(SPLIT[rank]).cumsum(0).tolist()[:-1]
+        idx = torch.tensor_split(torch.arange(start, start + COUNTS[rank]), bounds)
+        self.batches = [i.tolist() for i in idx]
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def _lightning_job(init: str, logs: str) -> dict:
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from ddp_reduce.integrations.lightning import ReductionCallback
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = _model()
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, idx):
+            x, y = batch
+            return _loss(self, x, y)  # this rank's summed loss: the layer divides
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    received = {}
+
+    class Grab(pl.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            received["grad"] = _flat(pl_module.net)
+
+    with distributed(DistConfig(threads_per_rank=1), init) as ctx:
+        loader = DataLoader(TensorDataset(*_data()), batch_sampler=_RankBatches(ctx.rank))
+        reduction = ReductionCallback(op="global_mean", loss_fn=_sum_loss, log_every=1)
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            devices=W,
+            strategy="ddp",
+            accumulate_grad_batches=2,
+            max_steps=1,
+            use_distributed_sampler=False,
+            logger=TensorBoardLogger(logs, name="lightning"),
+            callbacks=[reduction, Grab()],
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+        trainer.fit(Module(), loader)
+        out = _result(reduction.last, received["grad"])
+        dist.barrier()
+    return out
+
+
+def _fabric_job(init: str) -> dict:
+    import lightning as L
+
+    import ddp_reduce
+
+    with distributed(DistConfig(threads_per_rank=1), init) as ctx:
+        fabric = L.Fabric(accelerator="cpu", devices=W, strategy="ddp")
+        fabric.launch()
+        model = fabric.setup(_model())
+        reducer = ddp_reduce.attach(model, loss="sum", op="global_mean")  # Fabric's wrapper
+        micro = _micro(ctx.rank)
+        for a, (x, y) in enumerate(micro):
+            reducer.add_items(len(y))
+            with fabric.no_backward_sync(model, enabled=a < len(micro) - 1):
+                fabric.backward(_loss(model, x, y))
+        report = reducer.measure(_sum_loss, micro)
+        out = _result(report, _flat(model.module))
+        dist.barrier()
+    return out
+
+
+def _scalars(logs) -> dict[str, list[float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = list(logs.rglob("events.out.tfevents.*"))
+    acc = EventAccumulator(str(events.parent))
+    acc.Reload()
+    return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_lightning_trainer_callback_gives_the_stated_c_and_logs_it(tmp_path):
+    pytest.importorskip("lightning")
+    # the Trainer divides the loss by accumulate_grad_batches=2; the callback undoes it
+    results = spawn(_lightning_job, W, tmp_path, str(tmp_path / "logs"))
+    _check(results)
+    logged = _scalars(tmp_path / "logs")
+    assert logged["ddp_reduce/c"] == [1.0]
+    assert logged["ddp_reduce/measured_c"][0] == pytest.approx(1.0, rel=1e-5)
+    assert logged["ddp_reduce/global_items"] == [float(sum(COUNTS))]
+
+
+def test_lightning_fabric_model_is_attached_as_fabric_returns_it(tmp_path):
+    pytest.importorskip("lightning")
+    _check(spawn(_fabric_job, W, tmp_path))
