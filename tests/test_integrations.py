@@ -223,3 +223,127 @@ def test_lightning_trainer_callback_gives_the_stated_c_and_logs_it(tmp_path):
 def test_lightning_fabric_model_is_attached_as_fabric_returns_it(tmp_path):
     pytest.importorskip("lightning")
     _check(spawn(_fabric_job, W, tmp_path))
+
+
+# -- the Hugging Face Trainer -----------------------------------------------------------------
+
+VOCAB, SEQ = 40, 6
+# tokens per sequence that are targets (the rest -100): ragged over ranks and micro-batches
+TARGETS = [6, 2, 5, 3, 6, 6, 1, 4]
+
+
+def _gpt2(dtype=torch.float32):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(
+        vocab_size=VOCAB,
+        n_positions=SEQ,
+        n_embd=8,
+        n_layer=1,
+        n_head=2,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
+    return GPT2LMHeadModel(cfg).to(dtype)
+
+
+def _sequences() -> list[dict]:
+    g = torch.Generator().manual_seed(5)
+    rows = []
+    for n in TARGETS:
+        ids = torch.randint(0, VOCAB, (SEQ,), generator=g)
+        labels = ids.clone()
+        labels[n:] = -100
+        rows.append({"input_ids": ids, "labels": labels})
+    return rows
+
+
+def _hf_run(ctx, out_dir: str, average_tokens: bool) -> dict:
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from ddp_reduce.integrations.transformers import reduction_trainer
+
+    seen, received = [], {}
+
+    class Grab(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
+            received["grad"] = _flat(trainer.model)
+
+    class Recording(reduction_trainer(Trainer)):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            seen.append({k: v.detach().clone() for k, v in inputs.items()})
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    args = TrainingArguments(
+        output_dir=out_dir,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        max_steps=1,
+        learning_rate=0.0,
+        max_grad_norm=0.0,
+        use_cpu=True,
+        ddp_backend="gloo",
+        average_tokens_across_devices=average_tokens,
+        report_to=["tensorboard"],
+        logging_steps=1,
+        save_strategy="no",
+        seed=0,
+    )
+    trainer = Recording(
+        model=_gpt2(),
+        args=args,
+        train_dataset=_sequences(),
+        reduction={"op": "global_mean"},
+    )
+    trainer.add_callback(Grab())
+    trainer.train()
+    out = _result(trainer.last_report, received["grad"])
+    out["seen"] = seen
+    out["rank"] = ctx.rank
+    return out
+
+
+def _hf_job(init: str, out_dir: str) -> dict:
+    """Every rank: one Trainer step with average_tokens_across_devices on, one with it off."""
+    with distributed(DistConfig(threads_per_rank=1), init) as ctx:
+        out = {on: _hf_run(ctx, f"{out_dir}/{on}", on) for on in (True, False)}
+        dist.barrier()
+    return out
+
+
+def _hf_reference(ranks: list[dict]) -> torch.Tensor:
+    """G over every token target the ranks saw, one process, float64: the model's own loss
+    given num_items_in_batch=1 is the sum over its (shifted) targets."""
+    model = _gpt2(torch.float64)
+    total = 0
+    for r in ranks:
+        for inputs in r["seen"]:
+            model(**inputs, num_items_in_batch=1).loss.backward()
+            total += int(inputs["labels"][..., 1:].ne(-100).sum())
+    return torch.cat([p.grad.flatten() for p in model.parameters()]) / total
+
+
+@pytest.fixture(scope="module")
+def hf_trained(tmp_path_factory):
+    pytest.importorskip("transformers")
+    out = tmp_path_factory.mktemp("hf")
+    return out, spawn(_hf_job, W, out, str(out / "out"))
+
+
+@pytest.mark.parametrize("average_tokens", [True, False])
+def test_hugging_face_trainer_gives_the_stated_c(hf_trained, average_tokens):
+    # on: the Trainer multiplies each loss by W (undone); off: it does not. Either way the
+    # loss is the micro-batch's sum and the layer divides by the step's token total
+    out, both = hf_trained
+    ranks = [r[average_tokens] for r in both]
+    g = _hf_reference(ranks)
+    assert sum(len(r["seen"]) for r in ranks) == 4  # W=2 ranks, A=2 micro-batches each
+    for r in ranks:
+        assert r["c"] == 1 and r["exact"]
+        assert r["measured"] == pytest.approx(1.0, rel=1e-5)
+        assert_close(r["grad"], g)
+    logged = _scalars(out / "out" / str(average_tokens))  # the Trainer's TensorBoard: train/...
+    assert logged["train/ddp_reduce/c"] == [1.0]
+    assert logged["train/ddp_reduce/measured_c"][0] == pytest.approx(1.0, rel=1e-5)

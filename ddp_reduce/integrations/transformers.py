@@ -34,6 +34,17 @@ def token_items(inputs: dict[str, Any], shifted: bool) -> int:
     return int(labels.ne(IGNORE).sum())
 
 
+def _shifts_labels(model: Any) -> bool:
+    """Whether the model's loss is a causal LM's (labels shifted by one). The model's own
+    ``loss_function`` is asked: the Trainer's ``_loss_shifts_labels`` reads ``loss_type``,
+    which is None on a model built from a config, and then counts every label."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    config = getattr(model, "config", None)
+    causal = getattr(model, "loss_function", None) is ForCausalLMLoss
+    return causal and not getattr(config, "is_encoder_decoder", False)
+
+
 def _measured_loss(shifted: bool):
     def loss_fn(forward, inputs):
         out = forward(**inputs, num_items_in_batch=1)
@@ -53,8 +64,7 @@ def reduction_trainer(base: type) -> type:
             self.last_report: StepReport | None = None
             self._step_inputs: list[dict] = []
             self.add_callback(_report_callback(self))
-            # the Trainer's own finding: the model's loss shifts its labels (a causal LM)
-            self._shifted = bool(getattr(self, "_loss_shifts_labels", False))
+            self._shifted = _shifts_labels(self.model)
 
         def _attach(self, model: Any) -> None:
             if not (self.model_accepts_loss_kwargs or self.compute_loss_func):
