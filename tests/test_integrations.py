@@ -5,11 +5,14 @@ and the c the layer states against the c measured (torch.func)."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
 
+import ddp_reduce
 from ddp_reduce.config import DistConfig
 from ddp_reduce.distributed import distributed
 from tests.helpers import W, assert_close, spawn
@@ -94,6 +97,17 @@ def _accelerate_job(init: str) -> dict:
                     accelerator.backward(_loss(model, x, y) * scale)
             report = reducer.measure(_sum_loss, micro)
             out[route] = _result(report, _flat(accelerator.unwrap_model(model)))
+        # the plain layer, Accelerate's division not undone: measured, and the warning says so
+        model = accelerator.prepare(_model())
+        reducer = ddp_reduce.attach(model, loss="sum", op="global_mean")
+        for x, y in micro:
+            reducer.add_items(len(y))
+            with accelerator.accumulate(model):
+                accelerator.backward(_loss(model, x, y))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            report = reducer.measure(_sum_loss, micro)
+        out["not_undone"] = (report.c, report.measured_c, [str(w.message) for w in caught])
         dist.barrier()
     return out
 
@@ -108,6 +122,15 @@ def accelerated(tmp_path_factory):
 def test_accelerate_gives_the_stated_c(accelerated, route):
     # Accelerate divides the loss by its 2 accumulation steps; the integration undoes it
     _check([rank[route] for rank in accelerated])
+
+
+def test_accelerate_alone_halves_c_and_the_measurement_says_why(accelerated):
+    for rank in accelerated:
+        stated, measured, warned = rank["not_undone"]
+        assert stated == 1 and measured == pytest.approx(0.5, rel=1e-5)
+        assert (
+            len(warned) == 1 and "1/2" in warned[0] and "gradient_accumulation_steps" in warned[0]
+        )
 
 
 # -- Lightning: the Trainer's callback, and Fabric --------------------------------------------
@@ -181,8 +204,6 @@ def _lightning_job(init: str, logs: str) -> dict:
 
 def _fabric_job(init: str) -> dict:
     import lightning as L
-
-    import ddp_reduce
 
     with distributed(DistConfig(threads_per_rank=1), init) as ctx:
         fabric = L.Fabric(accelerator="cpu", devices=W, strategy="ddp")
