@@ -100,14 +100,13 @@ def check_agreement(rank: int, claimed: int, sums: list[float], world_size: int)
     )
 
 
-def syncs_gradients(module: nn.Module) -> bool:
-    """Whether the backward of a forward run now reduces the gradients (DDP outside
-    ``no_sync``, FSDP2 with its gradient sync on)."""
+def syncs_gradients(module: nn.Module, units: Sequence[nn.Module] = ()) -> bool:
+    """Whether the backward of a forward run now reduces the gradients: DDP outside
+    ``no_sync``; FSDP2 (``units``: its fully_shard modules) with its gradient sync on."""
     if isinstance(module, DDP):
         return bool(module.require_backward_grad_sync)
-    state = getattr(module, "_get_fsdp_state", None)
-    groups = getattr(state(), "_fsdp_param_groups", None) if state is not None else None
-    return all(g.reduce_grads for g in groups) if groups else True
+    groups = [g for unit in units for g in unit._get_fsdp_state()._fsdp_param_groups]
+    return all(g.reduce_grads for g in groups)
 
 
 NO_PLAN = (

@@ -460,7 +460,7 @@ class Reducer:
                 guard.NO_PLAN.format(what="the last step's plan (its counts) would be reused")
             )
         step.forwards += 1
-        if guard.syncs_gradients(module):
+        if guard.syncs_gradients(module, self._fsdp_units):
             step.reduced = True  # this forward's backward reduces the step
 
     def _low_precision(self) -> bool:
