@@ -67,6 +67,7 @@ def rank_batch_sampler(
     so runs at different world sizes are comparable item for item, and a resumed run sees the
     data it would have seen. An epoch's last partial batch is dropped or kept ragged, never
     padded with duplicated items."""
+    _check_sampler_args(n_items, global_batch_size, rank, world_size, accum_steps, last_batch)
     if global_batch_size % (world_size * accum_steps):
         raise ValueError(
             f"global_batch_size={global_batch_size} is not a multiple of world_size x "
@@ -74,6 +75,31 @@ def rank_batch_sampler(
         )
     sampler = GlobalBatchSampler(n_items, global_batch_size, seed, LastBatch[last_batch])
     return RankMicroBatches(sampler, rank, world_size, accum_steps, start_step, steps)
+
+
+def _check_sampler_args(
+    n_items: int, global_batch_size: int, rank: int, world_size: int, accum_steps: int, last: str
+) -> None:
+    """ValueError naming the argument, its value and what is allowed."""
+    for name, value, low in (
+        ("n_items", n_items, 1),
+        ("global_batch_size", global_batch_size, 1),
+        ("world_size", world_size, 1),
+        ("accum_steps", accum_steps, 1),
+        ("rank", rank, 0),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name}={value!r}: allowed a whole number >= {low}")
+    if rank >= world_size:
+        raise ValueError(f"rank={rank}: allowed 0 to world_size - 1 = {world_size - 1}")
+    if last not in LastBatch.__members__:
+        raise ValueError(f"last_batch={last!r}: allowed {', '.join(LastBatch.__members__)}")
+    if global_batch_size > n_items and LastBatch[last] is LastBatch.drop:
+        raise ValueError(
+            f"global_batch_size={global_batch_size} > n_items={n_items} with last_batch='drop': "
+            "every batch would be dropped; allowed a global batch of at most n_items, or "
+            "last_batch='keep' (one ragged batch an epoch)"
+        )
 
 
 class _Indices(torch.utils.data.Dataset):

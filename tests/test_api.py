@@ -204,10 +204,9 @@ def _refusal_job(init: str, kwargs: list[dict]) -> list[str | None]:
     """Every rank: attach with each set of keywords; the error it raised, None if none."""
     out = []
     with distributed(DistConfig(threads_per_rank=1), init):
-        model = DDP(_model())
         for kw in kwargs:
             try:
-                ddp_reduce.attach(model, **kw)
+                ddp_reduce.attach(DDP(_model()), **kw)
                 out.append(None)
             except ValueError as exc:
                 out.append(str(exc))
@@ -257,3 +256,229 @@ def test_micro_mean_learns_whether_every_micro_batch_was_equal(tmp_path):
     ranks = spawn(_micro_mean_job, W, tmp_path, [[4, 4], [3, 3, 2]])
     for r in ranks:
         assert r == [(1.0, True), (1.0, False)], r
+
+
+# -- what the API refuses because it would be silently wrong ---------------------------------
+
+
+def _raised(fn) -> str | None:
+    """The error ``fn()`` raised (its type and message), None if it returned."""
+    try:
+        fn()
+    except (ValueError, RuntimeError, TypeError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _step(model, reducer, x, y, parts, scale=None) -> None:
+    """One step's micro-batches (``parts``: index tensors) through DDP, summed losses."""
+    for a, idx in enumerate(parts):
+        with reducer.micro_batch(last=a == len(parts) - 1):
+            loss = _item_losses(model, x[idx], y[idx]).sum()
+            (loss * scale if scale is not None else loss).backward()
+
+
+def _guard_job(init: str, counts: list[int]) -> dict:
+    """Every rank: each misuse of the API on a fresh model; what it raised."""
+    out = {}
+    with distributed(DistConfig(threads_per_rank=1), init) as ctx:
+        x, y = _data(sum(counts), torch.float32)
+        local = counts[ctx.rank]
+        mine = torch.arange(sum(counts[: ctx.rank]), sum(counts[: ctx.rank + 1]))
+
+        def fresh(loss="sum", op="global_mean"):
+            return (m := DDP(_model())), ddp_reduce.attach(m, loss=loss, op=op)
+
+        for name, arg in [("negative", -3), ("fraction", 2.5), ("nan", float("nan"))]:
+            out[name] = _raised(lambda a=arg: fresh()[1].loss_scale(a))
+        out["global_below_local"] = _raised(lambda: fresh()[1].loss_scale(local, global_items=3))
+        out["not_own_count"] = _raised(lambda: fresh()[1].loss_scale(local, counts=[12, 12]))
+        out["zero_total"] = _raised(lambda: fresh()[1].loss_scale(0, counts=[0, 0]))
+        # no collective ran above: every refusal was local and before the forward
+        model, reducer = fresh()
+        out["second_attach"] = _raised(lambda: ddp_reduce.attach(model))
+        # a plain forward and backward (no reducer.micro_batch), as a user's own loop runs it
+        plain = lambda: _item_losses(model, x[mine], y[mine]).sum().backward()  # noqa: E731
+        out["no_plan_step_1"] = _raised(plain)
+        model, reducer = fresh()
+        _step(model, reducer, x, y, [mine], reducer.loss_scale(local))
+        out["no_plan_step_2"] = _raised(plain)
+        # loss_scale() per micro-batch, as a one-batch-at-a-time loop would call it
+        first, second = torch.tensor_split(mine, 2)
+        model, reducer = fresh()
+        reducer.loss_scale(len(first))
+        with model.no_sync():
+            _item_losses(model, x[first], y[first]).sum().backward()
+        out["per_micro_batch"] = _raised(lambda: reducer.loss_scale(len(second)))
+        # the ranks disagree on counts= (each right about its own): found by the count
+        # all-reduce of the first step, on every rank
+        model, reducer = fresh()
+        theirs = list(counts)
+        theirs[1 - ctx.rank] += 1 + ctx.rank
+        scale = reducer.loss_scale(local, counts=theirs)
+        _step(model, reducer, x, y, [mine], scale)
+        out["disagree"] = _raised(lambda: reducer.last_step)
+        dist.barrier()
+    return out
+
+
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory):
+    return spawn(_guard_job, W, tmp_path_factory.mktemp("guard"), [5, 11])
+
+
+@pytest.mark.parametrize(
+    "case,words",
+    [
+        ("negative", ["local_items=-3", "whole number >= 0"]),
+        ("fraction", ["local_items=2.5", "whole number >= 0"]),
+        ("nan", ["local_items=nan", "whole number >= 0"]),
+        ("global_below_local", ["global_items=3 < local_items="]),
+        ("not_own_count", ["counts[", "=12 but local_items="]),
+        ("zero_total", ["no items on any rank"]),
+        ("second_attach", ["already attached", "attach() once"]),
+        ("no_plan_step_1", ["RuntimeError", "loss_scale(local_items)", "DDP would average"]),
+        ("no_plan_step_2", ["RuntimeError", "last step's plan"]),
+        ("per_micro_batch", ["RuntimeError", "again before", "add_items(n)"]),
+        ("disagree", ["ValueError", "disagree", "rank"]),
+    ],
+)
+def test_the_api_refuses_what_would_be_silently_wrong(guarded, case, words):
+    for rank in guarded:
+        assert rank[case] is not None, f"{case} was accepted"
+        for word in words:
+            assert word in rank[case], (word, rank[case])
+
+
+@pytest.mark.parametrize(
+    "kwargs,words",
+    [
+        ({"rank": 3, "world_size": 2}, ["rank=3", "0 to world_size - 1 = 1"]),
+        ({"rank": -1, "world_size": 2}, ["rank=-1", ">= 0"]),
+        ({"n_items": 10, "global_batch_size": 16}, ["global_batch_size=16 > n_items=10", "keep"]),
+        ({"last_batch": "pad"}, ["last_batch='pad'", "drop, keep"]),
+    ],
+)
+def test_the_sampler_refuses_a_rank_outside_the_world_and_a_batch_beyond_the_data(kwargs, words):
+    args = {"n_items": 100, "global_batch_size": 8, "rank": 0, "world_size": 2, "steps": 3}
+    with pytest.raises(ValueError) as err:
+        ddp_reduce.rank_batch_sampler(**{**args, **kwargs})
+    for word in words:
+        assert word in str(err.value), (word, str(err.value))
+
+
+def test_a_batch_beyond_the_data_is_one_ragged_batch_when_kept():
+    sampler = ddp_reduce.rank_batch_sampler(
+        10, 16, rank=1, world_size=2, steps=2, last_batch="keep"
+    )
+    assert [len(b) for b in sampler] == [5, 5]  # every item once an epoch, none duplicated
+
+
+# -- counting per micro-batch, and the c the optimizer received, measured ---------------------
+
+SPLIT = [[2, 3], [7, 4]]  # each rank's micro-batch counts: ragged ranks, ragged micro-batches
+
+
+def _sum_loss(forward, batch):
+    x, y = batch
+    return _item_losses(forward, x, y).sum(), len(y)
+
+
+def _counted_step(model, reducer, x, y, parts, log=False, factor=1.0) -> None:
+    """One step counted per micro-batch: add_items before each forward, a plain summed loss
+    (``factor``: a framework's own division of it)."""
+    for a, idx in enumerate(parts):
+        reducer.add_items(len(idx), log=log)
+        with reducer.micro_batch(last=a == len(parts) - 1):
+            (_item_losses(model, x[idx], y[idx]).sum() * factor).backward()
+
+
+def _counting_job(init: str, split: list[list[int]]) -> dict:
+    import warnings
+
+    out = {}
+    with distributed(DistConfig(threads_per_rank=1), init) as ctx:
+        counts = [sum(s) for s in split]
+        x, y = _data(sum(counts), torch.float32)
+        start = sum(counts[: ctx.rank])
+        bounds = torch.tensor(split[ctx.rank]).cumsum(0).tolist()[:-1]
+        parts = list(torch.tensor_split(torch.arange(start, start + counts[ctx.rank]), bounds))
+        batches = [(x[idx], y[idx]) for idx in parts]
+        for op in ("sum", "mean", "global_mean"):
+            model = DDP(_model())
+            reducer = ddp_reduce.attach(model, loss="sum", op=op)
+            for _ in range(2):  # a second step: the counts start again from zero
+                model.zero_grad()
+                _counted_step(model, reducer, x, y, parts)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                report = reducer.measure(_sum_loss, batches)
+            out[op] = {
+                "grad": _flat_grad(model.module),
+                "c": report.c,
+                "exact": report.exact,
+                "global_items": report.global_items,
+                "measured_c": report.measured_c,
+                "residual": report.residual,
+                "warnings": [str(w.message) for w in caught],
+            }
+        # a framework that divides the loss by its 2 accumulation steps: measured, it warns;
+        # undone (reducer.undo), the stated c is received again
+        for undo in (1, 2):
+            model = DDP(_model())
+            reducer = ddp_reduce.attach(model, loss="sum", op="global_mean")
+            reducer.undo = undo
+            _counted_step(model, reducer, x, y, parts, factor=0.5)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                report = reducer.measure(_sum_loss, batches)
+            out[f"halved-{undo}"] = (report.measured_c, [str(w.message) for w in caught])
+        # a compiled DDP model, attached as torch.compile returns it
+        compiled = torch.compile(DDP(_model()), backend="aot_eager")
+        reducer = ddp_reduce.attach(compiled, loss="sum", op="global_mean")
+        scale = reducer.loss_scale(counts[ctx.rank])
+        for a, idx in enumerate(parts):
+            with reducer.micro_batch(last=a == len(parts) - 1):
+                (_item_losses(compiled, x[idx], y[idx]).sum() * scale).backward()
+        report = reducer.measure(_sum_loss, batches)
+        out["compiled"] = {
+            "grad": _flat_grad(compiled._orig_mod.module),
+            "c": report.c,
+            "measured_c": report.measured_c,
+        }
+        dist.barrier()
+    return out
+
+
+@pytest.fixture(scope="module")
+def counted(tmp_path_factory):
+    return spawn(_counting_job, W, tmp_path_factory.mktemp("counted"), SPLIT)
+
+
+@pytest.mark.parametrize("op,c", [("sum", 16), ("mean", 8), ("global_mean", 1)])
+def test_counting_per_micro_batch_gives_c_times_G(counted, op, c):
+    g, _ = _reference([sum(s) for s in SPLIT])
+    for rank in counted:
+        r = rank[op]
+        assert (r["c"], r["exact"], r["global_items"]) == (c, True, 16)
+        assert_close(r["grad"], c * g)
+        # measured through torch.func, against the stated c: the same, and no warning
+        assert r["measured_c"] == pytest.approx(c, rel=1e-5) and r["residual"] < 1e-5
+        assert r["warnings"] == []
+
+
+def test_a_framework_dividing_the_loss_is_measured_and_undone(counted):
+    for rank in counted:
+        measured, warned = rank["halved-1"]
+        assert measured == pytest.approx(0.5, rel=1e-5)
+        assert len(warned) == 1 and "1/2" in warned[0] and "accumulate_grad_batches" in warned[0]
+        measured, warned = rank["halved-2"]
+        assert measured == pytest.approx(1.0, rel=1e-5) and warned == []
+
+
+def test_torch_compile_over_ddp_keeps_c(counted):
+    g, _ = _reference([sum(s) for s in SPLIT])
+    for rank in counted:
+        r = rank["compiled"]
+        assert r["c"] == 1 and r["measured_c"] == pytest.approx(1, rel=1e-5)
+        assert_close(r["grad"], g)

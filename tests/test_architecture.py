@@ -259,3 +259,37 @@ def test_the_length_check_finds_a_planted_long_function(tmp_path):
 def test_no_function_of_the_package_is_longer_than_the_bound():
     too_long = [f for path in sorted(PACKAGE.rglob("*.py")) for f in long_functions(path)]
     assert not too_long, too_long
+
+
+# Each integration may import the layer, the integrations' own shared module and its framework.
+INTEGRATIONS = {
+    "accelerate": {"torch", "accelerate"},
+    "lightning": {"torch", "lightning"},
+    "transformers": {"torch", "transformers"},
+    "report": {"torch"},
+    "__init__": set(),
+}
+
+
+def test_the_integrations_import_the_layer_and_their_framework_only():
+    graph = import_graph()
+    files = sorted((PACKAGE / "integrations").glob("*.py"))
+    assert {p.stem for p in files} == set(INTEGRATIONS)
+    for path in files:
+        module = module_name(path)
+        deps = graph[module]
+        allowed = ("ddp_reduce.layer", "ddp_reduce.integrations")
+        assert all(dep.startswith(allowed) for dep in deps), (module, deps)
+        assert outside_imports(path) <= INTEGRATIONS[path.stem] | {"ddp_reduce"}, module
+    for module, deps in graph.items():  # the layer and the rest never import them
+        if not module.startswith("ddp_reduce.integrations"):
+            assert not any(d.startswith("ddp_reduce.integrations") for d in deps), module
+
+
+def test_importing_ddp_reduce_loads_no_framework_and_dir_lists_the_api():
+    loaded = _modules_loaded("import ddp_reduce\nddp_reduce.attach\ndir(ddp_reduce)")
+    for framework in ("accelerate", "lightning", "transformers", "ddp_reduce.integrations"):
+        assert framework not in loaded, framework
+    names = dir(__import__("ddp_reduce"))
+    for public in ("attach", "Reducer", "StepReport", "rank_batch_sampler", "convert"):
+        assert public in names, public

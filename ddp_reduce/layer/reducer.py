@@ -31,10 +31,11 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from ddp_reduce.layer import reduction, terms
+from ddp_reduce.layer import guard, measure, reduction, terms
 from ddp_reduce.layer.hsdp import HSDPReduction, hsdp_shape
 from ddp_reduce.layer.noise import NOISE_BETA, NoiseEstimate, NoiseScaleEstimator
 from ddp_reduce.layer.strategy import is_fsdp, total_norm
+from ddp_reduce.layer.wrappers import find_reduced
 
 TORCH_DTYPES = {
     reduction.CommDtype.fp32: torch.float32,
@@ -100,6 +101,13 @@ class _InFlight:
     # (items, |mean gradient|²: a number or a 0-dim tensor) given by the caller
     small_batch: tuple[float, Any] | None = None
     amp: Any = 1.0  # the losses were multiplied by this too (a loss scaler's, maybe a tensor)
+    forwards: int = 0  # training forwards run on this plan
+    reduced: bool = False  # its reduction has begun (or its last forward syncs)
+    micro_counts: list[int] | None = None  # add_items: the counts so far, the total unknown
+    claimed: int | None = None  # the total this rank was told (counts=), checked by all-reduce
+    measured: Any = None  # the measured c (ddp_reduce.layer.measure), where measured
+    count_group: Any = None  # add_items: the process group and device of the count's
+    count_device: Any = None  # all-reduce
 
     def read_local(self, grad: torch.Tensor, low_precision: bool) -> None:
         """Before a piece of this rank's gradient is reduced (a DDP bucket, an FSDP unit):
@@ -121,9 +129,16 @@ class _InFlight:
         self.ref_sq = ref_sq if self.ref_sq is None else self.ref_sq + ref_sq
 
     def wait_count(self) -> torch.Tensor | None:
+        if self.micro_counts is not None:  # add_items: every count is in by the reduction
+            self.count = _count_tensor(self.micro_counts, self.count_device)
+            self.micro_counts = None
+            dist.all_reduce(self.count, group=self.count_group)
+            guard.check_total(float(self.count[0]))
         if self.count_work is not None:
             self.count_work.wait()
             self.count_work = None
+            if self.claimed is None:
+                guard.check_total(float(self.count[0]))
         return self.count
 
 
@@ -181,6 +196,16 @@ class StepReport:
             self._fed = self._reducer._observe_noise(self)
         return self._fed
 
+    @property
+    def measured_c(self) -> float | None:
+        """The c the optimizer received, measured (:meth:`Reducer.measure`); None if not."""
+        return None if self._step.measured is None else self._step.measured.c
+
+    @property
+    def residual(self) -> float | None:
+        """|received - measured c·G| / |received|: 0 where it was exactly c·G."""
+        return None if self._step.measured is None else self._step.measured.residual
+
     @functools.cached_property
     def noise(self) -> NoiseEstimate | None:
         """The running noise-scale estimate including this step (noise=True, W >= 2), read
@@ -237,6 +262,11 @@ class Reducer:
         self._report: StepReport | None = None
         self._counts_given: bool | None = None
         self._terms: dict[str, reduction.TermPlan] | None = None
+        self.rank = dist.get_rank(process_group)
+        self.undo = 1.0  # a framework divides the loss by this: the layer multiplies it back
+        self._per_micro_batch = False  # add_items: the total is learned in the reduction
+        self._claims_checked = 0  # steps whose counts= were checked against the ranks'
+        _claim(model, self)
 
     # -- planning, before the forward -------------------------------------------------------
 
@@ -278,21 +308,16 @@ class Reducer:
         (``micro_equal``: every micro-batch of every rank held the same count, for
         ``loss=micro_mean``'s exactness; ``amp``: the losses are also multiplied by this, a
         loss scaler's factor, which the gradient norms read in the reduction take out)."""
+        micro_items, counts, global_items = guard.check_counts(
+            micro_items, counts, global_items, self.world_size, self.rank
+        )
+        self._check_pending("loss_scale()")
+        if self._per_micro_batch:
+            raise ValueError("this reducer counts per micro-batch (add_items): use it every step")
         given = counts is not None or global_items is not None
         if self._counts_given is None:
             self._counts_given = given
-            self.route = self._choose_route(given)
-            if self.route is Route.hook:
-                self.model.register_comm_hook(self, _reduce_bucket)
-            elif self.route in (Route.fsdp_comm, Route.hsdp_comm):
-                comm = _FSDPReduceScatter(self)
-                for unit in self._fsdp_units:
-                    unit.set_custom_reduce_scatter(comm)
-                    # SUM only (gloo has no PREMUL_SUM); the division is ours alone
-                    unit.set_force_sum_reduction_for_comms(True)
-                    unit.set_gradient_divide_factor(1.0)
-                    if self._hsdp is not None:  # the rest of the division, after the all-reduce
-                        unit.set_all_reduce_hook(functools.partial(_after_all_reduce, self))
+            self._install(self._choose_route(given))
         elif given != self._counts_given:
             raise ValueError(
                 "pass counts= (or global_items=) on every step or on none: the reduction "
@@ -309,22 +334,11 @@ class Reducer:
             micro_items=micro_items if len(micro_items) > 1 else None,
             micro_equal=micro_equal,
         )
-        count = work = None
-        if plan.global_items is None:
-            # [Σ n, Σ n², Σ m², Σ A] over the ranks' counts n and micro-batch counts m: equal
-            # counts iff W·Σn² = (Σn)², equal micro-batches iff ΣA·Σm² = (Σn)²; float64 holds
-            # them exactly
-            count = torch.tensor(
-                [
-                    float(local_items),
-                    float(local_items) ** 2,
-                    float(sum(m * m for m in micro_items)),
-                    float(len(micro_items)),
-                ],
-                dtype=torch.float64,
-                device=self.device,
-            )
+        count = work = claimed = None
+        if plan.global_items is None or self._check_claims(log):
+            count = _count_tensor(micro_items, self.device, plan.global_items)
             work = dist.all_reduce(count, group=self.process_group, async_op=True)
+            claimed = plan.global_items
         d = plan.divisor
         if d is None:  # global_mean with the count still in flight: divide by the tensor
             d = _LazyCount(self)
@@ -336,13 +350,29 @@ class Reducer:
             collect_sq=self.collect_sq or (log and self.route is not Route.ddp_builtin),
             audit=log and self._low_precision(),
             amp=amp,
+            claimed=claimed,
         )
         self._report, self._terms = None, None
         if self.route is Route.fsdp_native:
             for unit in self._fsdp_units:
                 unit.set_gradient_divide_factor(plan.divisor)
         fold = self._fold(plan)
-        return tuple(scale * fold for scale in plan.loss_scales)
+        return tuple(scale * fold * self.undo for scale in plan.loss_scales)
+
+    def _install(self, route: Route) -> None:
+        """Register what carries out the reduction on ``route`` (once, at the first step)."""
+        self.route = route
+        if route is Route.hook:
+            self.model.register_comm_hook(self, _reduce_bucket)
+        elif route in (Route.fsdp_comm, Route.hsdp_comm):
+            comm = _FSDPReduceScatter(self)
+            for unit in self._fsdp_units:
+                unit.set_custom_reduce_scatter(comm)
+                # SUM only (gloo has no PREMUL_SUM); the division is ours alone
+                unit.set_force_sum_reduction_for_comms(True)
+                unit.set_gradient_divide_factor(1.0)
+                if self._hsdp is not None:  # the rest of the division, after the all-reduce
+                    unit.set_all_reduce_hook(functools.partial(_after_all_reduce, self))
 
     def _fold(self, plan: reduction.StepPlan) -> float:
         """The part of the step's division that the loss scale carries (the route's)."""
@@ -370,6 +400,7 @@ class Reducer:
             self.loss, self.op, self.world_size, dict(units), global_units, equal
         )
         fold = self._fold(self._step.plan)  # the route's share of the division, as for one loss
+        fold *= self.undo  # a framework's own division of the loss, undone
         self._terms = {u: dataclasses.replace(p, factor=p.factor * fold) for u, p in plans.items()}
         return {unit: plan.factor for unit, plan in self._terms.items()}
 
@@ -392,6 +423,108 @@ class Reducer:
         native = all(p.dtype == TORCH_DTYPES[self.dtype] for p in self.params)
         plain = native and not self.collect_sq and self.predivide == "full" and divisor_known
         return Route.ddp_builtin if plain else Route.hook
+
+    # -- counting per micro-batch, and the checks -------------------------------------------
+
+    def add_items(self, n: int, *, log: bool = False) -> None:
+        """Count this rank's items one micro-batch at a time, before each micro-batch's forward
+        (``n``: its items), instead of :meth:`loss_scale` once per step: the loss is then this
+        rank's plain *sum* (``loss="sum"``, no loss scale), and the division by the step's
+        all-reduced total happens in the reduction, which has every count by then."""
+        n = guard.item_count("n", n)
+        step = self._step
+        if step is not None and not step.reduced and step.micro_counts is not None:
+            step.micro_counts.append(n)
+            step.plan = dataclasses.replace(step.plan, local_items=step.plan.local_items + n)
+            return
+        self._open_counted_step(n, log)
+
+    def _open_counted_step(self, n: int, log: bool) -> None:
+        if self.loss is not reduction.LossReduction.sum:
+            raise ValueError(
+                f"add_items() with loss={self.loss.name}: counting per micro-batch needs "
+                "loss='sum' (your loss a plain sum over items); attach(..., loss='sum', "
+                "op='global_mean') gives c = 1 exactly"
+            )
+        if self._counts_given is None:
+            if self.impl is reduction.ReduceImpl.builtin and self.op is not reduction.ReduceOp.mean:
+                raise ValueError("add_items() with impl=builtin: allowed op=mean")
+            self._counts_given, self._per_micro_batch = False, True
+            route = Route.manual if self.impl is reduction.ReduceImpl.manual else Route.hook
+            if self.sharded:
+                route = Route.fsdp_native if self.world_size == 1 else Route.fsdp_comm
+                if self._hsdp is not None:
+                    route = Route.hsdp_comm
+            if self.impl is reduction.ReduceImpl.builtin:
+                route = Route.ddp_builtin
+            self._install(route)
+        elif not self._per_micro_batch:
+            raise ValueError("this reducer plans whole steps (loss_scale): use it every step")
+        plan = reduction.StepPlan(self.loss, self.op, self.world_size, n, None, None)
+        d = plan.divisor
+        self._step = _InFlight(
+            plan=plan,
+            divisor=_LazyCount(self, 1 / self.undo) if d is None else d / self.undo,
+            count=None,
+            count_work=None,
+            collect_sq=self.collect_sq or (log and self.route is not Route.ddp_builtin),
+            audit=log and self._low_precision(),
+            micro_counts=[n],
+            count_group=self.process_group,
+            count_device=self.device,
+        )
+        self._report = None
+        if self.route is Route.fsdp_native and d is not None:
+            for unit in self._fsdp_units:
+                unit.set_gradient_divide_factor(d / self.undo)
+
+    def _check_pending(self, what: str) -> None:
+        """Before planning a step: the last one's forwards must have been reduced (a plan
+        made again mid-step would scale the step's micro-batches differently), and the ranks'
+        counts= of it checked."""
+        step = self._step
+        if step is None:
+            return
+        if step.forwards and not step.reduced:
+            raise RuntimeError(
+                f"{what} called again before the step's gradients were reduced: call "
+                "reducer.loss_scale() once per optimizer step, before its first forward, with "
+                "the items of all its micro-batches; a loop that sees one micro-batch at a "
+                "time counts them with reducer.add_items(n) instead"
+            )
+        self._verify_claim(step)
+
+    def _check_claims(self, log: bool) -> bool:
+        """Whether this step's counts= (known before the step) are checked against the ranks'
+        own counts: on the first step and on logged ones, by the count all-reduce the layer
+        makes on every step whose counts are not given."""
+        if self.world_size == 1:
+            return False
+        first = self._claims_checked == 0
+        self._claims_checked += 1
+        return first or log
+
+    def _verify_claim(self, step: _InFlight) -> None:
+        if step.claimed is None:
+            return
+        count = step.wait_count().tolist()
+        claimed, step.claimed = step.claimed, None
+        guard.check_agreement(self.rank, claimed, [count[0], count[4], count[5]], self.world_size)
+
+    def _before_forward(self, module: torch.nn.Module, args: Any) -> None:
+        """A forward pre-hook on the model: a training forward needs this step's plan."""
+        if not (torch.is_grad_enabled() and module.training):
+            return
+        step = self._step
+        if step is None:
+            raise RuntimeError(guard.NO_PLAN.format(what="DDP would average the gradients"))
+        if step.reduced:
+            raise RuntimeError(
+                guard.NO_PLAN.format(what="the last step's plan (its counts) would be reused")
+            )
+        step.forwards += 1
+        if guard.syncs_gradients(module, self._fsdp_units):
+            step.reduced = True  # this forward's backward reduces the step
 
     def _low_precision(self) -> bool:
         return TORCH_DTYPES[self.dtype] in LOW_PRECISION
@@ -423,6 +556,7 @@ class Reducer:
             step = self._step
             if step is None:
                 raise RuntimeError("no step has been planned yet (reducer.loss_scale)")
+            self._verify_claim(step)
             plan = step.plan
             if self.sharded and step.local_sq is not None and step.ranks_sq is None:
                 # FSDP calls the reduce-scatter per unit and says none is the last: the ranks'
@@ -454,6 +588,29 @@ class Reducer:
 
     def grad_norm(self) -> torch.Tensor:
         return total_norm(self.params).to(self.device)
+
+    def measure(self, loss_fn: measure.LossFn, batches: Any) -> StepReport:
+        """Measure the c the optimizer receives this step: after the backward, before the
+        optimizer, with this rank's micro-batches of the step (``batches``) and ``loss_fn(forward,
+        batch) -> (summed loss, items)``. One all-reduce; ``.grad`` is not touched. The report's
+        ``measured_c`` and ``residual`` are set, and a mismatch with the stated c warns with
+        its likely cause."""
+        report = self.last_step
+        module = self.model.module if isinstance(self.model, DDP) else self.model
+        mean, items = measure.mean_gradient(module, loss_fn, batches, self.process_group)
+        received = measure.received_gradient(self.params) / report._step.amp
+        found = measure.compare(received, mean, items)
+        report._step.measured = found
+        if items != report.global_items:
+            measure.warn(
+                f"measure(): the batches hold {items} items over the ranks, the step "
+                f"{report.global_items}: pass every micro-batch of the step"
+            )
+        low = TORCH_DTYPES[self.dtype] if self._low_precision() else self.params[0].dtype
+        cause = measure.likely_cause(report.c, found, report.exact, measure.TOLERANCE[low])
+        if cause is not None:
+            measure.warn(cause)
+        return report
 
     def small_batch(self, items: int, mean_grad_sq: float | torch.Tensor) -> None:
         """Give this step's smaller batch for the noise scale where the ranks cannot (one rank,
@@ -510,13 +667,39 @@ class Reducer:
 
 
 class _LazyCount:
-    """The all-reduced item count as a divisor, waited for where it is first divided by."""
+    """The all-reduced item count as a divisor, waited for where it is first divided by
+    (``factor``: a framework's loss division undone, for counts added per micro-batch)."""
 
-    def __init__(self, reducer: Reducer):
-        self.reducer = reducer
+    def __init__(self, reducer: Reducer, factor: float = 1.0):
+        self.reducer, self.factor = reducer, factor
 
     def tensor(self) -> torch.Tensor:
-        return self.reducer._step.wait_count()[0]
+        total = self.reducer._step.wait_count()[0]
+        return total if self.factor == 1.0 else total * self.factor
+
+
+def _count_tensor(micro_items: Sequence[int], device, claimed: int | None = None) -> torch.Tensor:
+    """[Σ n, Σ n², Σ m², Σ A] over the ranks' counts n and micro-batch counts m: equal counts
+    iff W·Σn² = (Σn)², equal micro-batches iff ΣA·Σm² = (Σn)²; float64 holds them exactly.
+    With ``claimed`` (the total this rank was told) also [Σ T, Σ T²]: do the ranks agree."""
+    n = float(sum(micro_items))
+    values = [n, n * n, float(sum(m * m for m in micro_items)), float(len(micro_items))]
+    if claimed is not None:
+        values += [float(claimed), float(claimed) ** 2]
+    return torch.tensor(values, dtype=torch.float64, device=device)
+
+
+def _claim(model: torch.nn.Module, reducer: Reducer) -> None:
+    """Mark ``model`` as reduced by ``reducer`` (one reducer a model: two would each register a
+    hook and divide), and check each training forward runs on a fresh plan."""
+    if getattr(model, "_ddp_reduce_attached", False):
+        raise ValueError(
+            f"a reducer is already attached to this {type(model).__name__}: attach() once per "
+            "model and keep the Reducer it returns (a second one would divide the gradients "
+            "again or replace the first's plan)"
+        )
+    model._ddp_reduce_attached = True
+    model.register_forward_pre_hook(torch.compiler.disable(reducer._before_forward))
 
 
 _DEFAULT = reduction.ReduceSettings()  # attach's defaults are the config's (reduce.*)
@@ -535,7 +718,8 @@ def attach(
     noise_population: int | None = None,
     process_group: dist.ProcessGroup | None = None,
 ) -> Reducer:
-    """Attach the reduction layer to a ``DistributedDataParallel`` model.
+    """Attach the reduction layer to a ``DistributedDataParallel`` model (or an FSDP2 one, or
+    either inside Lightning Fabric's, Accelerate's or ``torch.compile``'s wrapper).
 
     ``loss``: ``sum`` or ``mean``, how your loss reduces over this rank's items of the step
     (compute it as a *sum* and multiply by :meth:`Reducer.loss_scale`); ``op``: ``sum``,
@@ -543,13 +727,8 @@ def attach(
     noise scale from the ranks' own gradients (W >= 2). ``dtype``: what the gradients travel in;
     ``predivide``: where the division happens (``none``, ``sqrt``, ``full`` or a factor).
     """
-    if not isinstance(model, DDP) and not is_fsdp(model):
-        raise TypeError(
-            "attach() takes a torch.nn.parallel.DistributedDataParallel model or an FSDP2 "
-            f"(fully_shard, 1-D or HSDP's 2-D mesh) one, got {type(model).__name__}"
-        )
     return Reducer(
-        model,
+        find_reduced(model),
         _enum(reduction.LossReduction, loss),
         _enum(reduction.ReduceOp, op),
         impl=_enum(reduction.ReduceImpl, impl),
@@ -566,6 +745,7 @@ def attach(
 
 
 def _divisor_value(step: _InFlight):
+    step.reduced = True
     d = step.divisor
     return d.tensor() if isinstance(d, _LazyCount) else d
 
