@@ -185,14 +185,11 @@ def _rank_entry(
         rank_main(cfg, run_dir, f"file://{os.path.join(folder, 'store')}")
     except Stopped:
         code = 143  # its status is recorded; no traceback for a stop
-    except REFUSALS:  # noted in the error file: the launcher says it, once
-        code = 1
-    except dist.DistError as exc:  # a collective failed: a peer's fault, said by it
-        first = (str(exc).strip().splitlines() or ["?"])[0]
-        print(f"ddp-reduce: rank {rank}: a collective failed: {first}", file=sys.stderr)
-        code = 1
-    except Exception:
-        traceback.print_exc()
+    except Exception as exc:
+        # noted in its error file (run_job): the launcher says the first rank's error, once,
+        # not each survivor's error about the peer it lost
+        if not os.path.exists(_error_file(folder, rank)):
+            _note_rank_error(exc)  # it failed before its run began (forming the group)
         code = 1
     exit_now(code)
 
@@ -220,6 +217,8 @@ def _attempt(cfg: RunConfig, run_dir: str, attempt: int) -> RunSummary:
                 if code != 0:
                     stopped = _stop(procs)
                     origin = _first_rank_error(folder, nproc)
+                    if origin is not None and not stopped and not origin[1].get("refusal"):
+                        print(origin[1].get("traceback", ""), file=sys.stderr, end="")
                     raise LaunchError(_failure(rank, code, stopped, cfg, run_dir, origin))
     except KeyboardInterrupt:
         _stop(procs, signal.SIGINT)  # as Ctrl-C does: the ranks record "interrupted"
