@@ -322,7 +322,7 @@ def _summary(
     run_dir: Path,
     resumed_from: int | None,
 ) -> RunSummary:
-    cfg, ctx, geom, rc = trainer.cfg, trainer.ctx, trainer.geom, trainer.cfg.reduce
+    cfg, ctx, geom, reduce_cfg = trainer.cfg, trainer.ctx, trainer.geom, trainer.cfg.reduce
     return RunSummary(
         status=progress.status,
         diverged_at_step=progress.diverged_at,
@@ -331,18 +331,18 @@ def _summary(
         steps_planned=cfg.train.steps,
         resumed_from_step=resumed_from,
         grad_scale=nominal_scale(
-            rc.loss, rc.op, geom.world_size, geom.local_batch_size, geom.accum_steps
+            reduce_cfg.loss, reduce_cfg.op, geom.world_size, geom.local_batch_size, geom.accum_steps
         ),
-        grad_scale_rule=scale_rule(rc.loss, rc.op),
+        grad_scale_rule=scale_rule(reduce_cfg.loss, reduce_cfg.op),
         grad_scale_range=[trainer.c_range.low, trainer.c_range.high],
         grad_scale_exact=trainer.c_range.exact,
-        reduce_loss=rc.loss.name,
-        reduce_op=rc.op.name,
+        reduce_loss=reduce_cfg.loss.name,
+        reduce_op=reduce_cfg.op.name,
         strategy=cfg.dist.strategy.name,
-        reduce_impl=rc.impl.name,
+        reduce_impl=reduce_cfg.impl.name,
         reduce_route=trainer.reducer.route.name if trainer.reducer.route else None,
-        reduce_dtype=rc.dtype.name,
-        reduce_predivide=rc.predivide,
+        reduce_dtype=reduce_cfg.dtype.name,
+        reduce_predivide=reduce_cfg.predivide,
         reduce_overflow_at_step=progress.reduce_overflow_at,
         reduce_lossy_logged_steps=progress.lossy_logged,
         reduce_comm_rel_error_max=progress.rel_error_max,
@@ -392,10 +392,22 @@ def _maybe_crash(cfg: RunConfig, ctx: DistContext, step: int) -> None:
 
 def _hparams(trainer: Trainer, summary: RunSummary) -> list[HParam]:
     """The HParams view's columns: the axes of the sum-or-mean question first (c, the step)."""
-    cfg, geom, rc = trainer.cfg, trainer.geom, trainer.cfg.reduce
+    cfg, geom, reduce_cfg = trainer.cfg, trainer.geom, trainer.cfg.reduce
     return [
-        HParam("reduce.loss", rc.loss.name, str, tuple(m.name for m in type(rc.loss)), axis=True),
-        HParam("reduce.op", rc.op.name, str, tuple(m.name for m in type(rc.op)), axis=True),
+        HParam(
+            "reduce.loss",
+            reduce_cfg.loss.name,
+            str,
+            tuple(m.name for m in type(reduce_cfg.loss)),
+            axis=True,
+        ),
+        HParam(
+            "reduce.op",
+            reduce_cfg.op.name,
+            str,
+            tuple(m.name for m in type(reduce_cfg.op)),
+            axis=True,
+        ),
         HParam("lr", cfg.optim.lr, axis=True),
         HParam(
             "global_batch_size",

@@ -155,15 +155,15 @@ def measure(spec, progress=None) -> dict[str, Any]:
                             **_metrics(sim, reference),
                         }
                         if measured is not None:
-                            got = measured[i]
-                            same = (got == sim) | (got.isnan() & sim.isnan())
+                            in_group = measured[i]
+                            same = (in_group == sim) | (in_group.isnan() & sim.isnan())
                             agreement.append(
                                 {
                                     "row": len(rows),
                                     "world": world,
                                     "dtype": dtype,
                                     "bitwise": float(same.double().mean()),
-                                    "real": _metrics(got, reference),
+                                    "real": _metrics(in_group, reference),
                                 }
                             )
                         rows.append(row)
