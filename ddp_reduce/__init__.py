@@ -7,6 +7,7 @@ The public API (everything else is private):
     reducer.last_step                             # c, exact, global_items, the noise scale
     ddp_reduce.convert(ddp_reduce.Setting(...), to="mean/mean")   # per-knob rows, as data
     ddp_reduce.rank_batch_sampler(n, N, rank=r, world_size=W, steps=T)  # a DataLoader sampler
+    ddp_reduce.audit(["train.py", "--batch", "{b}"], global_batch=16)  # -> AuditResult
 
 Names are imported on first use, so ``ddp-reduce convert`` never loads torch.
 """
@@ -21,6 +22,8 @@ _API = {
     "Setting": "ddp_reduce.analysis.convert",
     "Conversion": "ddp_reduce.analysis.convert",
     "rank_batch_sampler": "ddp_reduce.batches",
+    "audit": "ddp_reduce.auditing.runner",
+    "AuditResult": "ddp_reduce.auditing.result",
 }
 __all__ = ["__version__", *_API]
 

@@ -9,6 +9,7 @@
     python -m ddp_reduce.bench data       # in-memory batches vs a DataLoader
     python -m ddp_reduce.bench fsdp       # sharded state and step time, FSDP vs DDP, W=2 and 4
     python -m ddp_reduce.bench precision  # bf16/fp16 communication vs fp32
+    python -m ddp_reduce.bench audit      # an audit of 4 layouts vs the same runs unprobed
     python -m ddp_reduce.bench all [--quick] [--device cuda] [--json results.json]
 
 The machine is shared and noisy: variants are interleaved step by step in a shuffled order
@@ -33,6 +34,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from ddp_reduce.analysis.bench_audit import audit_report, bench_audit
 from ddp_reduce.analysis.tables import table
 from ddp_reduce.config import Device, DistConfig, load_config
 from ddp_reduce.distributed import DistContext, available_cores
@@ -516,6 +518,8 @@ def _shown(r: dict[str, float]) -> str:
 
 def report(results: dict[str, Any]) -> str:
     lines: list[str] = []
+    if "audit" in results:
+        lines += audit_report(results["audit"], _shown, verdict)
     if "reduce" in results:
         r = results["reduce"]
         lines += [
@@ -737,6 +741,7 @@ def main(argv: list[str] | None = None) -> int:
             "data",
             "fsdp",
             "precision",
+            "audit",
             "all",
         ],
     )
@@ -766,6 +771,8 @@ def main(argv: list[str] | None = None) -> int:
             results[w] = bench_reduce(args.device, args.quick, args.model)
         elif w == "precision":
             results[w] = bench_precision(args.device, args.quick)
+        elif w == "audit":
+            results[w] = bench_audit(args.quick, paired_ratio)
         else:
             results[w] = globals()[f"bench_{w}"](args.quick)
         now = time.perf_counter()
