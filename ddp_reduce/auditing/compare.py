@@ -233,8 +233,9 @@ def _reference(rows, caps_by_layout, steps, n, tol, exact) -> list[str]:
     elif all(abs(c / n - 1) <= tol for c in cs):
         said = f"c = N = {n} at every layout and step: the optimizer receives the sum"
     else:
-        said = (f"c = {min(cs):.4g} to {max(cs):.4g} over layouts and steps: neither the "
-                f"per-item mean (c = 1) nor the sum (c = N = {n})")  # fmt: skip
+        span = (f"c = {cs[0]:.4g} at every layout and step" if max(cs) - min(cs) <= tol
+                else f"c = {min(cs):.4g} to {max(cs):.4g} over layouts and steps")  # fmt: skip
+        said = f"{span}: neither the per-item mean (c = 1) nor the sum (c = N = {n})"
     out = [said]
     worst, where = max(residuals)
     if worst > tol:
@@ -250,8 +251,9 @@ def _notes(rows, caps) -> list[str]:
         name, clip = clipped[0]
         notes.append(
             f"clipping bit at {', '.join(n for n, _ in clipped)} (pre-clip norm "
-            f"{clip['preclip_norm']:.4g} > max_norm {clip['max_norm']:g}): the factors are of the "
-            "gradient before clipping; the clipped update hides them"
+            f"{clip['preclip_norm']:.4g} > max_norm {clip['max_norm']:g}): the factors and c are "
+            "of the gradient before clipping; after it, the update's norm is max_norm whatever "
+            "the factor, which hides one"
         )
     dropout = sorted({d for c in caps for d in c.dropout})
     if dropout:

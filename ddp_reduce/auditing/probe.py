@@ -73,15 +73,18 @@ def _rank() -> tuple[int, int]:
 # ---- the items: what the model was fed ------------------------------------------------------
 
 
-def _tensors(obj, key: str = "") -> list[tuple[str, torch.Tensor]]:
-    """Every tensor in nested tuples, lists and dicts, with a path naming it."""
+def _first_tensor(obj) -> torch.Tensor | None:
+    """The first tensor with a batch dimension in nested tuples, lists and dicts, in order."""
     if isinstance(obj, torch.Tensor):
-        return [(key, obj)]
-    if isinstance(obj, dict):
-        return [t for k in sorted(obj, key=str) for t in _tensors(obj[k], f"{key}.{k}")]
-    if isinstance(obj, (list, tuple)):
-        return [t for i, v in enumerate(obj) for t in _tensors(v, f"{key}[{i}]")]
-    return []
+        return obj if obj.dim() >= 1 else None
+    values = (
+        obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
+    )
+    for value in values:
+        found = _first_tensor(value)
+        if found is not None:
+            return found
+    return None
 
 
 def _bytes(t: torch.Tensor) -> bytes:
@@ -89,25 +92,35 @@ def _bytes(t: torch.Tensor) -> bytes:
     return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
 
 
+def _unpadded(row: torch.Tensor) -> torch.Tensor:
+    """A row without its trailing positions that are all 0 or -100, the usual padding: the same
+    whatever width a batch padded it to (a sequence that ends in real zeros loses them in every
+    layout alike)."""
+    if row.dim() == 0 or row.shape[0] == 0:
+        return row
+    pad = (row == 0) | (row == IGNORE_INDEX)
+    real = (~pad.reshape(row.shape[0], -1).all(dim=1)).nonzero()
+    return row[: int(real.max()) + 1] if real.numel() else row[:0]
+
+
 def item_hashes(args: tuple, kwargs: dict) -> list[str]:
-    """One hash per item (row along the first dimension) of the tensors a model was called with;
-    padding is left out where an ``attention_mask`` marks it, so a sequence hashes the same
+    """One hash per item of a model call: a row, along the first dimension, of its first input
+    tensor (positional first, then keyword, in the order given: the data, whichever way a
+    framework passes it; a Lightning batch (x, y) hashes as x). Padding is left out, where an
+    ``attention_mask`` marks it or else as trailing 0 or -100, so a sequence hashes the same
     whatever it was padded to."""
-    found = [(k, t) for k, t in _tensors((args, kwargs)) if t.dim() >= 1]
-    if not found:
+    first = _first_tensor(args)
+    first = first if first is not None else _first_tensor(kwargs)
+    if first is None:
         return []
-    rows = found[0][1].shape[0]
-    found = [(k, t) for k, t in found if t.shape[0] == rows]
-    mask = kwargs.get("attention_mask") if isinstance(kwargs, dict) else None
+    mask = kwargs.get("attention_mask")
+    masked = isinstance(mask, torch.Tensor) and mask.dim() == 2 and first.shape[:2] == mask.shape
     hashes = []
-    for i in range(rows):
+    for i in range(first.shape[0]):
+        row = first[i][mask[i].bool()] if masked else _unpadded(first[i])
         h = hashlib.blake2b(digest_size=12)
-        for key, t in found:
-            row = t[i]
-            if isinstance(mask, torch.Tensor) and mask.dim() == 2 and t.shape[:2] == mask.shape:
-                row = row[mask[i].bool()]
-            h.update(f"{key}:{row.dtype}:{tuple(row.shape[1:])}".encode())
-            h.update(_bytes(row))
+        h.update(f"{row.dtype}:{tuple(row.shape[1:])}".encode())
+        h.update(_bytes(row))
         hashes.append(h.hexdigest())
     return hashes
 
