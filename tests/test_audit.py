@@ -7,12 +7,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections import Counter
 
 import pytest
 import torch
 
 from ddp_reduce.auditing import probe
-from ddp_reduce.auditing.compare import assemble, compare, fit_exponents
+from ddp_reduce.auditing.compare import assemble, compare, fit_exponents, same_items
 from ddp_reduce.auditing.result import AuditError, LayoutResult
 from ddp_reduce.auditing.runner import _numpy, audit, fill, parse_layout
 from tests.helpers import REPO
@@ -89,6 +90,11 @@ def test_item_fingerprints_ignore_padding_marked_by_the_attention_mask():
                                     "attention_mask": torch.tensor([[1, 1, 1, 0, 0],
                                                                     [1, 1, 0, 0, 0]])})  # fmt: skip
     assert short[0] == padded[0] != padded[1]
+    # a shifted input (tokens[:, :-1]) cuts the last token of the longest sequence only
+    longest = Counter(probe.item_hashes((torch.tensor([[5, 6, 7], [1, 2, 0]]),), {}))
+    unpadded = Counter(probe.item_hashes((torch.tensor([[5, 6, 7, 8], [1, 2, 0, 0]]),), {}))
+    assert longest != unpadded and same_items(longest, unpadded) and same_items(unpadded, longest)
+    assert not same_items(longest, Counter(probe.item_hashes((torch.tensor([[5, 6, 9]]),), {})))
     no_mask = probe.item_hashes((torch.tensor([[5, 6, 7, 0], [5, 6, 7, 1]]),), {})
     assert no_mask[0] == probe.item_hashes((torch.tensor([[5, 6, 7]]),), {})[0] != no_mask[1]
     assert probe.item_hashes((seq[None],), {}) != probe.item_hashes((seq[None] + 1,), {})

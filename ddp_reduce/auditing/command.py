@@ -68,5 +68,9 @@ def main(argv: list[str]) -> int:
         print(f"ddp-reduce audit: error: {exc}", file=sys.stderr)
         return USAGE_STATUS
     print(report.text(result), flush=True)
-    report.write(result, args.out, args.json)
+    try:
+        report.write(result, args.out, args.json)
+    except OSError as exc:
+        print(f"ddp-reduce audit: error: cannot write the result: {exc}", file=sys.stderr)
+        return USAGE_STATUS
     return result.exit_status

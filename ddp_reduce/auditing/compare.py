@@ -156,6 +156,26 @@ def describe_fit(fit: dict[str, float | None]) -> str:
     return "; ".join(parts) or "no dependence on W or A that the fit can name"
 
 
+def same_items(a: Counter, b: Counter) -> bool:
+    """Whether two layouts fed the same items: the same fingerprints, or the same up to a last
+    position cut from some rows (a shifted input, ``tokens[:, :-1]``, cuts the last token of
+    each batch's longest sequence only, and the longest differs between layouts)."""
+    if a == b:
+        return True
+    if sum(a.values()) != sum(b.values()):
+        return False
+    # the items only one side has, each "full:cut"; matched one to one, a's full with b's cut
+    # or a's cut with b's full (quadratic in the unmatched items only)
+    right = [key.partition(":")[::2] for key in (b - a).elements()]
+    for key in (a - b).elements():
+        full, cut = key.partition(":")[::2]
+        match = next((j for j, (rf, rc) in enumerate(right) if full == rc or cut == rf), None)
+        if match is None:
+            return False
+        del right[match]
+    return not right
+
+
 def _incomparable_reason(rows: list[LayoutResult], caps: list[Capture], n: int, step: int) -> str:
     """Why the layouts did not see the same items at ``step``, with the likely cause."""
     counts = [sum(c.items.values()) for c in caps]
@@ -167,8 +187,10 @@ def _incomparable_reason(rows: list[LayoutResult], caps: list[Capture], n: int, 
     by_w: dict[int, list[Counter]] = {}
     for r, c in zip(rows, caps, strict=True):
         by_w.setdefault(r.world_size, []).append(c.items)
-    within_w = all(all(x == group[0] for x in group) for group in by_w.values())
-    differ = [r.name for r, c in zip(rows, caps, strict=True) if c.items != caps[0].items]
+    within_w = all(all(same_items(x, group[0]) for x in group) for group in by_w.values())
+    differ = [
+        r.name for r, c in zip(rows, caps, strict=True) if not same_items(c.items, caps[0].items)
+    ]
     cause = (
         "a sampler that depends on W (the same items at each W, other items at another W)"
         if within_w and len(by_w) > 1
@@ -180,7 +202,7 @@ def _incomparable_reason(rows: list[LayoutResult], caps: list[Capture], n: int, 
 
 def _step(rows, caps, step, n, tol, exact) -> tuple[str, str]:
     """Fill the rows' entries of one step; the step's verdict and its sentence."""
-    same = [c.items == caps[0].items and sum(c.items.values()) == n for c in caps]
+    same = [same_items(c.items, caps[0].items) and sum(c.items.values()) == n for c in caps]
     vectors = _vectors(caps, exact)
     for row, cap, vec, s in zip(rows, caps, vectors, same, strict=True):
         f, d = factor_and_direction(vec, vectors[0])

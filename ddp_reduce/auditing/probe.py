@@ -103,12 +103,19 @@ def _unpadded(row: torch.Tensor) -> torch.Tensor:
     return row[: int(real.max()) + 1] if real.numel() else row[:0]
 
 
+def _hash(row: torch.Tensor) -> str:
+    h = hashlib.blake2b(digest_size=12)
+    h.update(f"{row.dtype}:{tuple(row.shape[1:])}".encode())
+    h.update(_bytes(row))
+    return h.hexdigest()
+
+
 def item_hashes(args: tuple, kwargs: dict) -> list[str]:
-    """One hash per item of a model call: a row, along the first dimension, of its first input
-    tensor (positional first, then keyword, in the order given: the data, whichever way a
-    framework passes it; a Lightning batch (x, y) hashes as x). Padding is left out, where an
-    ``attention_mask`` marks it or else as trailing 0 or -100, so a sequence hashes the same
-    whatever it was padded to."""
+    """One fingerprint per item of a model call, "hash:hash of it without its last position":
+    a row, along the first dimension, of its first input tensor (positional first, then
+    keyword, in the order given: the data, whichever way a framework passes it; a Lightning
+    batch (x, y) hashes as x). Padding is left out, where an ``attention_mask`` marks it or
+    else as trailing 0 or -100, so a sequence hashes the same whatever it was padded to."""
     first = _first_tensor(args)
     first = first if first is not None else _first_tensor(kwargs)
     if first is None:
@@ -118,10 +125,9 @@ def item_hashes(args: tuple, kwargs: dict) -> list[str]:
     hashes = []
     for i in range(first.shape[0]):
         row = first[i][mask[i].bool()] if masked else _unpadded(first[i])
-        h = hashlib.blake2b(digest_size=12)
-        h.update(f"{row.dtype}:{tuple(row.shape[1:])}".encode())
-        h.update(_bytes(row))
-        hashes.append(h.hexdigest())
+        # and of the row without its last position: a shifted language-model input
+        # (tokens[:, :-1]) cuts the last token of a batch's longest sequence only
+        hashes.append(f"{_hash(row)}:{_hash(row[:-1]) if row.dim() else ''}")
     return hashes
 
 
