@@ -10,6 +10,7 @@ The public API (everything else is private):
     reducer.measure(loss_fn, micro_batches)       # the c the optimizer received, measured
     ddp_reduce.convert(ddp_reduce.Setting(...), to="mean/mean")   # per-knob rows, as data
     ddp_reduce.rank_batch_sampler(n, N, rank=r, world_size=W, steps=T)  # a DataLoader sampler
+    ddp_reduce.audit(["train.py", "--batch", "{b}"], global_batch=16)  # -> AuditResult
 
 Names are imported on first use, so ``ddp-reduce convert`` never loads torch. The frameworks'
 integrations are in ``ddp_reduce.integrations`` (imported only when asked for).
@@ -25,6 +26,8 @@ _API = {
     "Setting": "ddp_reduce.analysis.convert",
     "Conversion": "ddp_reduce.analysis.convert",
     "rank_batch_sampler": "ddp_reduce.batches",
+    "audit": "ddp_reduce.auditing.runner",
+    "AuditResult": "ddp_reduce.auditing.result",
 }
 __all__ = ["__version__", *_API]
 

@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "convert": ("ddp_reduce.analysis.convert", "rewrite a setting for another sum/mean convention"),
     "study": ("ddp_reduce.analysis.study", "run a study's sweep and write its report"),
     "report": ("ddp_reduce.analysis.report", "(re)write the report of a study, sweep or run"),
+    "audit": ("ddp_reduce.auditing.command", "audit a training script: same gradient at W x A?"),
 }
 NOT_GROUPS = {"study"}  # conf/ folders that are no config group of a run
 

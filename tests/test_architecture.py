@@ -156,6 +156,16 @@ def test_the_layer_rule_finds_a_planted_import(tmp_path):
     assert layer_violations({"ddp_reduce.layer.reducer": {"ddp_reduce.data"}})
 
 
+def test_the_audit_probe_imports_torch_and_the_standard_library_only(tmp_path):
+    """The probe runs inside users' processes: nothing of the package, nothing else installed."""
+    probe = PACKAGE / "auditing" / "probe.py"
+    assert outside_imports(probe) <= THIRD_PARTY_FOR_LAYER
+    assert not import_graph()["ddp_reduce.auditing.probe"]
+    planted = tmp_path / "probe.py"
+    planted.write_text(probe.read_text() + "\nimport numpy\nfrom ddp_reduce import layer\n")
+    assert outside_imports(planted) - THIRD_PARTY_FOR_LAYER == {"numpy", "ddp_reduce"}
+
+
 def test_attach_loads_the_layer_and_nothing_else_of_the_package():
     loaded = _modules_loaded("import ddp_reduce\nddp_reduce.attach")
     ours = {m for m in loaded if m.startswith("ddp_reduce")}
@@ -210,8 +220,9 @@ def _modules_loaded(code: str) -> set[str]:
         ["convert", "--list-presets"],
         ["--help"],
         ["convert", "--help"],
+        ["audit", "--help"],
     ],
-    ids=["convert", "convert-presets", "list-presets", "help", "convert-help"],
+    ids=["convert", "convert-presets", "list-presets", "help", "convert-help", "audit-help"],
 )  # fmt: skip
 def test_the_calculator_and_the_help_load_neither_torch_nor_hydra(argv):
     code = (

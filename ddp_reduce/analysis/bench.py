@@ -10,6 +10,7 @@
     python -m ddp_reduce.bench fsdp       # sharded state and step time, FSDP vs DDP, W=2 and 4;
                                           # HSDP (R=2, S=2) at W=4
     python -m ddp_reduce.bench precision  # bf16/fp16 communication vs fp32
+    python -m ddp_reduce.bench audit      # an audit of 4 layouts vs the same runs unprobed
     python -m ddp_reduce.bench all [--quick] [--device cuda] [--json results.json]
 
 The machine is shared and noisy: variants are interleaved step by step in a shuffled order
@@ -35,6 +36,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ddp_reduce import parallel
+from ddp_reduce.analysis.bench_audit import audit_report, bench_audit
 from ddp_reduce.analysis.intervals import median_interval
 from ddp_reduce.analysis.tables import table
 from ddp_reduce.config import Device, DistConfig, Strategy, load_config
@@ -804,7 +806,12 @@ def _report_memory(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _report_audit(results: dict[str, Any]) -> list[str]:
+    return audit_report(results["audit"], _shown, verdict) if "audit" in results else []
+
+
 _SECTIONS = (
+    _report_audit,
     _report_reduce,
     _report_scaling,
     _report_sweep,
@@ -860,6 +867,7 @@ def main(argv: list[str] | None = None) -> int:
             "data",
             "fsdp",
             "precision",
+            "audit",
             "all",
         ],
     )
@@ -889,6 +897,8 @@ def main(argv: list[str] | None = None) -> int:
             results[w] = bench_reduce(args.device, args.quick, args.model)
         elif w == "precision":
             results[w] = bench_precision(args.device, args.quick)
+        elif w == "audit":
+            results[w] = bench_audit(args.quick, paired_ratio)
         else:
             results[w] = globals()[f"bench_{w}"](args.quick)
         now = time.perf_counter()
