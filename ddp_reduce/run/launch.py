@@ -194,6 +194,20 @@ def _rank_entry(
     exit_now(code)
 
 
+def _record_stop(run_dir: str, signum: int) -> None:
+    """The launcher was stopped and stopped its ranks: the run's status is the signal's. (A
+    rank whose collective failed on a peer already stopped, before its own signal came, has
+    recorded "failed" with that error; it is kept as the rank's error.)"""
+    summary = unfinished_summary(run_dir)
+    stop = Stopped(signum)
+    if summary is None or summary.status is stop.status:
+        return
+    if summary.error is not None:
+        summary.rank_error = summary.rank_error or summary.error
+    summary.status, summary.error = stop.status, f"{type(stop).__name__}: {stop}"
+    write_summary(run_dir, summary)
+
+
 GRACE_S = 10.0  # how long a rank may take to record its status and exit once told to stop
 
 
@@ -222,9 +236,11 @@ def _attempt(cfg: RunConfig, run_dir: str, attempt: int) -> RunSummary:
                     raise LaunchError(_failure(rank, code, stopped, cfg, run_dir, origin))
     except KeyboardInterrupt:
         _stop(procs, signal.SIGINT)  # as Ctrl-C does: the ranks record "interrupted"
+        _record_stop(run_dir, signal.SIGINT)
         raise
     except Terminated as exc:
         _stop(procs, exc.signum)  # SIGHUP: "interrupted"; SIGTERM: "failed"
+        _record_stop(run_dir, exc.signum)
         raise
     finally:
         for p in procs:
