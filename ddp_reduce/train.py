@@ -28,7 +28,11 @@ from ddp_reduce.run.validate import validate_prepared
 
 def main(argv: list[str] | None = None) -> int:
     overrides = list(sys.argv[1:] if argv is None else argv)
-    is_main = int(os.environ.get("RANK", "0")) == 0
+    rank = int(os.environ.get("RANK", "0"))
+    is_main = rank == 0
+    # every rank says why it stops: torchrun stops the other ranks as soon as one of them exits,
+    # so a message left to rank 0 alone is lost whenever another rank exits first
+    said = "ddp-reduce: error: " if is_main else f"ddp-reduce: error (rank {rank}): "
     if any(a in ("-m", "--multirun") for a in overrides):
         fail(
             "--multirun under torchrun makes every rank run the whole sweep; "
@@ -54,14 +58,12 @@ def main(argv: list[str] | None = None) -> int:
             if is_main:  # rank 0 holds the run directory; the others get its path from it
                 run_dir = str(held.enter_context(claim_run_dir(run_dir, run_cfg.train.overwrite)))
         except (ConfigError, HydraException) as exc:
-            if is_main:
-                fail(error_message(exc))
+            print(said + error_message(exc), file=sys.stderr, flush=True)
             sys.exit(2)
         try:
             summary = rank_main(run_cfg, run_dir, prepared=prepared)
-        except (CheckpointError, ConfigError) as exc:  # every rank has it alike: said once
-            if is_main:
-                print(f"ddp-reduce: error: {exc}", file=sys.stderr, flush=True)
+        except (CheckpointError, ConfigError) as exc:  # every rank has it alike
+            print(f"{said}{exc}", file=sys.stderr, flush=True)
             return 1
     if summary is not None:
         print(format_summary(summary), flush=True)
