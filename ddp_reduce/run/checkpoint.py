@@ -37,7 +37,6 @@ import torch.distributed as dist
 
 from ddp_reduce import parallel
 from ddp_reduce.config import to_dict
-from ddp_reduce.run.dcp_metadata import SafeReader, read_dcp_metadata
 from ddp_reduce.run.rundir import CHECKPOINTS, atomic_write, own_folder, write_json
 from ddp_reduce.trainer import Trainer
 
@@ -219,6 +218,10 @@ def _load_verified(folder: Path, entry: dict) -> dict[str, Any]:
     if not isinstance(state, dict):
         raise CheckpointError(f"{path.name} holds a {type(state).__name__}, not a checkpoint")
     if path.is_dir():
+        # imported here: torch.distributed.checkpoint costs a second of every rank's start,
+        # and only sharded checkpoints need it
+        from ddp_reduce.run.dcp_metadata import read_dcp_metadata
+
         try:  # a .metadata that is not the library's plain record is refused, never run
             read_dcp_metadata(path)
         except (OSError, ValueError) as exc:
@@ -369,6 +372,8 @@ def resume(run_dir: Path, trainer: Trainer) -> int | None:
     else:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        from ddp_reduce.run.dcp_metadata import SafeReader
 
         model_state, optim_state = get_state_dict(trainer.model, trainer.optimizer)
         shards = {"model": model_state, "optimizer": optim_state}
