@@ -17,7 +17,7 @@ from ddp_reduce.run.rundir import json_ready
 from ddp_reduce.run.summary import FINISHED, RunSummary, Status, format_summary, read_summary
 from ddp_reduce.trainer import prepare
 from tests.helpers import REPO, VENV_BIN, config, ddp_reduce, project_env
-from tests.test_hardening import LONG, _ranks, _running, _wait_training
+from tests.test_hardening import LONG, _kill_group, _ranks, _running, _wait_training
 
 EXAMPLES = REPO / "examples"
 USER = {"PYTHONPATH": f"{REPO}{os.pathsep}{EXAMPLES}"}  # tests.fault_targets and userpkg
@@ -102,8 +102,12 @@ def test_a_closed_terminal_or_sigint_to_the_launcher_records_interrupted(
     tmp_path, signum, group, code
 ):
     run = tmp_path / "run"
-    # the launcher alone: started as a script's background job is, with SIGINT ignored
-    ignore = None if group else (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+
+    def as_from_a_terminal():  # whatever the test runner ignores, a terminal's job does not
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        # the launcher alone: started as a script's background job is, with SIGINT ignored
+        signal.signal(signal.SIGINT, signal.SIG_DFL if group else signal.SIG_IGN)
+
     proc = subprocess.Popen(
         [str(VENV_BIN / "ddp-reduce"), *LONG, f"hydra.run.dir={run}"],
         cwd=REPO,
@@ -112,15 +116,18 @@ def test_a_closed_terminal_or_sigint_to_the_launcher_records_interrupted(
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
-        preexec_fn=ignore,
+        preexec_fn=as_from_a_terminal,
     )
-    _wait_training(run, proc)
-    ranks = _ranks(proc.pid)
-    if group:
-        os.killpg(proc.pid, signum)  # a closed terminal: every process of the session
-    else:
-        os.kill(proc.pid, signum)  # the launcher alone
-    _, err = proc.communicate(timeout=120)
+    try:
+        _wait_training(run, proc)
+        ranks = _ranks(proc.pid)
+        if group:
+            os.killpg(proc.pid, signum)  # a closed terminal: every process of the session
+        else:
+            os.kill(proc.pid, signum)  # the launcher alone
+        _, err = proc.communicate(timeout=120)
+    finally:  # a launcher that did not stop is not left running
+        _kill_group(proc)
     assert proc.returncode == code, err[-2000:]
     assert "Traceback" not in err
     summary = read_summary(run)

@@ -7,9 +7,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from ddp_reduce.config import DistConfig
 from ddp_reduce.run import checkpoint, launch
 from ddp_reduce.run.launch import rank_main
 from ddp_reduce.run.pool import RankPool
+from ddp_reduce.run.rank_server import SOCKET_PATH_MAX
 from ddp_reduce.run.rundir import json_ready
 from tests.helpers import REPO, VENV_BIN, config, ddp_reduce, project_env, run_cli
 
@@ -178,6 +181,13 @@ def _ranks(pid: int) -> list[int]:
     return sorted(p for p in forked if _parent(p) in forked)
 
 
+def _default_signals() -> None:
+    """In the child before it runs: the signals a terminal's job reacts to, whatever the test
+    runner's own process ignores (a runner's worker may ignore SIGHUP or SIGINT)."""
+    for sig in (signal.SIGHUP, signal.SIGINT):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def _start(run: Path, *overrides: str, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen(
         [str(VENV_BIN / "ddp-reduce"), *LONG, *overrides, f"hydra.run.dir={run}"],
@@ -187,7 +197,15 @@ def _start(run: Path, *overrides: str, env: dict | None = None) -> subprocess.Po
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        preexec_fn=_default_signals,
     )
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """A run of LONG that a failed test left running is killed, not left to train for hours."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def _wait_training(run: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -214,8 +232,7 @@ def test_a_one_machine_run_listens_on_loopback_only(tmp_path):
         wide = {pid: a for pid, addrs in open_.items() for a in addrs if not _is_loopback(a)}
         assert not wide, f"listening beyond loopback: {wide}"
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        _kill_group(proc)
 
 
 def _all_reduce_ones(ctx) -> tuple[float, str | None]:
@@ -272,8 +289,7 @@ def test_a_hung_rank_ends_the_job_within_the_timeout_and_is_named(tmp_path, hung
         _, err = proc.communicate(timeout=120)
         elapsed = time.monotonic() - stopped
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        _kill_group(proc)
     assert proc.returncode == 1
     assert elapsed < 5 + 15, elapsed  # the timeout plus a small margin
     summary = json.loads((run / "summary.json").read_text())
@@ -287,9 +303,12 @@ def test_ctrl_c_records_interrupted(tmp_path):
     run, tmp = tmp_path / "run", tmp_path / "tmp"
     tmp.mkdir()
     proc = _start(run, env={"TMPDIR": str(tmp)})
-    _wait_training(run, proc)
-    os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends every process of the job
-    _, err = proc.communicate(timeout=120)
+    try:
+        _wait_training(run, proc)
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends every process of the job
+        _, err = proc.communicate(timeout=120)
+    finally:
+        _kill_group(proc)
     assert proc.returncode == 130, err[-2000:]
     assert json.loads((run / "summary.json").read_text())["status"] == "interrupted"
     assert "Traceback" not in err
@@ -302,11 +321,14 @@ def test_sigterm_to_the_launcher_stops_the_ranks_and_cleans_up(tmp_path):
     run, tmp = tmp_path / "run", tmp_path / "tmp"
     tmp.mkdir()
     proc = _start(run, env={"TMPDIR": str(tmp)})
-    _wait_training(run, proc)
-    ranks = _ranks(proc.pid)
-    assert len(ranks) == 2 and _temporaries(tmp)  # the store's folder exists while running
-    os.kill(proc.pid, signal.SIGTERM)  # the launcher only
-    _, err = proc.communicate(timeout=120)
+    try:
+        _wait_training(run, proc)
+        ranks = _ranks(proc.pid)
+        assert len(ranks) == 2 and _temporaries(tmp)  # the store's folder exists while running
+        os.kill(proc.pid, signal.SIGTERM)  # the launcher only
+        _, err = proc.communicate(timeout=120)
+    finally:
+        _kill_group(proc)
     assert proc.returncode == 143, err[-2000:]
     assert "stopped by SIGTERM" in err and "Traceback" not in err
     summary = json.loads((run / "summary.json").read_text())
@@ -407,17 +429,44 @@ def test_a_checkpoint_past_the_planned_steps_is_refused(tmp_path):
         rank_main(config(*base, "train.steps=10"), str(run))
 
 
+def _temp_dir_of_length(tmp_path: Path, length: int) -> Path:
+    """A fresh folder whose path has exactly ``length`` characters (for TMPDIR)."""
+    base = Path(tempfile.mkdtemp(prefix="t", dir="/tmp" if len(str(tmp_path)) > 40 else tmp_path))
+    folder = base / ("p" * (length - len(str(base)) - 1))
+    folder.mkdir()
+    return folder
+
+
 def test_a_run_leaves_no_launcher_folders_in_the_temp_dir(tmp_path):
-    private = tmp_path / "tmp"  # this run's own temp dir, so other processes' do not count
-    private.mkdir()
-    proc = ddp_reduce(
-        "train.steps=5",
-        "train.eval_every=0",
-        f"hydra.run.dir={tmp_path / 'r'}",
-        env={"TMPDIR": str(private)},
+    # this run's own temp dir, so other processes' do not count; as long as one may be
+    private = _temp_dir_of_length(
+        tmp_path, SOCKET_PATH_MAX - len("/pymp-12345678/listener-12345678")
     )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert not _temporaries(private)
+    try:
+        proc = ddp_reduce(
+            "train.steps=5",
+            "train.eval_every=0",
+            f"hydra.run.dir={tmp_path / 'r'}",
+            env={"TMPDIR": str(private)},
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert not _temporaries(private)
+    finally:
+        shutil.rmtree(private.parent)
+
+
+def test_a_temp_dir_too_long_for_the_ranks_socket_is_refused_before_the_run(tmp_path):
+    too_long = _temp_dir_of_length(tmp_path, SOCKET_PATH_MAX - 31)
+    try:
+        proc = ddp_reduce(
+            "train.steps=5", f"hydra.run.dir={tmp_path / 'r'}", env={"TMPDIR": str(too_long)}
+        )
+    finally:
+        shutil.rmtree(too_long.parent)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"TMPDIR={too_long} is not allowed" in proc.stderr
+    assert "at most 75 characters (76 given)" in proc.stderr
+    assert not (tmp_path / "r").exists()
 
 
 def test_a_blow_up_without_nan_is_a_divergence(tmp_path):

@@ -35,6 +35,7 @@ from ddp_reduce.distributed import (
 from ddp_reduce.run.checkpoint import CheckpointError
 from ddp_reduce.run.job import train
 from ddp_reduce.run.pool import shared_pool
+from ddp_reduce.run.rank_server import check_temp_dir
 from ddp_reduce.run.rundir import SUMMARY
 from ddp_reduce.run.signals import Stopped, Terminated, signals_as_errors
 from ddp_reduce.run.summary import (
@@ -214,6 +215,7 @@ GRACE_S = 10.0  # how long a rank may take to record its status and exit once to
 def _attempt(cfg: RunConfig, run_dir: str, attempt: int) -> RunSummary:
     nproc = cfg.dist.nproc
     ctx = mp.get_context("forkserver")  # ranks forked with torch imported (rank_server)
+    check_temp_dir()
     folder = tempfile.mkdtemp(prefix="ddp-reduce-ranks-")
     procs = [
         ctx.Process(target=_rank_entry, args=(r, folder, attempt, cfg, run_dir, os.getpid()))

@@ -25,6 +25,7 @@ import torch.multiprocessing as mp
 
 from ddp_reduce.config import DistConfig
 from ddp_reduce.distributed import become_local_rank, distributed, exit_now
+from ddp_reduce.run.rank_server import check_temp_dir
 
 
 class PoolError(RuntimeError):
@@ -54,6 +55,7 @@ class RankPool:
     def __init__(self, dist_cfg: DistConfig, nproc: int):
         self.key = (nproc, repr(dist_cfg))
         self.nproc = nproc
+        check_temp_dir()
         self._folder = tempfile.mkdtemp(prefix="ddp-reduce-pool-")
         store = os.path.join(self._folder, "store")
         ctx = mp.get_context("forkserver")  # ranks forked with torch imported (rank_server)

@@ -12,6 +12,32 @@ from __future__ import annotations
 RANK_PRELOAD = ["torch", "torch._dynamo", "ddp_reduce.run.launch"]
 
 
+# Linux's limit on an AF_UNIX socket's path (sun_path: 108 bytes, the last one NUL), and the
+# names multiprocessing gives its forkserver's socket in the temporary folder:
+# <TMPDIR>/pymp-XXXXXXXX/listener-XXXXXXXX
+SOCKET_PATH_MAX = 107
+_FORKSERVER_SOCKET = len("/pymp-12345678/listener-12345678")
+
+
+def check_temp_dir() -> None:
+    """Refuse, with a clear error, a temporary folder too long to hold the forkserver's socket:
+    Python 3.11's multiprocessing would fail with a traceback after the run had started."""
+    import tempfile
+
+    folder = tempfile.gettempdir()
+    most = SOCKET_PATH_MAX - _FORKSERVER_SOCKET
+    if len(folder) > most:
+        from ddp_reduce.config import ConfigError
+
+        raise ConfigError(
+            "TMPDIR",
+            folder,
+            f"a folder path of at most {most} characters ({len(folder)} given): the ranks are "
+            f"started through a socket in it, and a socket's path is at most {SOCKET_PATH_MAX}; "
+            "set TMPDIR to a shorter folder",
+        )
+
+
 def start_rank_server() -> None:
     """Start the process that ranks are forked from, now, so that its imports (RANK_PRELOAD)
     run while the caller composes and checks the config; call it first thing. The server is a
@@ -20,6 +46,8 @@ def start_rank_server() -> None:
     the first rank, without the preload (each rank then imports for itself)."""
     import multiprocessing as stdlib_mp
     from multiprocessing import forkserver
+
+    check_temp_dir()
 
     stdlib_mp.set_forkserver_preload(RANK_PRELOAD)
     forkserver.ensure_running()
