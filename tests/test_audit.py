@@ -237,10 +237,10 @@ def test_a_script_that_never_steps_the_optimizer_ends_or_times_out_with_a_named_
     script = tmp_path / "never_steps.py"
     script.write_text(NEVER_STEPS)
     result = audit([sys.executable, str(script), "{A}"], global_batch=4, layouts=["1x1", "1x2"],
-                   launcher="{command}", timeout_s=40)  # fmt: skip
+                   launcher="{command}", timeout_s=20)  # fmt: skip
     assert result.verdict == "incomparable"
     assert result.layouts[0].error == "the script never stepped an optimizer"
-    assert result.layouts[1].error.startswith("no result within 40 s (--timeout)")
+    assert result.layouts[1].error.startswith("no result within 20 s (--timeout)")
 
 
 # ---- FSDP2: each rank's optimizer sees its shard ------------------------------------------------
