@@ -22,6 +22,7 @@ from ddp_reduce.run.claim import claim_run_dir
 from ddp_reduce.run.cli_errors import error_message, fail
 from ddp_reduce.run.compose import compose_config, override_key
 from ddp_reduce.run.launch import rank_main
+from ddp_reduce.run.signals import process_ends_with_run
 from ddp_reduce.run.summary import format_summary
 from ddp_reduce.run.validate import validate_prepared
 
@@ -60,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         except (ConfigError, HydraException) as exc:
             print(said + error_message(exc), file=sys.stderr, flush=True)
             sys.exit(2)
+        process_ends_with_run()
         try:
             summary = rank_main(run_cfg, run_dir, prepared=prepared)
         except (CheckpointError, ConfigError) as exc:  # every rank has it alike

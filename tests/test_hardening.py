@@ -608,3 +608,39 @@ def test_convert_refuses_impossible_numbers(argv):
         [sys.executable, "-m", "ddp_reduce.cli", "convert", *args], capture_output=True, text=True
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+
+
+_TWO_CTRL_C = """
+import os, signal, sys
+from ddp_reduce.run import signals
+if sys.argv[1] == "rank":
+    signals.process_ends_with_run()
+try:
+    with signals.signals_as_errors():
+        os.kill(os.getpid(), signal.SIGINT)  # the terminal's Ctrl-C
+        signal.pause()
+except signals.Stopped:
+    print("stopped", flush=True)
+try:
+    os.kill(os.getpid(), signal.SIGINT)  # the launcher's, forwarded, during the teardown
+    print("ignored", flush=True)
+except KeyboardInterrupt:
+    print("KeyboardInterrupt", flush=True)
+"""
+
+
+@pytest.mark.parametrize("process, after", [("rank", "ignored"), ("caller", "KeyboardInterrupt")])
+def test_a_second_ctrl_c_in_a_ranks_teardown_is_ignored_and_a_callers_is_not(process, after):
+    """A rank that recorded its stop ignores the next SIGINT until it exits (it used to raise
+    KeyboardInterrupt inside destroy_process_group: a traceback); a process that goes on after
+    the run (a notebook, a test) gets its own Ctrl-C handling back."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _TWO_CTRL_C, process],
+        cwd=REPO,
+        env=project_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=_default_signals,
+    )
+    assert proc.stdout.split() == ["stopped", after], proc.stdout + proc.stderr

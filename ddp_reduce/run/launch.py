@@ -37,7 +37,12 @@ from ddp_reduce.run.job import train
 from ddp_reduce.run.pool import shared_pool
 from ddp_reduce.run.rank_server import check_temp_dir
 from ddp_reduce.run.rundir import SUMMARY
-from ddp_reduce.run.signals import Stopped, Terminated, signals_as_errors
+from ddp_reduce.run.signals import (
+    Stopped,
+    Terminated,
+    process_ends_with_run,
+    signals_as_errors,
+)
 from ddp_reduce.run.summary import (
     RunSummary,
     Status,
@@ -181,6 +186,7 @@ def _rank_entry(
         TORCHELASTIC_RESTART_COUNT=str(attempt),
         **{ERROR_FILE_ENV: _error_file(folder, rank)},
     )
+    process_ends_with_run()
     code = 0
     try:
         rank_main(cfg, run_dir, f"file://{os.path.join(folder, 'store')}")

@@ -17,6 +17,18 @@ from ddp_reduce.run.summary import Status
 
 INTERRUPTING = (signal.SIGINT, signal.SIGHUP)
 
+# Set in a process that ends with its run (a rank the launcher forked, a rank under torchrun):
+# there, once the run's end is recorded, a further Ctrl-C or SIGHUP (a terminal signals every
+# process of the job, then the launcher forwards its own to its ranks) is ignored until the
+# process exits, instead of raising KeyboardInterrupt in its teardown.
+_ENDS_WITH_RUN = False
+
+
+def process_ends_with_run() -> None:
+    """Say that this process exits once its run ends (see :func:`signals_as_errors`)."""
+    global _ENDS_WITH_RUN
+    _ENDS_WITH_RUN = True
+
 
 def _heeded(signals: tuple[int, ...]) -> list[int]:
     """Those of ``signals`` this process does not ignore: a run started under ``nohup``
@@ -53,6 +65,8 @@ def signals_as_errors() -> Iterator[dict[str, bool]]:
     default Python would exit at once (SIGHUP likewise, and Ctrl-C raises KeyboardInterrupt,
     which ``except Exception`` misses), leaving no summary behind. While the status is being
     written (``recording``) a further signal waits: the write is what the signal would have lost.
+    In a process that ends with its run (:func:`process_ends_with_run`), SIGINT and SIGHUP stay
+    ignored once the end is recorded: the teardown is not cut by a second one.
     """
     state = {"recording": False}
     if threading.current_thread() is not threading.main_thread():
@@ -74,7 +88,8 @@ def signals_as_errors() -> Iterator[dict[str, bool]]:
         yield state
     finally:
         for sig, handler in previous.items():
-            signal.signal(sig, handler)
+            ended = state["recording"] and _ENDS_WITH_RUN and sig in INTERRUPTING
+            signal.signal(sig, signal.SIG_IGN if ended else handler)
 
 
 class Terminated(BaseException):
