@@ -8,8 +8,9 @@ imported, so the ranks' imports run beside its own.
 from __future__ import annotations
 
 # What every rank imports before its first step: the forkserver imports it once, and each rank
-# is forked from it with it loaded (DDP's constructor alone imports torch._dynamo: over a second).
-RANK_PRELOAD = ["torch", "torch._dynamo", "ddp_reduce.run.launch"]
+# is forked from it with it loaded (DDP's constructor alone imports torch._dynamo: over a second;
+# rank 0's TensorBoard writer a quarter of one).
+RANK_PRELOAD = ["torch", "torch._dynamo", "torch.utils.tensorboard", "ddp_reduce.run.launch"]
 
 
 # Linux's limit on an AF_UNIX socket's path (sun_path: 108 bytes, the last one NUL), and the
