@@ -165,16 +165,12 @@ def _run_point(cfg, tally: dict[str, int]) -> float | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from ddp_reduce.config import ConfigError
-    from ddp_reduce.run.checkpoint import CheckpointError
+    from ddp_reduce.config import ConfigError, load_config
     from ddp_reduce.run.claim import claim_run_dir
     from ddp_reduce.run.cli_errors import error_message, fail
-    from ddp_reduce.run.launch import LaunchError, launch_local
-    from ddp_reduce.run.pool import PoolError
     from ddp_reduce.run.rundir import discard_refused, record_refused
     from ddp_reduce.run.signals import Stopped, Terminated
     from ddp_reduce.run.summary import Status, format_summary
-    from ddp_reduce.run.validate import validate_prepared
 
     hydra_cfg = HydraConfig.get()
     sweep = hydra_cfg.mode is RunMode.MULTIRUN
@@ -191,9 +187,15 @@ def _run_point(cfg, tally: dict[str, int]) -> float | None:
 
     with contextlib.ExitStack() as held:
         try:
-            nproc = cfg.dist.nproc
-            # the one parse of this run's config; one rank here trains with what it prepared
-            run_cfg, prepared = validate_prepared(cfg, nproc, local_rank=0 if nproc == 1 else None)
+            # the one parse of this run's config: its own values refused before torch loads
+            run_cfg = load_config(cfg)
+            from ddp_reduce.run.validate import validate_prepared  # torch: seconds to load
+
+            nproc = run_cfg.dist.nproc
+            # one rank here trains with what this process prepared to check it
+            run_cfg, prepared = validate_prepared(
+                run_cfg, nproc, local_rank=0 if nproc == 1 else None
+            )
             path = held.enter_context(claim_run_dir(run_dir, run_cfg.train.overwrite))
         except ConfigError as exc:
             discard_refused(run_dir)  # Hydra made its folder before the checks
@@ -204,6 +206,10 @@ def _run_point(cfg, tally: dict[str, int]) -> float | None:
         except Exception as exc:  # not the config's: this point fails, a sweep goes on
             discard_refused(run_dir)
             return stop("failed", f"{type(exc).__name__}: {error_message(exc)}", 1)
+        from ddp_reduce.run.checkpoint import CheckpointError
+        from ddp_reduce.run.launch import LaunchError, launch_local
+        from ddp_reduce.run.pool import PoolError
+
         try:
             # a sweep keeps its ranks alive from one point to the next
             reuse = sweep and run_cfg.dist.reuse_ranks

@@ -304,3 +304,28 @@ def test_importing_ddp_reduce_loads_no_framework_and_dir_lists_the_api():
     names = dir(__import__("ddp_reduce"))
     for public in ("attach", "Reducer", "StepReport", "rank_batch_sampler", "convert"):
         assert public in names, public
+
+
+@pytest.mark.parametrize(
+    "argv, code",
+    [(["optim.lr=-1"], 2), (["train.steps=2", "hydra.run.dir={run}"], 2)],
+    ids=["a-value", "an-unreadable-summary"],
+)
+def test_a_refused_run_is_refused_before_torch_loads(tmp_path, argv, code):
+    """A value the config refuses, or a run folder the launcher refuses, is said within a second:
+    torch (2 s to load) is imported only once the run is let through."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "summary.json").write_text("[1, 2]")
+    argv = [a.format(run=run) for a in argv]
+    if "hydra.run.dir" not in " ".join(argv):
+        argv.append(f"hydra.run.dir={tmp_path / 'other'}")
+    program = (
+        "import sys\n"
+        f"sys.argv = ['ddp-reduce', *{argv!r}]\n"
+        "from ddp_reduce.cli import main\n"
+        "try:\n    main()\nexcept SystemExit as e:\n"
+        f"    assert e.code == {code}, e.code\n"
+        "else:\n    raise AssertionError('not refused')\n"
+    )
+    assert "torch" not in _modules_loaded(program)

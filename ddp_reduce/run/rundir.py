@@ -20,7 +20,6 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 SUMMARY = "summary.json"
@@ -122,6 +121,8 @@ def write_config(run_dir: Path, cfg: dict) -> None:
 
 
 def save_model(run_dir: Path, state_dict: dict) -> None:
+    import torch  # here: the checks and reports this module serves need no torch (2 s to load)
+
     atomic_write(run_dir / MODEL, lambda tmp: torch.save(state_dict, tmp))
 
 
@@ -261,6 +262,8 @@ def versions() -> dict[str, str]:
             out[dist_name] = metadata.version(dist_name)
         except metadata.PackageNotFoundError:
             out[dist_name] = "not installed"
+    import torch
+
     out["cuda"] = torch.version.cuda or "none"
     return out
 

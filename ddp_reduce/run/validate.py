@@ -21,15 +21,16 @@ def validate(
 
 
 def validate_prepared(
-    cfg_dict: DictConfig | dict,
+    cfg_dict: DictConfig | dict | RunConfig,
     world_size: int,
     local_world_size: int | None = None,
     local_rank: int | None = None,
 ) -> tuple[RunConfig, Prepared]:
     """:func:`validate`, keeping the data and model it prepared to check them: a rank that
     validates its own config (under torchrun, ``local_rank`` given) trains with them instead
-    of preparing twice; on CUDA they are made with its own device current, as in training."""
-    cfg = load_config(cfg_dict)
+    of preparing twice; on CUDA they are made with its own device current, as in training.
+    A RunConfig (from :func:`load_config`) is taken as parsed."""
+    cfg = cfg_dict if isinstance(cfg_dict, RunConfig) else load_config(cfg_dict)
     for key in ("nan_rank", "crash_rank"):
         rank = getattr(cfg.fault, key)
         if rank >= world_size:
