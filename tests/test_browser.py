@@ -224,11 +224,20 @@ def test_custom_scalars_charts_hold_every_run_of_their_group(browser, served, sw
     points = STEPS // LOG_EVERY
     in_view = (TRAIN_BY_MODE, "train/loss by global batch")
 
-    def drawn(s):  # the charts on screen have all their points and lines
-        charts = [c for name in in_view for c in _charts(s, name).values()]
-        return len(charts) == 3 and all(
-            c["series"] and all(n == points for _, n in c["series"]) and c["drawn_lines"]
-            for c in charts
+    runs_of = {  # each chart on screen and the runs of its group
+        (TRAIN_BY_MODE, "mean-sum"): by_op["sum"],
+        (TRAIN_BY_MODE, "mean-mean"): by_op["mean"],
+        ("train/loss by global batch", "N=32"): set(runs),
+    }
+
+    def drawn(s):  # the charts on screen hold every run of their group, with all its points
+        # (TensorBoard fills a chart run by run: a chart with some of its runs is not done)
+        charts = {(name, t): c for name in in_view for t, c in _charts(s, name).items()}
+        return set(charts) == set(runs_of) and all(
+            len(c["series"]) == len(runs_of[k])
+            and all(n == points for _, n in c["series"])
+            and c["drawn_lines"]
+            for k, c in charts.items()
         )
 
     state = load(browser, served + "#custom_scalars", CUSTOM_SCALARS, drawn, "charts drawn")
