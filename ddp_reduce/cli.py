@@ -124,7 +124,7 @@ def _check_before_hydra(argv: list[str]) -> None:
 
 def _train() -> None:
     """The Hydra app (imported only now: torch and Hydra take a second to load)."""
-    from ddp_reduce.config import ConfigError
+    from ddp_reduce.config import ConfigError, register_schema
     from ddp_reduce.run.cli_errors import fail
     from ddp_reduce.run.rank_server import start_rank_server
 
@@ -134,7 +134,6 @@ def _train() -> None:
         fail(str(exc))
     import hydra
 
-    from ddp_reduce.config import register_schema
     from ddp_reduce.run.rundir import register_resolvers
     from ddp_reduce.run.signals import Terminated, launcher_signals
 

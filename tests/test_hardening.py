@@ -22,7 +22,7 @@ from ddp_reduce.config import DistConfig
 from ddp_reduce.run import checkpoint, launch
 from ddp_reduce.run.launch import rank_main
 from ddp_reduce.run.pool import RankPool
-from ddp_reduce.run.rank_server import SOCKET_PATH_MAX
+from ddp_reduce.run.rank_server import TEMP_DIR_MAX
 from ddp_reduce.run.rundir import json_ready
 from tests.helpers import REPO, VENV_BIN, config, ddp_reduce, project_env, run_cli
 
@@ -439,9 +439,7 @@ def _temp_dir_of_length(tmp_path: Path, length: int) -> Path:
 
 def test_a_run_leaves_no_launcher_folders_in_the_temp_dir(tmp_path):
     # this run's own temp dir, so other processes' do not count; as long as one may be
-    private = _temp_dir_of_length(
-        tmp_path, SOCKET_PATH_MAX - len("/pymp-12345678/listener-12345678")
-    )
+    private = _temp_dir_of_length(tmp_path, TEMP_DIR_MAX)
     try:
         proc = ddp_reduce(
             "train.steps=5",
@@ -456,7 +454,7 @@ def test_a_run_leaves_no_launcher_folders_in_the_temp_dir(tmp_path):
 
 
 def test_a_temp_dir_too_long_for_the_ranks_socket_is_refused_before_the_run(tmp_path):
-    too_long = _temp_dir_of_length(tmp_path, SOCKET_PATH_MAX - 31)
+    too_long = _temp_dir_of_length(tmp_path, TEMP_DIR_MAX + 1)
     try:
         proc = ddp_reduce(
             "train.steps=5", f"hydra.run.dir={tmp_path / 'r'}", env={"TMPDIR": str(too_long)}

@@ -21,7 +21,6 @@ from multiprocessing import connection as mp_connection
 from pathlib import Path
 
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from ddp_reduce.config import ConfigError, RunConfig
 from ddp_reduce.distributed import (
@@ -35,7 +34,7 @@ from ddp_reduce.distributed import (
 from ddp_reduce.run.checkpoint import CheckpointError
 from ddp_reduce.run.job import train
 from ddp_reduce.run.pool import shared_pool
-from ddp_reduce.run.rank_server import check_temp_dir
+from ddp_reduce.run.rank_server import rank_context
 from ddp_reduce.run.rundir import SUMMARY
 from ddp_reduce.run.signals import (
     Stopped,
@@ -220,8 +219,7 @@ GRACE_S = 10.0  # how long a rank may take to record its status and exit once to
 
 def _attempt(cfg: RunConfig, run_dir: str, attempt: int) -> RunSummary:
     nproc = cfg.dist.nproc
-    ctx = mp.get_context("forkserver")  # ranks forked with torch imported (rank_server)
-    check_temp_dir()
+    ctx = rank_context()
     folder = tempfile.mkdtemp(prefix="ddp-reduce-ranks-")
     procs = [
         ctx.Process(target=_rank_entry, args=(r, folder, attempt, cfg, run_dir, os.getpid()))

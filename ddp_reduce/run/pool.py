@@ -21,11 +21,9 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-import torch.multiprocessing as mp
-
 from ddp_reduce.config import DistConfig
 from ddp_reduce.distributed import become_local_rank, distributed, exit_now
-from ddp_reduce.run.rank_server import check_temp_dir
+from ddp_reduce.run.rank_server import rank_context
 
 
 class PoolError(RuntimeError):
@@ -55,10 +53,9 @@ class RankPool:
     def __init__(self, dist_cfg: DistConfig, nproc: int):
         self.key = (nproc, repr(dist_cfg))
         self.nproc = nproc
-        check_temp_dir()
+        ctx = rank_context()
         self._folder = tempfile.mkdtemp(prefix="ddp-reduce-pool-")
         store = os.path.join(self._folder, "store")
-        ctx = mp.get_context("forkserver")  # ranks forked with torch imported (rank_server)
         self._outbox = ctx.Queue()
         self._inboxes = [ctx.Queue() for _ in range(nproc)]
         self._procs = [

@@ -7,6 +7,8 @@ imported, so the ranks' imports run beside its own.
 
 from __future__ import annotations
 
+from typing import Any
+
 # What every rank imports before its first step: the forkserver imports it once, and each rank
 # is forked from it with it loaded (DDP's constructor alone imports torch._dynamo: over a second;
 # rank 0's TensorBoard writer a quarter of one).
@@ -17,7 +19,7 @@ RANK_PRELOAD = ["torch", "torch._dynamo", "torch.utils.tensorboard", "ddp_reduce
 # names multiprocessing gives its forkserver's socket in the temporary folder:
 # <TMPDIR>/pymp-XXXXXXXX/listener-XXXXXXXX
 SOCKET_PATH_MAX = 107
-_FORKSERVER_SOCKET = len("/pymp-12345678/listener-12345678")
+TEMP_DIR_MAX = SOCKET_PATH_MAX - len("/pymp-12345678/listener-12345678")
 
 
 def check_temp_dir() -> None:
@@ -26,17 +28,26 @@ def check_temp_dir() -> None:
     import tempfile
 
     folder = tempfile.gettempdir()
-    most = SOCKET_PATH_MAX - _FORKSERVER_SOCKET
-    if len(folder) > most:
+    if len(folder) > TEMP_DIR_MAX:
         from ddp_reduce.config import ConfigError
 
         raise ConfigError(
             "TMPDIR",
             folder,
-            f"a folder path of at most {most} characters ({len(folder)} given): the ranks are "
-            f"started through a socket in it, and a socket's path is at most {SOCKET_PATH_MAX}; "
+            f"a folder path of at most {TEMP_DIR_MAX} characters ({len(folder)} given): the "
+            "ranks are started through a socket in it, and a socket's path is at most "
+            f"{SOCKET_PATH_MAX}; "
             "set TMPDIR to a shorter folder",
         )
+
+
+def rank_context() -> Any:
+    """The multiprocessing context ranks are forked in: from the rank server (started here if
+    :func:`start_rank_server` was not called), once the temporary folder is checked."""
+    import multiprocessing
+
+    check_temp_dir()
+    return multiprocessing.get_context("forkserver")
 
 
 def start_rank_server() -> None:
