@@ -27,7 +27,7 @@ from ddp_reduce.choices import (  # noqa: F401 (the schema's types, imported fro
     SeqArch,
     Strategy,
 )
-from ddp_reduce.layer.noise import NOISE_BETA
+from ddp_reduce.layer.noise import NOISE_BETA, NoiseSteps
 from ddp_reduce.layer.reduction import (
     ReduceImpl,
     ReduceSettings,
@@ -372,6 +372,9 @@ class NoiseConfig:
 
     enabled: bool = True  # estimated whenever two batch sizes exist; summary says if not
     beta: float = NOISE_BETA  # smoothing of the numerator and denominator (bias-corrected EMAs)
+    # which steps feed it: the logged ones (every train.log_every-th: beta then smooths over
+    # 1/(1 - beta) logged steps) or every step (a cost of several percent on a small model)
+    steps: NoiseSteps = NoiseSteps.logged
 
     def __post_init__(self) -> None:
         require(0 <= self.beta < 1, "noise.beta", self.beta, "0 <= beta < 1")

@@ -482,3 +482,67 @@ def test_torch_compile_over_ddp_keeps_c(counted):
         r = rank["compiled"]
         assert r["c"] == 1 and r["measured_c"] == pytest.approx(1, rel=1e-5)
         assert_close(r["grad"], g)
+
+
+LOGGED = (3, 6)  # the steps planned with log=True, of six
+
+
+def _noise_steps_job(init: str) -> dict:
+    """Six steps at the same weights, each on its own items, through two reducers: one gives
+    every step to the noise estimate, the other the logged steps only."""
+    out: dict = {"every": [], "logged": []}
+    with distributed(DistConfig(threads_per_rank=1), init) as ctx:
+        x, y = _data(6 * 2 * 8, torch.float32)
+        models = {"every": DDP(_model()), "logged": DDP(_model())}
+        reducers = {
+            name: ddp_reduce.attach(m, noise=True, noise_steps=name, noise_beta=0.5)
+            for name, m in models.items()
+        }
+        for step in range(1, 7):
+            rows = slice((2 * (step - 1) + ctx.rank) * 8, (2 * (step - 1) + ctx.rank + 1) * 8)
+            for name, model in models.items():
+                model.zero_grad()
+                s = reducers[name].loss_scale(8, log=step in LOGGED)
+                with reducers[name].micro_batch(last=True):
+                    (_item_losses(model, x[rows], y[rows]).sum() * s).backward()
+                report = reducers[name].last_step
+                out[name].append(
+                    {
+                        "route": report.route.name,
+                        "local_sq": None if report.local_sq is None else float(report.local_sq),
+                        "small_sq": None
+                        if report.ranks_sq_mean is None
+                        else float(report.ranks_sq_mean),
+                        "big_sq": float(report.grad_norm) ** 2,
+                        "fed": report.update_noise(),
+                    }
+                )
+        for name, reducer in reducers.items():
+            out[f"{name}_b_simple"] = reducer.noise_estimate().b_simple
+    return out
+
+
+def test_the_noise_estimate_on_logged_steps_reads_nothing_on_the_others(tmp_path):
+    from ddp_reduce.layer.noise import NoiseScaleEstimator
+
+    every = NoiseScaleEstimator(0.5)
+    logged = NoiseScaleEstimator(0.5)
+    for r in spawn(_noise_steps_job, W, tmp_path):
+        for step, (e, lg) in enumerate(zip(r["every"], r["logged"], strict=True), start=1):
+            # both on the hook: the logged steps need the ranks' own gradients
+            assert e["route"] == lg["route"] == "hook"
+            assert e["fed"] and e["local_sq"] is not None
+            assert lg["fed"] == (step in LOGGED)
+            assert (lg["local_sq"] is None) == (step not in LOGGED), step
+            if step in LOGGED:  # the same gradient, the same norms
+                assert lg["small_sq"] == pytest.approx(e["small_sq"], rel=1e-12)
+                assert lg["big_sq"] == pytest.approx(e["big_sq"], rel=1e-12)
+        # the estimate, computed another way: the every-step reducer's norms fed to estimators
+        for step, e in enumerate(r["every"], start=1):
+            every.update(8, 16, e["small_sq"], e["big_sq"])
+            if step in LOGGED:
+                logged.update(8, 16, e["small_sq"], e["big_sq"])
+        assert r["every_b_simple"] == pytest.approx(every.estimate().b_simple, rel=1e-9)
+        assert r["logged_b_simple"] == pytest.approx(logged.estimate().b_simple, rel=1e-9)
+        assert logged.estimate().b_simple != pytest.approx(every.estimate().b_simple, rel=1e-3)
+        every, logged = NoiseScaleEstimator(0.5), NoiseScaleEstimator(0.5)

@@ -66,7 +66,12 @@ def test_linear_closed_form_matches_per_example_gradients():
     assert closed.trace_sigma == pytest.approx(exact.trace_sigma, rel=1e-5)
 
 
-CHECK = ("optim.momentum=0", "train.eval_every=0", "train.keep_checkpoints=10")
+CHECK = (
+    "optim.momentum=0",
+    "train.eval_every=0",
+    "train.keep_checkpoints=10",
+    "noise.steps=every",  # the estimator itself, on every step: its default is logged steps
+)
 RUNS = {
     # name: (overrides, checkpoints every, tolerance from the issue)
     "linear": (

@@ -60,8 +60,9 @@ def _reads_per_step(init: str, overrides: tuple[str, ...]) -> dict[str, list[str
 
 
 def test_unlogged_steps_read_nothing_from_the_device(tmp_path):
-    # the defaults (noise estimate on); clipping and accumulation
-    for overrides in [(), ("optim.clip_norm=1.0", "train.accum_steps=2")]:
+    # the defaults (noise estimate on, fed on logged steps); clipping, accumulation, and the
+    # noise estimate fed on every step
+    for overrides in [(), ("optim.clip_norm=1.0", "train.accum_steps=2", "noise.steps=every")]:
         for rank in spawn(_reads_per_step, 2, tmp_path, overrides):
             assert rank["unlogged"] == [], overrides
             assert rank["logged"], "the counter sees the logged step's reads"
@@ -70,7 +71,10 @@ def test_unlogged_steps_read_nothing_from_the_device(tmp_path):
 def _diverged_late(init: str) -> dict:
     """Step 3 poisoned on rank 1, steps 1-5 taken unsettled, the verdict read at step 5; and a
     run that stops after step 2, for the weights."""
-    cfg = config(*SMALL, "fault.nan_at_step=3", "fault.nan_rank=1", "optim=adam")
+    # every step feeds the noise estimate, so that the unsettled steps' part of it is undone too
+    cfg = config(
+        *SMALL, "fault.nan_at_step=3", "fault.nan_rank=1", "optim=adam", "noise.steps=every"
+    )
     with distributed(cfg.dist, init) as ctx:
         trainer = Trainer(cfg, ctx)
         trainer.train_step(log=True)

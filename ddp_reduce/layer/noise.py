@@ -27,6 +27,20 @@ from enum import Enum
 NOISE_BETA = 0.95  # the default smoothing of the numerator and the denominator
 
 
+class NoiseSteps(Enum):
+    """Which steps give their two batch sizes to the estimate.
+
+    Reading a rank's own gradient norm costs a pass over the gradient and a longer bucket in
+    the reduction; on a small, communication-bound model that is several percent of a step.
+    ``logged`` pays it on logged steps only (``log=True``): the estimate then averages
+    ``1/(1 - beta)`` logged steps instead of as many consecutive ones, a longer stretch of
+    training, and is as unbiased.
+    """
+
+    every = "every"  # every optimizer step
+    logged = "logged"  # the steps planned with log=True only
+
+
 class NoiseSource(Enum):
     """Where a step's smaller batch comes from."""
 

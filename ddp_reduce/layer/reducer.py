@@ -33,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ddp_reduce.layer import guard, measure, reduction, terms
 from ddp_reduce.layer.hsdp import HSDPReduction, hsdp_shape
-from ddp_reduce.layer.noise import NOISE_BETA, NoiseEstimate, NoiseScaleEstimator
+from ddp_reduce.layer.noise import NOISE_BETA, NoiseEstimate, NoiseScaleEstimator, NoiseSteps
 from ddp_reduce.layer.strategy import is_fsdp, total_norm
 from ddp_reduce.layer.wrappers import find_reduced
 
@@ -228,6 +228,7 @@ class Reducer:
         noise_beta: float,
         noise_population: int | None,
         process_group: dist.ProcessGroup | None,
+        noise_steps: NoiseSteps = NoiseSteps.every,
     ):
         refused = reduction.ReduceSettings(loss, op, impl, dtype, predivide).refusal()
         if refused:
@@ -254,6 +255,7 @@ class Reducer:
         self.collect_sq = (
             noise and self.world_size >= 2 and impl is not reduction.ReduceImpl.builtin
         )
+        self.noise_steps = noise_steps  # every step gives its norms, or the logged ones only
         self._fsdp_units = [m for m in model.modules() if is_fsdp(m)] if self.sharded else []
         shape = hsdp_shape(model) if self.sharded else None
         self._hsdp = HSDPReduction(shape, self.predivide) if shape is not None else None
@@ -347,7 +349,7 @@ class Reducer:
             divisor=d,
             count=count,
             count_work=work,
-            collect_sq=self.collect_sq or (log and self.route is not Route.ddp_builtin),
+            collect_sq=self._collect_sq(log),
             audit=log and self._low_precision(),
             amp=amp,
             claimed=claimed,
@@ -358,6 +360,13 @@ class Reducer:
                 unit.set_gradient_divide_factor(plan.divisor)
         fold = self._fold(plan)
         return tuple(scale * fold * self.undo for scale in plan.loss_scales)
+
+    def _collect_sq(self, log: bool) -> bool:
+        """Whether this step reads the ranks' own gradient norms: for the noise estimate (on
+        every step, or logged ones only), and on any logged step where a hook runs."""
+        if log:
+            return self.collect_sq or self.route is not Route.ddp_builtin
+        return self.collect_sq and self.noise_steps is NoiseSteps.every
 
     def _install(self, route: Route) -> None:
         """Register what carries out the reduction on ``route`` (once, at the first step)."""
@@ -467,7 +476,7 @@ class Reducer:
             divisor=_LazyCount(self, 1 / self.undo) if d is None else d / self.undo,
             count=None,
             count_work=None,
-            collect_sq=self.collect_sq or (log and self.route is not Route.ddp_builtin),
+            collect_sq=self._collect_sq(log),
             audit=log and self._low_precision(),
             micro_counts=[n],
             count_group=self.process_group,
@@ -716,6 +725,7 @@ def attach(
     impl: str | reduction.ReduceImpl = _DEFAULT.impl.name,
     noise_beta: float = NOISE_BETA,
     noise_population: int | None = None,
+    noise_steps: str | NoiseSteps = NoiseSteps.every.name,
     process_group: dist.ProcessGroup | None = None,
 ) -> Reducer:
     """Attach the reduction layer to a ``DistributedDataParallel`` model (or an FSDP2 one, or
@@ -724,8 +734,10 @@ def attach(
     ``loss``: ``sum`` or ``mean``, how your loss reduces over this rank's items of the step
     (compute it as a *sum* and multiply by :meth:`Reducer.loss_scale`); ``op``: ``sum``,
     ``mean`` or ``global_mean``, the reduction across ranks. ``noise``: estimate the gradient
-    noise scale from the ranks' own gradients (W >= 2). ``dtype``: what the gradients travel in;
-    ``predivide``: where the division happens (``none``, ``sqrt``, ``full`` or a factor).
+    noise scale from the ranks' own gradients (W >= 2), on every step or, with
+    ``noise_steps="logged"``, on the steps planned with ``log=True`` only. ``dtype``: what the
+    gradients travel in; ``predivide``: where the division happens (``none``, ``sqrt``,
+    ``full`` or a factor).
     """
     return Reducer(
         find_reduced(model),
@@ -738,6 +750,7 @@ def attach(
         noise_beta=noise_beta,
         noise_population=noise_population,
         process_group=process_group,
+        noise_steps=_enum(NoiseSteps, noise_steps),
     )
 
 
