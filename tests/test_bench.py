@@ -115,7 +115,7 @@ def test_report_renders_the_targets_of_the_trainer_the_start_and_the_strategies(
             "world_size": 2,
             "device": "cpu",
             "models": {},
-            "trainer": {"m": {"mean + noise": interval}},
+            "trainer": {"m": {"mean + noise": interval, "mean + noise, never logged": interval}},
         },
         "startup": {
             "rounds": 3,
@@ -146,6 +146,8 @@ def test_report_renders_the_targets_of_the_trainer_the_start_and_the_strategies(
     }
     text = report(results)
     assert "| m | mean + noise | 1.020 [0.990, 1.040] | <= 1.03 | within noise |" in text
+    # the target is the defaults' only: the other rows say what logging and the noise add
+    assert "| m | mean + noise, never logged | 1.020 [0.990, 1.040] |  |  |" in text
     assert "FSDP2 alone (its divide factor W, the same c = 1): 1.020 [0.990, 1.040]" in text
     assert "2.00x [1.90, 2.60] (target <= 2.5: within noise)" in text
     assert "| convert | 0.050 [0.040, 0.060] | <= 0.3 | yes |" in text
