@@ -8,6 +8,7 @@ leaves a half-written file that looks complete.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -256,6 +257,14 @@ def clear_results(run_dir: Path) -> None:
 
 
 def versions() -> dict[str, str]:
+    """The installed versions a run records (a copy: each run's summary holds its own)."""
+    return dict(_versions())
+
+
+@functools.lru_cache(maxsize=1)
+def _versions() -> dict[str, str]:
+    # read once per process: package metadata is parsed from disk, 15-20 ms a run, and a
+    # process's installed packages do not change under it
     out = {"python": platform.python_version()}
     for dist_name in ("ddp-reduce", "torch", "hydra-core", "omegaconf", "tensorboard", "numpy"):
         try:
