@@ -235,12 +235,7 @@ def text_documents(cfg: DataConfig) -> list[bytes]:
             "data.pattern", repr(pattern), "a glob relative to data.root (e.g. **/*.py), no '..'"
         )
     documents: list[bytes] = []
-    for path in sorted(root.glob(pattern)):
-        parts = path.relative_to(root).parts
-        if cfg.root is None and {"site-packages", "dist-packages"} & set(parts):
-            continue
-        if not path.is_file():
-            continue
+    for path in _files(root, pattern, cfg.root is None):
         try:
             text = path.read_bytes()
         except OSError as exc:
@@ -255,6 +250,21 @@ def text_documents(cfg: DataConfig) -> list[bytes]:
     if len(documents) < 2:
         raise ConfigError("data.pattern", cfg.pattern, f"a glob that finds text files under {root}")
     return documents[: cfg.max_documents]
+
+
+@functools.lru_cache(maxsize=4)
+def _files(root: Path, pattern: str, stdlib: bool) -> tuple[Path, ...]:
+    """The files ``pattern`` finds under ``root``, sorted (the standard library's own: installed
+    packages left out), kept per process: the glob walks the whole tree before the first file is
+    read (0.6 s for the standard library's 13,000 files, of which a run reads about 20), which a
+    process running many runs (a study's ranks, a sweep's) would pay every run."""
+    found = []
+    for path in sorted(root.glob(pattern)):
+        if stdlib and {"site-packages", "dist-packages"} & set(path.relative_to(root).parts):
+            continue
+        if path.is_file():
+            found.append(path)
+    return tuple(found)
 
 
 def _text(cfg: DataConfig) -> Dataset:
