@@ -98,6 +98,59 @@ def test_unknown_choices_and_types_are_refused_at_composition(overrides, words):
         assert w in error_message(err.value)
 
 
+def _study_overrides() -> list[list[str]]:
+    """Each study's own overrides as a run of it composes them, with a value of every type (a
+    key given twice: the last value holds, as in Hydra)."""
+    import yaml
+
+    out = []
+    for path in sorted((CONF / "study").glob("*.yaml")):
+        spec = yaml.safe_load(path.read_text())
+        common = spec.get("common") or spec.get("training", {}).get("common") or []
+        out.append([*common, "seed=2", "optim.lr=0.30000000000000004", "train.target_loss=null"])
+    return out
+
+
+COMPOSED = [
+    [],
+    ["experiment=debug", "train.steps=7"],
+    ["optim=adamw", "optim.betas=[0.8,0.9]", "optim.clip_norm=1e-3"],
+    ["model=cnn", "model.channels=[4,8]", "data.root='/tmp/a b'", "noise.steps=every"],
+    ["train.steps=5", "data=text", "model=seq", "model.arch=transformer"],
+    *_study_overrides(),
+]
+
+
+@pytest.mark.parametrize("overrides", COMPOSED, ids=range(len(COMPOSED)))
+def test_plain_values_on_a_kept_composition_give_hydras_own(overrides):
+    from omegaconf import OmegaConf
+
+    from ddp_reduce.run import compose
+
+    def plain(cfg):
+        out = OmegaConf.to_container(cfg, resolve=False)
+        out.pop("hydra")
+        return out
+
+    for _ in range(2):  # the second time from the kept composition of the groups
+        kept = compose._with_values(overrides)
+        assert kept is not None, "plain key=value overrides take the kept composition"
+        assert plain(kept) == plain(compose._compose(tuple(overrides)))
+    assert compose._composed_groups.cache_info().hits >= 1
+    # the run directory's ${now:...} (microseconds) is resolved per composition, never kept
+    assert compose.compose_config(overrides)[1] != compose.compose_config(overrides)[1]
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [["+model.extra=1"], ["~optim.lr"], ["hydra.run.dir=/tmp/x"], ["hydra/job_logging=none"]],
+)
+def test_other_overrides_are_left_to_hydra(overrides):
+    from ddp_reduce.run import compose
+
+    assert compose._with_values(overrides) is None
+
+
 def test_completed_run_is_not_overwritten(tmp_path):
     (tmp_path / "summary.json").write_text(json.dumps({"status": "completed"}))
     with pytest.raises(ConfigError, match="train.overwrite=true"):
