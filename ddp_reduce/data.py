@@ -124,7 +124,7 @@ def _digits_file() -> Path:
 @functools.lru_cache(maxsize=1)
 def _digits_table(path: Path) -> np.ndarray:
     """The digits file parsed (1797 rows: 64 pixels, then the label), read-only; kept, as a
-    process that runs many runs (a study's ranks, a sweep's) would parse it every time (30-90 ms
+    process that runs many runs (a study's ranks, a sweep's) would parse it every time (about 30 ms
     a run, for the same 1797 rows)."""
     table = np.loadtxt(path, delimiter=",")
     table.flags.writeable = False
