@@ -33,7 +33,7 @@ from ddp_reduce.config import (
 )
 from ddp_reduce.data import Dataset, GlobalBatchSampler, Split, UserData, load_data
 from ddp_reduce.distributed import DistContext
-from ddp_reduce.layer.noise import NoiseEstimate, NoiseSource, NoiseSteps, noise_source
+from ddp_reduce.layer.noise import NoiseEstimate, NoiseSource, noise_source
 from ddp_reduce.layer.reducer import TORCH_DTYPES, Reducer, StepReport, attach
 from ddp_reduce.layer.reduction import LossReduction, ReduceImpl
 from ddp_reduce.layer.strategy import total_norm
@@ -305,7 +305,8 @@ class Trainer:
             losses.append(loss_sum.detach())
             if correct is not None:
                 corrects.append(correct)
-            if micro == 0 and self.noise_source is NoiseSource.micro and self._noise_step(log):
+            small = micro == 0 and self.noise_source is NoiseSource.micro
+            if small and self.reducer.feeds_noise(log):
                 # One rank, A >= 2: the first micro-batch's own gradient is the small batch.
                 sq = total_norm(self.params).double() ** 2
                 mean_sq = sq / (scales[0] * amp * micro_items[0]) ** 2
@@ -317,10 +318,6 @@ class Trainer:
         if log:
             self._log_stats(outcome, corrects)
         return outcome
-
-    def _noise_step(self, log: bool) -> bool:
-        """Whether this step gives its two batch sizes to the noise estimate (noise.steps)."""
-        return log or self.cfg.noise.steps is NoiseSteps.every
 
     def _amp_scale(self) -> float | torch.Tensor:
         """fp16: the loss scaler's factor, as the tensor it keeps on the device (read only

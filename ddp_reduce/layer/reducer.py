@@ -361,12 +361,17 @@ class Reducer:
         fold = self._fold(plan)
         return tuple(scale * fold * self.undo for scale in plan.loss_scales)
 
+    def feeds_noise(self, log: bool) -> bool:
+        """Whether a step planned with ``log`` gives its two batch sizes to the noise estimate
+        (``noise_steps``: every step, or the logged ones only)."""
+        return self.estimator is not None and (log or self.noise_steps is NoiseSteps.every)
+
     def _collect_sq(self, log: bool) -> bool:
-        """Whether this step reads the ranks' own gradient norms: for the noise estimate (on
-        every step, or logged ones only), and on any logged step where a hook runs."""
+        """Whether this step reads the ranks' own gradient norms: for the noise estimate, and
+        on any logged step where a hook runs."""
         if log:
             return self.collect_sq or self.route is not Route.ddp_builtin
-        return self.collect_sq and self.noise_steps is NoiseSteps.every
+        return self.collect_sq and self.feeds_noise(log)
 
     def _install(self, route: Route) -> None:
         """Register what carries out the reduction on ``route`` (once, at the first step)."""
