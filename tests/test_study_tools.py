@@ -159,3 +159,68 @@ def test_bench_warns_on_a_loaded_machine():
     assert load_warning(cores=4, load=1.0) is None
     warning = load_warning(cores=2, load=3.0)
     assert warning and "1.50 per core" in warning and "2 cores" in warning
+
+
+class _StepsToTarget:
+    """A stand-in for training in lr_batch's searches: a probe at lr x c reaches the target after
+    a number of steps that is a bowl in log lr x c around an optimum that grows with N, or never
+    (too small or too large an lr). It honours train.steps as a run does: a run stopped before
+    the target reports its loss at that step. It records the steps each probe ran."""
+
+    def __init__(self, common, rng):
+        self.common, self.rng, self.records, self.bowls = common, rng, [], {}
+
+    def needed(self, seed, n, lr_c1):
+        opt, floor = self.bowls.setdefault(
+            (seed, n), (0.1 * (1 + n / 16) * self.rng.uniform(0.7, 1.4), self.rng.randint(20, 60))
+        )
+        d = abs(math.log(lr_c1 / opt))
+        return None if d > 2.5 else 5 * round((floor * math.exp(1.2 * d)) / 5)
+
+    def run(self, name, overrides, **labels):
+        steps = int(next(o for o in overrides if o.startswith("train.steps="))[12:])
+        need = self.needed(labels["seed"], labels["global_batch"], labels["lr_c1"])
+        ran = steps if need is None or need > steps else need
+        loss = 2.0 / (1 + ran * min(labels["lr_c1"], 1.0))
+        summary = {"status": "completed", "final_train_loss": loss, "initial_train_loss": 2.3}
+        summary["steps_to_target"] = ran if ran == need else None
+        summary["steps_done"] = ran
+        self.records.append({"name": name, "labels": labels, "summary": summary})
+        return summary
+
+
+def test_lr_batch_stops_a_probe_at_the_best_steps_and_finds_the_full_budgets_optimum():
+    from ddp_reduce.analysis.studies import lr_batch
+    from ddp_reduce.analysis.study import load_spec
+
+    spec = load_spec("lr_batch", quick=False)
+    spec.seeds, spec.global_batch = [0, 1], [4, 64, 1024]
+    sim = _StepsToTarget([], random.Random(3))
+    lr_batch.run(spec, sim)
+    groups = lr_batch._groups(spec, sim.records)
+    capped = [r for r in sim.records if r["labels"]["steps"] < spec.max_steps]
+    assert capped  # the cap was used
+    for r in sim.records:  # never a probe beyond the best so far (nor beyond the budget)
+        assert r["summary"]["steps_done"] <= r["labels"]["steps"] <= spec.max_steps
+    for (seed, mode, n), g in groups.items():
+
+        def full(lr_c1, seed=seed, n=n):  # the same search with every probe given the budget
+            need = sim.needed(seed, n, lr_c1)
+            if need is None or need > spec.max_steps:
+                return (1, 0, 2.0 / (1 + spec.max_steps * min(lr_c1, 1.0)))
+            return (0, need, 2.0 / (1 + need * min(lr_c1, 1.0)))
+
+        ref = lr_batch.minimize_log(
+            full, lr_batch._grid(spec), extend=spec.extend, rounds=spec.refine_rounds
+        )
+        assert g.search is not None and g.optimum is not None, (seed, mode, n)
+        assert (g.search.best, g.search.bracket) == (ref.best, ref.bracket), (seed, mode, n)
+        assert set(g.runs) == set(ref.scores)  # the same probes, whatever their order
+    # every convention probed in the same order with the same caps: the same runs
+    for seed in spec.seeds:
+        for n in spec.global_batch:
+            runs = [
+                [(x, r["labels"]["steps"]) for x, r in groups[(seed, m, n)].runs.items()]
+                for m in spec.modes
+            ]
+            assert all(r == runs[0] for r in runs), (seed, n)

@@ -79,11 +79,17 @@ def minimize_log(
     grid: list[float],
     extend: int = 0,
     rounds: int = 0,
+    start: float | None = None,
 ) -> LogSearch:
     """Minimize ``score`` over x > 0 on a log scale: the grid first; while its best point is on
     an edge of the points tried, one more point beyond that edge at the grid's spacing (at most
     ``extend`` times); then ``rounds`` steps of golden-section search inside the best point's
     two neighbours, each step one new probe.
+
+    ``start`` (a guess at the best x) orders the grid's probes, nearest to it first on a log
+    scale; without it they go from the smallest. The order changes no decision of the search (it
+    compares scores only), but a caller that stops a probe once it cannot beat the best so far
+    (:func:`lr_batch.run`) wants a good probe early.
 
     Scores need only compare (floats, or tuples); use ``math.inf`` for a probe that blew up, so
     that it counts as worse than any finite one. Ties go to the smaller x. The search is
@@ -99,7 +105,8 @@ def minimize_log(
         return out.scores[x]
 
     xs = sorted(grid)
-    for x in xs:
+    order = xs if start is None else sorted(xs, key=lambda x: abs(math.log(x / start)))
+    for x in order:
         probe(x)
     spacing = (xs[-1] / xs[0]) ** (1 / (len(xs) - 1)) if len(xs) > 1 else 10.0
     while True:

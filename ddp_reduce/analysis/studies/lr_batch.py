@@ -8,6 +8,12 @@ for every convention, so each convention runs at (lr x c) / c. For each (seed, c
 coarse log grid, extended by one point while its best point is on an edge, then golden-section
 refinement between the best grid point's neighbours. Each optimum is reported as the median over
 seeds with a 95% bootstrap interval.
+
+A probe runs at most as many steps as the best probe of its search so far took to reach the
+target: past that it cannot be the best, and the search only ever compares a probe with the best
+so far, so the optimum found is the one the full budget would find. The grid is probed from the
+likeliest optimum outwards (the convention's optimum at the previous N, else the grid's middle),
+so that the cap is set early; the order is the same for every convention, and so are the runs.
 """
 
 from __future__ import annotations
@@ -63,7 +69,6 @@ def _base(spec, mode: str, n: int, seed: int) -> list[str]:
     return [
         *spec.common,
         f"seed={seed}",
-        f"train.steps={spec.max_steps}",
         f"train.target_loss={spec.target_loss}",
         f"train.eval_every={spec.eval_every}",
         *overrides_for(mode),
@@ -85,28 +90,45 @@ def score(summary: dict[str, Any]) -> tuple:
 
 def run(spec, runner) -> None:
     grid = _grid(spec)
+    middle = math.sqrt(grid[0] * grid[-1])
     for seed in spec.seeds:
         for mode in spec.modes:
+            previous = middle
             for n in spec.global_batch:
                 base = _base(spec, mode, n, seed)
                 c = grad_scale_of([*runner.common, *base])
                 probes = iter(range(10**6))
+                cap = [spec.max_steps]  # the steps of the best probe so far that reached it
 
-                def probe(lr_c1: float, base=base, c=c, mode=mode, n=n, seed=seed, probes=probes):
+                def probe(
+                    lr_c1: float, base=base, c=c, mode=mode, n=n, seed=seed, probes=probes, cap=cap
+                ):
                     lr = lr_c1 / c
                     summary = runner.run(
                         f"s{seed}_{mode.replace('/', '-')}_N{n}_{next(probes):02d}_lrc{lr_c1:.4g}",
-                        [*base, f"optim.lr={lr!r}"],
+                        [*base, f"optim.lr={lr!r}", f"train.steps={cap[0]}"],
                         seed=seed,
                         mode=mode,
                         global_batch=n,
                         c=c,
                         lr=lr,
                         lr_c1=lr_c1,
+                        steps=cap[0],
                     )
-                    return score(summary)
+                    out = score(summary)
+                    if out[0] == 0:
+                        cap[0] = min(cap[0], out[1])
+                    return out
 
-                minimize_log(probe, grid, extend=spec.extend, rounds=spec.refine_rounds)
+                search = minimize_log(
+                    probe,
+                    grid,
+                    extend=spec.extend,
+                    rounds=spec.refine_rounds,
+                    start=previous,
+                )
+                if search.best is not None and not search.edge:
+                    previous = search.best
 
 
 @dataclass
@@ -264,7 +286,7 @@ def optima(spec: dict[str, Any], groups: dict[tuple[int, str, int], Group]) -> O
 
 def _same_curve(groups: dict[tuple[int, str, int], Group], modes: list[str]) -> tuple[float, int]:
     """Largest relative final-loss difference between conventions at equal lr x c (probes where
-    none blew up), and how many such points there are."""
+    none blew up and all ran the same steps), and how many such points there are."""
     worst, count = 0.0, 0
     for seed, n in sorted({(s, n) for s, _, n in groups}):
         present = [groups[(seed, m, n)] for m in modes if (seed, m, n) in groups]
@@ -273,8 +295,8 @@ def _same_curve(groups: dict[tuple[int, str, int], Group], modes: list[str]) -> 
         shared = set.intersection(*(set(g.runs) for g in present))
         for x in shared:
             runs = [g.runs[x]["summary"] for g in present]
-            if any(blew_up(s) for s in runs):
-                continue
+            if any(blew_up(s) for s in runs) or len({s.get("steps_done") for s in runs}) > 1:
+                continue  # blew up, or stopped at other steps (see run: the cap)
             losses = [s["final_train_loss"] for s in runs]
             worst = max(worst, (max(losses) - min(losses)) / min(losses))
             count += 1
@@ -311,8 +333,8 @@ def analyze(
         "",
         "![optimal lr vs global batch](lr_vs_batch.png)",
         "",
-        f"Final loss against lr x c, every probe of seed {opt.seeds[0]} that did not blow up, "
-        "one panel per N:",
+        f"The loss at each probe's last step against lr x c, every probe of seed {opt.seeds[0]} "
+        "that did not blow up, one panel per N:",
         "",
         "![final loss vs lr x c](loss_vs_lr.png)",
         "",

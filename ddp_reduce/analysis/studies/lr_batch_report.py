@@ -228,7 +228,8 @@ def plot_optima(study_dir: Path, opt, knee: Interval | None) -> None:
 
 
 def plot_curves(study_dir: Path, groups: dict, modes: list[str], seed: int) -> None:
-    """Final loss against lr x c, every probe of one seed that did not blow up, a panel per N."""
+    """Final loss against lr x c, every probe of one seed that did not blow up, a panel per N (a
+    probe stopped by the best's steps shows its loss there)."""
     import matplotlib.pyplot as plt
 
     batches = sorted({n for s, _, n in groups if s == seed})
@@ -255,7 +256,7 @@ def plot_curves(study_dir: Path, groups: dict, modes: list[str], seed: int) -> N
             if g.optimum:
                 ax.axvline(g.search.best, color=f"C{k}", alpha=0.4)
         ax.set(xscale="log", yscale="log", title=f"N = {n}", xlabel="lr x c")
-    axes[0][0].set_ylabel("final train loss")
+    axes[0][0].set_ylabel("train loss at the probe's last step")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(study_dir / "loss_vs_lr.png", dpi=110)
@@ -269,14 +270,17 @@ def method_text(spec: dict[str, Any]) -> str:
         f"steps to a training loss of {spec['target_loss']} (the whole training set checked "
         f"every {spec['eval_every']} steps, at most {spec['max_steps']} steps); among runs that "
         "miss it, the lowest final loss; a run that blew up (NaN/inf, or ended above its initial "
-        "loss) is worse than any other. The search runs in c = 1 units (lr x c, the step per "
+        "loss) is worse than any other. A probe stops once it has run as many steps as the best "
+        "probe of its search so far needed: it can no longer be the best, so the optimum is the "
+        "one the full budget gives, while its final loss is the loss at that step. The search "
+        "runs in c = 1 units (lr x c, the step per "
         "unit of the mean gradient G); each convention runs at (lr x c) / c. Per (seed, "
         f"convention, N): a log grid of lr x c ({lr['per_decade']} per decade from "
         f"{lr['low']:g} to {lr['high']:g}), extended by one point while its best point is on an "
         f"edge (at most {spec['extend']} times), then {spec['refine_rounds']} golden-section "
         "probes between the best grid point's neighbours. Intervals: the median over seeds with "
         "a 95% bootstrap interval over seeds (with three seeds, about their range). Divergence: "
-        "the smallest lr x c that blew up above the largest that did not."
+        "the smallest lr x c that blew up (within the steps it ran) above the largest that did not."
     )
 
 
