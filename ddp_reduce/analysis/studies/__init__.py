@@ -88,8 +88,8 @@ def minimize_log(
 
     ``start`` (a guess at the best x) orders the grid's probes, nearest to it first on a log
     scale; without it they go from the smallest. The order changes no decision of the search (it
-    compares scores only), but a caller that stops a probe once it cannot beat the best so far
-    (:func:`lr_batch.run`) wants a good probe early.
+    compares scores only), but :func:`steps_search`, which stops a probe once it cannot beat the
+    best so far, wants a good probe early.
 
     Scores need only compare (floats, or tuples); use ``math.inf`` for a probe that blew up, so
     that it counts as worse than any finite one. Ties go to the smaller x. The search is
@@ -142,6 +142,35 @@ def minimize_log(
     out.best = best_x
     out.bracket = (math.exp(la), math.exp(lb))
     return out
+
+
+def steps_search(
+    probe: Callable[[float, int], tuple],
+    grid: list[float],
+    max_steps: int,
+    extend: int = 0,
+    rounds: int = 0,
+    start: float | None = None,
+) -> LogSearch:
+    """:func:`minimize_log` of a budget "fewest steps to a target": ``probe(x, steps)`` trains
+    for at most ``steps`` and returns its score, ``(0, steps taken, loss)`` where it reached the
+    target, a larger tuple where it did not (``(1, 0, final loss)``, ``(2, ...)`` blown up).
+
+    Each probe is given at most the steps of the best probe so far that reached the target: past
+    them it cannot be the best, and the search only ever compares a probe with the best so far
+    (the argmin of the grid, golden-section's new point against the middle one), so the optimum
+    and bracket are those the full budget gives. What changes is only the probes that lose:
+    they stop sooner, and their loss is the one at that step.
+    """
+    cap = [max_steps]
+
+    def score(x: float) -> tuple:
+        out = probe(x, cap[0])
+        if out[0] == 0:
+            cap[0] = min(cap[0], out[1])
+        return out
+
+    return minimize_log(score, grid, extend=extend, rounds=rounds, start=start)
 
 
 def grad_scale_of(overrides: list[str]) -> float:

@@ -10,8 +10,7 @@ refinement between the best grid point's neighbours. Each optimum is reported as
 seeds with a 95% bootstrap interval.
 
 A probe runs at most as many steps as the best probe of its search so far took to reach the
-target: past that it cannot be the best, and the search only ever compares a probe with the best
-so far, so the optimum found is the one the full budget would find. The grid is probed from the
+target (:func:`steps_search`: the optimum is the full budget's). The grid is probed from the
 likeliest optimum outwards (the convention's optimum at the previous N, else the grid's middle),
 so that the cap is set early; the order is the same for every convention, and so are the runs.
 """
@@ -32,6 +31,7 @@ from ddp_reduce.analysis.studies import (
     grad_scale_of,
     minimize_log,
     overrides_for,
+    steps_search,
 )
 from ddp_reduce.analysis.tables import table
 
@@ -98,31 +98,35 @@ def run(spec, runner) -> None:
                 base = _base(spec, mode, n, seed)
                 c = grad_scale_of([*runner.common, *base])
                 probes = iter(range(10**6))
-                cap = [spec.max_steps]  # the steps of the best probe so far that reached it
 
                 def probe(
-                    lr_c1: float, base=base, c=c, mode=mode, n=n, seed=seed, probes=probes, cap=cap
-                ):
+                    lr_c1: float,
+                    steps: int,
+                    base=base,
+                    c=c,
+                    mode=mode,
+                    n=n,
+                    seed=seed,
+                    probes=probes,
+                ) -> tuple:
                     lr = lr_c1 / c
                     summary = runner.run(
                         f"s{seed}_{mode.replace('/', '-')}_N{n}_{next(probes):02d}_lrc{lr_c1:.4g}",
-                        [*base, f"optim.lr={lr!r}", f"train.steps={cap[0]}"],
+                        [*base, f"optim.lr={lr!r}", f"train.steps={steps}"],
                         seed=seed,
                         mode=mode,
                         global_batch=n,
                         c=c,
                         lr=lr,
                         lr_c1=lr_c1,
-                        steps=cap[0],
+                        steps=steps,
                     )
-                    out = score(summary)
-                    if out[0] == 0:
-                        cap[0] = min(cap[0], out[1])
-                    return out
+                    return score(summary)
 
-                search = minimize_log(
+                search = steps_search(
                     probe,
                     grid,
+                    spec.max_steps,
                     extend=spec.extend,
                     rounds=spec.refine_rounds,
                     start=previous,

@@ -102,7 +102,9 @@ def method_lines(spec) -> list[str]:
         f"to the target; among runs that miss it, the lowest final loss) of {list(spec['lr'])}, "
         f"the grid extended by one point while its best is on an edge (at most {spec['extend']} "
         f"times), then {spec.get('refine_rounds', 0)} golden-section probes between the best "
-        "point's neighbours. Each figure below is computed per seed; the median over seeds is "
+        "point's neighbours. A probe stops once it has run the steps the best probe of its "
+        "search so far needed: it can no longer be the best, so the best lr is the full "
+        "budget's. Each figure below is computed per seed; the median over seeds is "
         "given with a 95% bootstrap interval over seeds [low, high] (with three seeds, about "
         "their range).",
         "",

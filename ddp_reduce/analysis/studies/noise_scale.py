@@ -6,16 +6,19 @@
     Hessian-vector products at the trace run's checkpoints;
 (c) the knee of the refined best lr: lr_opt(N) = lr_max/(1 + B/N).
 Each is computed per seed; the report gives the median over seeds with a 95% bootstrap interval.
+The searches for the best lr stop a probe at the steps of the best so far (``steps_search``: the
+optimum is the full budget's), probing from the previous N's best lr outwards.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 from ddp_reduce.analysis.critical_batch import fit_tradeoff
 from ddp_reduce.analysis.intervals import Interval, median_interval
-from ddp_reduce.analysis.studies import LogSearch, finite, minimize_log
+from ddp_reduce.analysis.studies import LogSearch, finite, minimize_log, steps_search
 from ddp_reduce.analysis.studies.lr_batch import fit_knee
 from ddp_reduce.analysis.studies.noise_report import (
     checkpoint_noise,
@@ -55,13 +58,13 @@ def score(summary: dict[str, Any]) -> tuple:
     return (0, steps, loss)
 
 
-def _target_run(spec, n: int, lr: float, seed: int) -> list[str]:
+def _target_run(spec, n: int, lr: float, seed: int, steps: int) -> list[str]:
     return [
         *spec.common,
         f"seed={seed}",
         f"data.batch_size={n // 2}",
         f"optim.lr={lr!r}",
-        f"train.steps={spec.max_steps}",
+        f"train.steps={steps}",
         f"train.target_loss={spec.target_loss}",
         f"train.eval_every={spec.eval_every}",
     ]
@@ -72,21 +75,32 @@ def run(spec, runner) -> None:
         runner.run(
             f"s{seed}_trace", [*spec.common, *spec.trace, f"seed={seed}"], role="trace", seed=seed
         )
+        previous = math.sqrt(min(spec.lr) * max(spec.lr))  # the grid's middle
         for n in spec.global_batch:
             probes = iter(range(10**6))
 
-            def probe(lr: float, n=n, seed=seed, probes=probes) -> tuple:
+            def probe(lr: float, steps: int, n=n, seed=seed, probes=probes) -> tuple:
                 summary = runner.run(
                     f"s{seed}_N{n}_{next(probes):02d}_lr{lr:.4g}",
-                    _target_run(spec, n, lr, seed),
+                    _target_run(spec, n, lr, seed, steps),
                     role="target",
                     global_batch=n,
                     lr=lr,
                     seed=seed,
+                    steps=steps,
                 )
                 return score(summary)
 
-            minimize_log(probe, list(spec.lr), extend=spec.extend, rounds=spec.refine_rounds)
+            search = steps_search(
+                probe,
+                list(spec.lr),
+                spec.max_steps,
+                extend=spec.extend,
+                rounds=spec.refine_rounds,
+                start=previous,
+            )
+            if search.best is not None and not search.edge:
+                previous = search.best
 
 
 def searches(
