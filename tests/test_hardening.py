@@ -642,3 +642,49 @@ def test_a_second_ctrl_c_in_a_ranks_teardown_is_ignored_and_a_callers_is_not(pro
         preexec_fn=_default_signals,
     )
     assert proc.stdout.split() == ["stopped", after], proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_a_stopped_study_says_so_and_writes_no_report(tmp_path, sig):
+    """``timeout`` or a scheduler (SIGTERM), or Ctrl-C (SIGINT), to every process of a study:
+    one line says what stopped it, its record says so, no rank prints a traceback, and no report
+    presents part of a study as the whole; ``ddp-reduce report`` then reports it, marked."""
+    out, tmp = tmp_path / "study", tmp_path / "tmp"
+    tmp.mkdir()
+    proc = subprocess.Popen(
+        [str(VENV_BIN / "ddp-reduce"), "study", "lr_batch", "--quick", "--out", str(out)],
+        cwd=REPO,
+        env=project_env({"TMPDIR": str(tmp)}),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        preexec_fn=_default_signals,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        index = out / "runs.jsonl"
+        while not (index.exists() and index.read_text().count("\n") >= 2):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.2)  # polls for the study to be under way; the signal is what is tested
+        os.killpg(proc.pid, sig)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        _kill_group(proc)
+    assert proc.returncode == 128 + sig, err[-3000:]
+    assert "Traceback" not in err and "leaked" not in err, err[-3000:]
+    done = index.read_text().count("\n")
+    what = "stopped by SIGTERM" if sig == signal.SIGTERM else "interrupted (SIGINT, Ctrl-C)"
+    stopped = json.loads((out / "study.json").read_text())["stopped"]
+    assert stopped.startswith(f"{what} after {done} of ") and stopped.endswith("planned runs")
+    assert f"study lr_batch {stopped}; no report written" in err
+    assert not (out / "report.md").exists()
+    assert not _temporaries(tmp)
+    report = subprocess.run(
+        [str(VENV_BIN / "ddp-reduce"), "report", str(out)],
+        env=project_env(),
+        capture_output=True,
+        text=True,
+    )
+    assert report.returncode == 0, report.stderr
+    assert f"**This study was stopped: {stopped}." in (out / "report.md").read_text()

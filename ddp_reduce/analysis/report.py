@@ -302,6 +302,12 @@ def _study_part(path: Path, spec: dict, runs: list[dict], failed: list[dict], mo
     """The study's title and its own analysis (``module``'s)."""
     title = f"# Study: {spec['study']}" + (" (quick variant)" if spec["quick"] else "")
     parts = [title, ""]
+    if isinstance(spec.get("stopped"), str):
+        parts += [
+            f"**This study was stopped: {spec['stopped']}. What follows is computed from the "
+            "runs it did, not from the whole study.**",
+            "",
+        ]
     if spec.get("common"):
         parts += [f"Overrides for every run: `{' '.join(spec['common'])}`.", ""]
     readable = [r for r in runs if r["summary"].get("status") != UNREADABLE]

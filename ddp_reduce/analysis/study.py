@@ -14,7 +14,9 @@ on a terminal, one line per run otherwise.
 
 Overrides apply to every run, before or after the options. An override of a key that the study's
 own runs set (``optim.lr`` in ``lr_batch``) is refused: the study's value would replace it.
-A study with a failed run still writes its report, and exits 1 naming the failed runs.
+A study with a failed run still writes its report, and exits 1 naming the failed runs. A study
+stopped by a signal writes none (``study.json`` records the stop; ``ddp-reduce report`` reports
+the runs done, saying so).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import signal
 import sys
 import time
 from datetime import datetime
@@ -38,6 +41,7 @@ from ddp_reduce.run.compose import compose_config, override_key
 from ddp_reduce.run.launch import run_job
 from ddp_reduce.run.pool import RankPool
 from ddp_reduce.run.rundir import open_append, write_json
+from ddp_reduce.run.signals import Terminated, launcher_signals
 from ddp_reduce.run.validate import validate
 
 
@@ -246,13 +250,14 @@ class Runner:
             pool = self._pools[key] = RankPool(dist_cfg, nproc)
         return pool
 
-    def _drop_pools(self) -> None:
+    def _drop_pools(self, force: bool = False) -> None:
         for pool in self._pools.values():
-            pool.close(force=not pool.alive())
+            pool.close(force=force or not pool.alive())
         self._pools.clear()
 
-    def close(self) -> None:
-        self._drop_pools()
+    def close(self, force: bool = False) -> None:
+        """End the pools; ``force``: at once, without waiting for a job in progress."""
+        self._drop_pools(force)
 
 
 def run_study(name: str, quick: bool, out: Path, common: list[str]) -> Path:
@@ -282,19 +287,50 @@ def run_study(name: str, quick: bool, out: Path, common: list[str]) -> Path:
     runner.study = name
     start = time.perf_counter()
     stopped = False
+    signal_stop: Terminated | KeyboardInterrupt | None = None
     try:
-        module.run(spec, runner)
+        with launcher_signals():
+            module.run(spec, runner)
     except _Abort:
         stopped = True
+    except (Terminated, KeyboardInterrupt) as exc:
+        signal_stop = exc
     finally:
         progress.close()
-        runner.close()
+        runner.close(force=signal_stop is not None)
     elapsed = time.perf_counter() - start
+    if signal_stop is not None:
+        raise _stop(out, name, signal_stop, len(runner.records), planned)
     print(f"ddp-reduce: study {name}: {len(runner.records)} runs in {elapsed:.0f} s")
     report = write_report(out)
     if runner.failures:
         raise StudyFailed(name, runner.failures, len(runner.records), stopped)
     return report
+
+
+class StudyStopped(RuntimeError):
+    """A signal (Ctrl-C, kill, a scheduler) stopped the study; ``code`` is the exit code a shell
+    gives a process the signal ended."""
+
+    def __init__(self, message: str, code: int):
+        self.code = code
+        super().__init__(message)
+
+
+def _stop(out: Path, name: str, exc: BaseException, done: int, planned: int | None):
+    """Record in study.json that the study stopped, and why; no report is written (its figures
+    would be those of part of the study): ``ddp-reduce report`` writes one, saying so."""
+    signum = getattr(exc, "signum", signal.SIGINT)
+    what = str(exc) if isinstance(exc, Terminated) else "interrupted (SIGINT, Ctrl-C)"
+    of = f" of {planned} planned" if planned else ""
+    record = json.loads((out / SPEC).read_text())
+    record["stopped"] = f"{what} after {done}{of} runs"
+    write_json(out / SPEC, record)
+    return StudyStopped(
+        f"study {name} {record['stopped']}; no report written: its runs are in "
+        f"{out / INDEX} (`ddp-reduce report {out}` reports them, marked as stopped)",
+        128 + signum,
+    )
 
 
 def _check_composes(common: list[str]) -> None:
@@ -339,5 +375,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ddp-reduce: error: {exc}", file=sys.stderr)
         print(f"ddp-reduce: report: {out.resolve() / REPORT}")
         return 1
+    except StudyStopped as exc:
+        print(f"ddp-reduce: error: {exc}", file=sys.stderr)
+        return exc.code
     print(f"ddp-reduce: report: {report}")
     return 0

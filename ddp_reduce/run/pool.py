@@ -16,6 +16,7 @@ import atexit
 import os
 import queue
 import shutil
+import signal
 import tempfile
 import traceback
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from typing import Any
 from ddp_reduce.config import DistConfig
 from ddp_reduce.distributed import become_local_rank, distributed, exit_now
 from ddp_reduce.run.rank_server import rank_context
+from ddp_reduce.run.signals import Stopped
 
 
 class PoolError(RuntimeError):
@@ -34,18 +36,30 @@ def _worker(
     rank: int, world: int, store: str, dist_cfg: DistConfig, inbox: Any, outbox: Any, owner: int
 ) -> None:
     become_local_rank(rank, world, owner)
-    with distributed(dist_cfg, init_method=f"file://{store}") as ctx:
-        while True:
-            job = inbox.get()
-            if job is None:
-                break
-            fn, args = job
-            try:
-                outbox.put((rank, "ok", fn(ctx, *args)))
-            except BaseException as exc:  # reported to the parent, which tears the pool down
-                detail = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
-                outbox.put((rank, "error", detail))
-                raise
+    try:
+        with distributed(dist_cfg, init_method=f"file://{store}") as ctx:
+            while True:
+                job = inbox.get()
+                if job is None:
+                    break
+                fn, args = job
+                try:
+                    outbox.put((rank, "ok", fn(ctx, *args)))
+                except (Stopped, KeyboardInterrupt):
+                    raise
+                except BaseException as exc:  # reported to the parent, which tears the pool down
+                    detail = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
+                    outbox.put((rank, "error", detail))
+                    raise
+    except (Stopped, KeyboardInterrupt) as exc:
+        # A signal (Ctrl-C, kill, a scheduler): the job recorded its run's status, and whoever
+        # sent it stops the pool's owner too, which says what stopped it. A traceback from each
+        # rank would say nothing more. The parent learns of it as a rank that died.
+        what = str(exc) if isinstance(exc, Stopped) else "interrupted (SIGINT, Ctrl-C)"
+        outbox.put((rank, "error", what))
+        outbox.close()
+        outbox.join_thread()  # the message is out before the process ends
+        exit_now(128 + getattr(exc, "signum", signal.SIGINT))
     exit_now(0)
 
 
