@@ -38,7 +38,8 @@ test: setup lint
 	$(BIN)/python -m pytest -q
 
 test-fast: setup lint
-	$(BIN)/python -m pytest -q $(FAST) -k "not exact_verdicts_hold and not approximate_batch_rule"
+	$(BIN)/python -m pytest -q $(FAST) -m "not cli" \
+	    -k "not exact_verdicts_hold and not approximate_batch_rule"
 
 format: setup
 	$(BIN)/ruff check --fix .

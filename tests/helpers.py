@@ -20,6 +20,7 @@ from ddp_reduce.models import build_model, loss_sums
 from ddp_reduce.parallel import local_state_bytes
 from ddp_reduce.run.compose import compose_config
 from ddp_reduce.run.launch import rank_main
+from ddp_reduce.run.rank_server import start_rank_server
 from ddp_reduce.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -68,11 +69,14 @@ def spawn(fn: Callable, world_size: int, tmp_path: Path, *args: Any) -> list[Any
     out = tmp_path / f"results-{os.urandom(4).hex()}"
     out.mkdir()
     store = tmp_path / f"store-{os.urandom(4).hex()}"
+    # forked from the project's rank server (a fresh interpreter that has imported torch and
+    # nothing else has run in): a rank costs a fork, where a spawned one imports torch anew
+    start_rank_server()
     mp.start_processes(
         _entry,
         args=(fn, world_size, str(store), str(out), args),
         nprocs=world_size,
-        start_method="spawn",
+        start_method="forkserver",
     )
     return [torch.load(out / f"rank{r}.pt") for r in range(world_size)]
 

@@ -311,6 +311,7 @@ def test_importing_ddp_reduce_loads_no_framework_and_dir_lists_the_api():
     [(["optim.lr=-1"], 2), (["train.steps=2", "hydra.run.dir={run}"], 2)],
     ids=["a-value", "an-unreadable-summary"],
 )
+@pytest.mark.cli
 def test_a_refused_run_is_refused_before_torch_loads(tmp_path, argv, code):
     """A value the config refuses, or a run folder the launcher refuses, is said within a second:
     torch (2 s to load) is imported only once the run is let through."""

@@ -180,12 +180,14 @@ def _refused(proc, run: Path, *words: str) -> None:
         (["dist.device=cuda"], ["dist.device"]),
     ],
 )
+@pytest.mark.cli
 def test_ddp_reduce_refuses_bad_input_with_nonzero_exit(tmp_path, overrides, words):
     run = tmp_path / "run"
     proc = ddp_reduce(*overrides, f"hydra.run.dir={run}")
     _refused(proc, run, *words)
 
 
+@pytest.mark.cli
 def test_torchrun_refuses_a_batch_the_world_size_does_not_divide(tmp_path):
     run = tmp_path / "run"
     proc = torchrun(2, "data.global_batch_size=63", f"hydra.run.dir={run}")
