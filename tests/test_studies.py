@@ -263,3 +263,53 @@ def test_a_conflicting_override_is_refused_before_any_run(tmp_path, capsys):
     # a key only the study's YAML sets (here a config group) is refused the same way
     assert main(["ragged", "--quick", "model=mlp", "--out", str(tmp_path / "t")]) == 2
     assert "the study ragged sets model" in capsys.readouterr().err
+
+
+def test_precision_gives_each_seeds_threshold_and_the_median_slope(studies):
+    """The arithmetic runs per seed (initial weights and items): the fp16 overflow thresholds
+    per seed and the error's growth with W as a median over the seeds, each recomputed here
+    from the study's rows by another route (numpy's least squares)."""
+    import json
+    import math
+    import statistics
+
+    import numpy as np
+
+    out, report = studies("precision")
+    spec = load_spec("precision", quick=True)
+    rows = json.loads((out / "arithmetic.json").read_text())["rows"]
+    seeds = sorted({r["seed"] for r in rows})
+    assert seeds == sorted(spec.seeds) and len(seeds) >= 3
+    # the seeds give other gradients: the largest local gradient differs between them
+    amax = {r["seed"]: r["local_amax"] for r in rows if r["world"] == 2 and r["scale"] == 1.0}
+    assert len(set(amax.values())) == len(seeds)
+    for dtype in ("bf16", "fp16"):
+        slopes = []
+        for seed in seeds:
+            pts = [
+                (math.log(r["world"]), math.log(r["rel_error"]))
+                for r in rows
+                if (r["seed"], r["dtype"], r["op"], r["loss"], r["predivide"], r["scale"])
+                == (seed, dtype, "mean", "mean", "full", 1.0)
+            ]
+            slopes.append(np.polyfit(*zip(*pts, strict=True), 1)[0])
+        row = next(line for line in report.splitlines() if line.startswith(f"| {dtype} |"))
+        assert f"| {statistics.median(slopes):.3g} [" in row, (row, slopes)
+    # the first W that overflows, per seed, for fp16 sums without pre-division at the top scale
+    top = max(spec.scales)
+    firsts = []
+    for seed in seeds:
+        over = [
+            r["world"]
+            for r in rows
+            if (r["seed"], r["dtype"], r["loss"], r["op"], r["predivide"], r["scale"])
+            == (seed, "fp16", "sum", "mean", "none", top)
+            and r["overflow"]
+        ]
+        firsts.append(str(min(over)) if over else "-")
+    cell = firsts[0] if len(set(firsts)) == 1 else " / ".join(firsts)
+    assert any(
+        line.startswith("| sum/mean | none |") and line.rstrip().endswith(f"| {cell} |")
+        for line in report.splitlines()
+        if f"| {top:.3g} |" in line
+    ), cell

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ddp_reduce.analysis.intervals import median_interval
 from ddp_reduce.analysis.noise_truth import per_item_gradients
 from ddp_reduce.analysis.tables import table
 from ddp_reduce.config import DistConfig, load_config
@@ -46,11 +47,16 @@ def _dtype(name: str) -> torch.dtype:
     return TORCH_DTYPES[CommDtype[name]]
 
 
-def ring_chunks(n: int, world: int, dtype: torch.dtype) -> torch.Tensor:
+RING_ALIGN = 2  # gloo's ring all-reduce cuts chunks at even element counts
+
+
+def ring_chunks(n: int, world: int) -> torch.Tensor:
     """Which rank's chunk each element is in, as gloo's ring all-reduce splits a tensor: chunks
-    of ceil(n/W) elements, rounded up to whole 4-byte words (measured against gloo: bitwise)."""
-    per_word = max(1, 4 // torch.tensor([], dtype=dtype).element_size())
-    size = math.ceil(math.ceil(n / world) / per_word) * per_word
+    of ceil(n/W) elements, rounded up to an even count. Measured against gloo, bit for bit, for
+    fp32, bf16 and fp16 at W = 4 and 8 with three seeds' gradients of 4810 elements: rounding
+    to 1 element puts 2 elements in the wrong order at W = 4, rounding to 4 puts 9 to 22 at
+    W = 8, whatever the dtype."""
+    size = math.ceil(math.ceil(n / world) / RING_ALIGN) * RING_ALIGN
     return torch.clamp(torch.arange(n) // size, max=world - 1)
 
 
@@ -59,7 +65,7 @@ def ring_sum(x: torch.Tensor) -> torch.Tensor:
     the sum of the chunk rank k owns starts at rank k - 1 and adds ranks k - 2, k - 3, ... down
     to k, rounding after every addition."""
     world, n = x.shape
-    owner = ring_chunks(n, world, x.dtype)
+    owner = ring_chunks(n, world)
     cols = torch.arange(n)
     acc = x[(owner - 1) % world, cols].clone()
     for j in range(2, world + 1):
@@ -115,20 +121,24 @@ def _local_gradients(per_item: torch.Tensor, world: int, per_rank: int, loss: st
 
 
 def measure(spec, progress=None) -> dict[str, Any]:
-    """Every (W, scale, loss, op, dtype, predivide): simulated and, for small W, real."""
+    """Every (seed, W, scale, loss, op, dtype, predivide): simulated and, for small W, real.
+    A seed draws the model's initial weights (its per-item gradients) and each rank's items."""
     cfg = load_config(compose_config(list(spec["gradients"]))[0])
     data = load_dataset(cfg.data)
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, data)
-    per_item = per_item_gradients(model, data.task, data.train)  # items x P, float64
+    seeds = list(spec["seeds"])
+    per_item = {}
+    for seed in seeds:
+        torch.manual_seed(seed)
+        model = build_model(cfg.model, data)
+        per_item[seed] = per_item_gradients(model, data.task, data.train)  # items x P, float64
     worlds = sorted(set(spec["sim_world_sizes"]) | set(spec["real_world_sizes"]))
     rows, agreement = [], []
     for world in worlds:
         real = world in spec["real_world_sizes"]
         pool = RankPool(DistConfig(threads_per_rank=1), world) if real else None
         try:
-            for loss in spec["losses"]:
-                base = _local_gradients(per_item, world, spec["items_per_rank"], loss, cfg.seed)
+            for seed, loss in ((s, loss) for s in seeds for loss in spec["losses"]):
+                base = _local_gradients(per_item[seed], world, spec["items_per_rank"], loss, seed)
                 for scale in spec["scales"]:
                     local = base * scale
                     cases = [
@@ -145,6 +155,7 @@ def measure(spec, progress=None) -> dict[str, Any]:
                         reference = local.sum(0) / divisor
                         sim = reduce_simulated(local, _dtype(dtype), divisor, pre)
                         row = {
+                            "seed": seed,
                             "world": world,
                             "scale": scale,
                             "loss": loss,
@@ -172,7 +183,7 @@ def measure(spec, progress=None) -> dict[str, Any]:
                 pool.close()
         if progress:
             progress(f"precision arithmetic: W={world} done")
-    return {"rows": rows, "agreement": agreement, "parameters": per_item.shape[1]}
+    return {"rows": rows, "agreement": agreement, "parameters": per_item[seeds[0]].shape[1]}
 
 
 # -- the sweep ------------------------------------------------------------------------------
@@ -209,16 +220,27 @@ def _select(rows, **want):
     return [r for r in rows if all(r[k] == v for k, v in want.items())]
 
 
+def _seeds(rows) -> list[int]:
+    return sorted({r["seed"] for r in rows})
+
+
 def overflow_edges(rows) -> list[list[Any]]:
-    """Per (loss, op, predivide) in fp16 and per scale: the smallest W whose reduction overflows."""
+    """Per (loss, op, predivide) in fp16 and per scale: the largest |local gradient| at the
+    smallest W (median over the seeds), and per seed the smallest W whose reduction overflows
+    ('-': none; one figure where every seed gives it)."""
     out = []
     keys = sorted({(r["loss"], r["op"], r["predivide"]) for r in rows if r["dtype"] == "fp16"})
     for loss, op, pre in keys:
         sel = _select(rows, dtype="fp16", loss=loss, op=op, predivide=pre)
         for scale in sorted({r["scale"] for r in sel}):
-            over = [r["world"] for r in sel if r["scale"] == scale and r["overflow"]]
-            amax = _select(sel, scale=scale)[0]["local_amax"]
-            out.append([f"{loss}/{op}", pre, scale, amax, min(over) if over else None])
+            firsts, amax = [], []
+            for seed in _seeds(sel):
+                mine = _select(sel, scale=scale, seed=seed)
+                over = [r["world"] for r in mine if r["overflow"]]
+                firsts.append(str(min(over)) if over else "-")
+                amax.append(min(mine, key=lambda r: r["world"])["local_amax"])
+            first = firsts[0] if len(set(firsts)) == 1 else " / ".join(firsts)
+            out.append([f"{loss}/{op}", pre, scale, statistics.median(amax), first])
     return out
 
 
@@ -306,10 +328,12 @@ def _underflow_lines(rows: list[dict]) -> list[str]:
             scale=worst_fl["scale"],
             world=worst_fl["world"],
             loss=worst_fl["loss"],
+            seed=worst_fl["seed"],
         )
         text.append(
             f"**Full pre-division underflows** where the gradient divided by W falls below fp16's "
-            f"smallest numbers: at scale {worst_fl['scale']:g}, W={worst_fl['world']}, "
+            f"smallest numbers: at scale {worst_fl['scale']:g}, W={worst_fl['world']} (seed "
+            f"{worst_fl['seed']}, the worst over the seeds), "
             f"{100 * worst_fl['flushed']:.3g}% of the entries became 0 (relative error "
             f"{_fmt(worst_fl['rel_error'])}); with predivide=none at the same point: "
             f"{_fmt(plain)}."
@@ -326,14 +350,25 @@ def _sqrt_lines(rows: list[dict]) -> list[str]:
         line = [scale]
         for pre in ("none", "sqrt", "full"):
             sel = _select(rows, dtype="fp16", op="mean", loss="sum", predivide=pre, scale=scale)
-            ok = [r["world"] for r in sel if not r["overflow"] and r["flushed"] < FAIL_ERROR]
+            ok = [
+                max(
+                    (
+                        r["world"]
+                        for r in _select(sel, seed=seed)
+                        if not r["overflow"] and r["flushed"] < FAIL_ERROR
+                    ),
+                    default=None,
+                )
+                for seed in _seeds(sel)
+            ]
+            fine = None if None in ok or not ok else min(ok)
             errs = [r["rel_error"] for r in sel if r["rel_error"] is not None]
-            line.append(f"{max(ok) if ok else '-'} / {max(errs):.2g}" if errs else "-")
+            line.append(f"{fine or '-'} / {max(errs):.2g}" if errs else "-")
         sqrt_rows.append(line)
     text += [
         "**What splitting the division buys** (fp16, summed local gradients, op=mean): the "
-        "largest W without overflow and with under 1% of entries flushed / the largest "
-        "relative error over the W tried.",
+        "largest W without overflow and with under 1% of entries flushed in every seed / the "
+        "largest relative error over the W and seeds tried.",
         "",
         table(["scale", "none", "sqrt", "full"], sqrt_rows),
         "",
@@ -346,23 +381,20 @@ def _growth_lines(rows: list[dict]) -> list[str]:
     text: list[str] = []
     growth = []
     for dtype in ("fp32", "bf16", "fp16"):
-        pts = [
-            (r["world"], r["rel_error"])
-            for r in _select(rows, dtype=dtype, op="mean", loss="mean", predivide="full", scale=1.0)
+        sel = _select(rows, dtype=dtype, op="mean", loss="mean", predivide="full", scale=1.0)
+        errors = [r["rel_error"] for r in sel if r["rel_error"] is not None]
+        slopes = [
+            _fit_slope([(r["world"], r["rel_error"]) for r in _select(sel, seed=seed)])
+            for seed in _seeds(sel)
         ]
-        slope = _fit_slope(pts)
-        if pts:
-            growth.append(
-                [
-                    dtype,
-                    min(e for _, e in pts if e is not None),
-                    max(e for _, e in pts if e is not None),
-                    slope,
-                ]
-            )
+        slopes = [v for v in slopes if v is not None]
+        if errors:
+            slope = median_interval(slopes).text() if slopes else None
+            growth.append([dtype, min(errors), max(errors), slope])
     text += [
         "**Error growth with W** (mean local gradients, op=mean, full pre-division, scale 1): "
-        "the relative error's range and the slope of log(error) against log(W).",
+        "the relative error's range over the seeds and W, and the slope of log(error) against "
+        "log(W) fitted per seed, median over the seeds [95% interval].",
         "",
         table(["dtype", "smallest error", "largest error", "slope"], growth, digits=3),
         "",
@@ -433,9 +465,11 @@ def analyze(
 
     data = json.loads((Path(study_dir) / ARITHMETIC).read_text())
     rows, agreement = data["rows"], data["agreement"]
+    seeds = _seeds(rows)
     text = [
         f"Each rank holds the summed or mean gradient of {spec['items_per_rank']} digits items "
-        f"(the MLP at its initial weights, {data['parameters']} parameters) times a scale; the "
+        f"(the MLP at its initial weights, {data['parameters']} parameters) times a scale; seeds "
+        f"{seeds} (the initial weights and each rank's items); the "
         "reduction is the layer's: cast to the comm dtype, divide by `before`, sum over ranks "
         "in that dtype, divide by `after`. Error: |reduced - float64| / |float64|. Real gloo "
         f"groups for W in {list(spec['real_world_sizes'])}; every W in the same arithmetic in "
@@ -447,7 +481,9 @@ def analyze(
     edges = overflow_edges(rows)
     text += [
         "**Where an fp16 reduction overflows** (fp16's largest number is 65504): the smallest W "
-        "that overflowed at each gradient scale ('-': none up to the largest W tried).",
+        "that overflowed at each gradient scale ('-': none up to the largest W tried), one "
+        f"figure where the seeds agree, else each seed's ({', '.join(map(str, seeds))}); the "
+        "largest |local gradient| at the smallest W, median over the seeds.",
         "",
         table(
             ["loss/op", "predivide", "scale", "max |local gradient|", "first W that overflows"],
@@ -460,7 +496,7 @@ def analyze(
     text += _sqrt_lines(rows)
     text += _growth_lines(rows)
     text += _training_lines(spec, runs)
-    _plots(Path(study_dir), rows)
+    _plots(Path(study_dir), _select(rows, seed=seeds[0]), seeds[0])
     return "\n".join(text)
 
 
@@ -475,7 +511,8 @@ def _select_one(rows, **want):
     return sel[0] if sel else None
 
 
-def _plots(study_dir: Path, rows) -> None:
+def _plots(study_dir: Path, rows, seed: int) -> None:
+    """The figures, of one seed's rows (the tables give every seed)."""
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
@@ -504,7 +541,7 @@ def _plots(study_dir: Path, rows) -> None:
         yscale="log",
         xlabel="ranks W",
         ylabel="relative error vs float64",
-        title="mean gradients, op=mean, scale 1",
+        title=f"mean gradients, op=mean, scale 1 (seed {seed})",
     )
     ax.legend(fontsize=7, ncol=3)
     fig.tight_layout()
@@ -525,7 +562,8 @@ def _plots(study_dir: Path, rows) -> None:
         ax.set(xlabel="ranks W", title=f"fp16, predivide={pre}")
     axes[0].set_ylabel("gradient scale")
     fig.suptitle(
-        "summed local gradients, op=mean: green fine, yellow >= 1% flushed to 0, red overflow",
+        "summed local gradients, op=mean: green fine, yellow >= 1% flushed to 0, red overflow "
+        f"(seed {seed})",
         fontsize=9,
     )
     fig.tight_layout()
