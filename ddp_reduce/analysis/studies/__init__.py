@@ -145,16 +145,14 @@ def minimize_log(
 
 
 def steps_search(
-    probe: Callable[[float, int], tuple],
-    grid: list[float],
-    max_steps: int,
-    extend: int = 0,
-    rounds: int = 0,
-    start: float | None = None,
-) -> LogSearch:
+    probe: Callable[[float, int], tuple], grid: list[float], spec: Any, start: float
+) -> tuple[LogSearch, float]:
     """:func:`minimize_log` of a budget "fewest steps to a target": ``probe(x, steps)`` trains
     for at most ``steps`` and returns its score, ``(0, steps taken, loss)`` where it reached the
     target, a larger tuple where it did not (``(1, 0, final loss)``, ``(2, ...)`` blown up).
+    The study's ``spec`` gives ``max_steps``, ``extend`` and ``refine_rounds``; ``start``
+    orders the grid (see :func:`minimize_log`). Returns the search and where the next one
+    should start: its best x, or ``start`` again where the best is on an edge.
 
     Each probe is given at most the steps of the best probe so far that reached the target: past
     them it cannot be the best, and the search only ever compares a probe with the best so far
@@ -162,7 +160,7 @@ def steps_search(
     and bracket are those the full budget gives. What changes is only the probes that lose:
     they stop sooner, and their loss is the one at that step.
     """
-    cap = [max_steps]
+    cap = [spec["max_steps"]]
 
     def score(x: float) -> tuple:
         out = probe(x, cap[0])
@@ -170,7 +168,9 @@ def steps_search(
             cap[0] = min(cap[0], out[1])
         return out
 
-    return minimize_log(score, grid, extend=extend, rounds=rounds, start=start)
+    rounds = spec.get("refine_rounds", 0)
+    search = minimize_log(score, grid, extend=spec["extend"], rounds=rounds, start=start)
+    return search, (search.best if search.best is not None and not search.edge else start)
 
 
 def grad_scale_of(overrides: list[str]) -> float:

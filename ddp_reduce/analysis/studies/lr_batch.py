@@ -123,16 +123,7 @@ def run(spec, runner) -> None:
                     )
                     return score(summary)
 
-                search = steps_search(
-                    probe,
-                    grid,
-                    spec.max_steps,
-                    extend=spec.extend,
-                    rounds=spec.refine_rounds,
-                    start=previous,
-                )
-                if search.best is not None and not search.edge:
-                    previous = search.best
+                _, previous = steps_search(probe, grid, spec, previous)
 
 
 @dataclass
