@@ -77,6 +77,19 @@ def test_checkpoint_of_another_config_is_refused_naming_the_difference():
     checkpoint.check_compatible(state, {"model": {"hidden": [64]}, "dist": {"nproc": 4}}, 64)
 
 
+def test_a_checkpoint_older_than_a_key_is_compared_with_the_behaviour_it_had():
+    """noise.steps came after checkpoints without it, which fed the estimate every step."""
+    state = _state(10)
+    assert "noise" not in state["config"]
+    now = {"model": {"hidden": [64]}, "noise": {"steps": "every"}}
+    checkpoint.check_compatible(state, now, 64)
+    now["noise"]["steps"] = "logged"
+    with pytest.raises(
+        checkpoint.CheckpointError, match="noise.steps='every' in the checkpoint, 'logged' now"
+    ):
+        checkpoint.check_compatible(state, now, 64)
+
+
 BASE = ("train.steps=30", "train.eval_every=0", "train.log_every=5")
 
 

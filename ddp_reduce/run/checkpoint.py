@@ -87,8 +87,16 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+# Keys that a checkpoint written before they existed does not hold, with the value that was
+# then the only behaviour: such a checkpoint is compared as if it had written them.
+ADDED_SINCE = {"noise.steps": "every"}
+
+
 def config_differences(saved: dict, current: dict) -> list[str]:
     a, b = _flatten(saved), _flatten(current)
+    for key, then in ADDED_SINCE.items():
+        if key in b and key not in a:
+            a[key] = then
     diffs = []
     for key in sorted(set(a) | set(b)):
         if key.startswith(MAY_DIFFER):
