@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
-import signal
 import sys
 import time
 from datetime import datetime
@@ -41,7 +40,7 @@ from ddp_reduce.run.compose import compose_config, override_key
 from ddp_reduce.run.launch import run_job
 from ddp_reduce.run.pool import RankPool
 from ddp_reduce.run.rundir import open_append, write_json
-from ddp_reduce.run.signals import Terminated, launcher_signals
+from ddp_reduce.run.signals import Terminated, launcher_signals, stop_signal
 from ddp_reduce.run.validate import validate
 
 
@@ -277,10 +276,8 @@ def run_study(name: str, quick: bool, out: Path, common: list[str]) -> Path:
         raise ConfigError("--out", str(out), what) from None
     if (out / INDEX).exists():
         raise ConfigError("--out", str(out), "a folder without an earlier study in it")
-    write_json(
-        out / SPEC,
-        {"study": name, "quick": quick, "common": common, "spec": OmegaConf.to_container(spec)},
-    )
+    record = {"study": name, "quick": quick, "common": common, "spec": OmegaConf.to_container(spec)}
+    write_json(out / SPEC, record)
     planned = module.planned_runs(spec) if hasattr(module, "planned_runs") else None
     progress = Progress(name, planned)
     runner = Runner(out, common, progress)
@@ -300,7 +297,7 @@ def run_study(name: str, quick: bool, out: Path, common: list[str]) -> Path:
         runner.close(force=signal_stop is not None)
     elapsed = time.perf_counter() - start
     if signal_stop is not None:
-        raise _stop(out, name, signal_stop, len(runner.records), planned)
+        raise _stop(out, record, signal_stop, len(runner.records), planned)
     print(f"ddp-reduce: study {name}: {len(runner.records)} runs in {elapsed:.0f} s")
     report = write_report(out)
     if runner.failures:
@@ -317,17 +314,16 @@ class StudyStopped(RuntimeError):
         super().__init__(message)
 
 
-def _stop(out: Path, name: str, exc: BaseException, done: int, planned: int | None):
-    """Record in study.json that the study stopped, and why; no report is written (its figures
-    would be those of part of the study): ``ddp-reduce report`` writes one, saying so."""
-    signum = getattr(exc, "signum", signal.SIGINT)
-    what = str(exc) if isinstance(exc, Terminated) else "interrupted (SIGINT, Ctrl-C)"
+def _stop(out: Path, record: dict, exc: BaseException, done: int, planned: int | None):
+    """Add to the study's ``record`` (study.json) that it stopped, and why; no report is
+    written (its figures would be those of part of the study): ``ddp-reduce report`` writes
+    one, saying so."""
+    signum, what = stop_signal(exc)
     of = f" of {planned} planned" if planned else ""
-    record = json.loads((out / SPEC).read_text())
-    record["stopped"] = f"{what} after {done}{of} runs"
+    record = {**record, "stopped": f"{what} after {done}{of} runs"}
     write_json(out / SPEC, record)
     return StudyStopped(
-        f"study {name} {record['stopped']}; no report written: its runs are in "
+        f"study {record['study']} {record['stopped']}; no report written: its runs are in "
         f"{out / INDEX} (`ddp-reduce report {out}` reports them, marked as stopped)",
         128 + signum,
     )

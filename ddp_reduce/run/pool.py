@@ -16,7 +16,6 @@ import atexit
 import os
 import queue
 import shutil
-import signal
 import tempfile
 import traceback
 from collections.abc import Callable
@@ -25,7 +24,7 @@ from typing import Any
 from ddp_reduce.config import DistConfig
 from ddp_reduce.distributed import become_local_rank, distributed, exit_now
 from ddp_reduce.run.rank_server import rank_context
-from ddp_reduce.run.signals import Stopped
+from ddp_reduce.run.signals import Stopped, stop_signal
 
 
 class PoolError(RuntimeError):
@@ -55,11 +54,11 @@ def _worker(
         # A signal (Ctrl-C, kill, a scheduler): the job recorded its run's status, and whoever
         # sent it stops the pool's owner too, which says what stopped it. A traceback from each
         # rank would say nothing more. The parent learns of it as a rank that died.
-        what = str(exc) if isinstance(exc, Stopped) else "interrupted (SIGINT, Ctrl-C)"
+        signum, what = stop_signal(exc)
         outbox.put((rank, "error", what))
         outbox.close()
         outbox.join_thread()  # the message is out before the process ends
-        exit_now(128 + getattr(exc, "signum", signal.SIGINT))
+        exit_now(128 + signum)
     exit_now(0)
 
 

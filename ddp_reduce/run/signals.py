@@ -92,6 +92,14 @@ def signals_as_errors() -> Iterator[dict[str, bool]]:
             signal.signal(sig, signal.SIG_IGN if ended else handler)
 
 
+def stop_signal(exc: BaseException) -> tuple[int, str]:
+    """The signal behind a stop (:class:`Stopped`, :class:`Terminated`, or Ctrl-C's
+    KeyboardInterrupt) and what to say of it."""
+    if isinstance(exc, KeyboardInterrupt):
+        return signal.SIGINT, _why(signal.SIGINT)
+    return exc.signum, str(exc)
+
+
 class Terminated(BaseException):
     """The launcher itself got SIGTERM (``kill``, a scheduler cancelling the job) or SIGHUP
     (its terminal closed).
