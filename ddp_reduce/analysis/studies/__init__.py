@@ -145,14 +145,15 @@ def minimize_log(
 
 
 def steps_search(
-    probe: Callable[[float, int], tuple], grid: list[float], spec: Any, start: float
+    probe: Callable[[float, int], tuple], grid: list[float], spec: Any, start: float | None
 ) -> tuple[LogSearch, float]:
     """:func:`minimize_log` of a budget "fewest steps to a target": ``probe(x, steps)`` trains
     for at most ``steps`` and returns its score, ``(0, steps taken, loss)`` where it reached the
     target, a larger tuple where it did not (``(1, 0, final loss)``, ``(2, ...)`` blown up).
     The study's ``spec`` gives ``max_steps``, ``extend`` and ``refine_rounds``; ``start``
-    orders the grid (see :func:`minimize_log`). Returns the search and where the next one
-    should start: its best x, or ``start`` again where the best is on an edge.
+    orders the grid (see :func:`minimize_log`; None: the grid's middle on a log scale). Returns
+    the search and where the next one should start: its best x, or the same start where the
+    best is on an edge.
 
     Each probe is given at most the steps of the best probe so far that reached the target: past
     them it cannot be the best, and the search only ever compares a probe with the best so far
@@ -160,6 +161,8 @@ def steps_search(
     and bracket are those the full budget gives. What changes is only the probes that lose:
     they stop sooner, and their loss is the one at that step.
     """
+    if start is None:
+        start = math.sqrt(min(grid) * max(grid))
     cap = [spec["max_steps"]]
 
     def score(x: float) -> tuple:

@@ -90,10 +90,9 @@ def score(summary: dict[str, Any]) -> tuple:
 
 def run(spec, runner) -> None:
     grid = _grid(spec)
-    middle = math.sqrt(grid[0] * grid[-1])
     for seed in spec.seeds:
         for mode in spec.modes:
-            previous = middle
+            previous = None
             for n in spec.global_batch:
                 base = _base(spec, mode, n, seed)
                 c = grad_scale_of([*runner.common, *base])

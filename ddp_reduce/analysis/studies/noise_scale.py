@@ -12,7 +12,6 @@ optimum is the full budget's), probing from the previous N's best lr outwards.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +74,7 @@ def run(spec, runner) -> None:
         runner.run(
             f"s{seed}_trace", [*spec.common, *spec.trace, f"seed={seed}"], role="trace", seed=seed
         )
-        previous = math.sqrt(min(spec.lr) * max(spec.lr))  # the grid's middle
+        previous = None
         for n in spec.global_batch:
             probes = iter(range(10**6))
 

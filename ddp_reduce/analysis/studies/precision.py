@@ -342,6 +342,12 @@ def _underflow_lines(rows: list[dict]) -> list[str]:
     return text
 
 
+def _largest_fine(rows: list[dict]) -> int | None:
+    """The largest W without overflow and with under 1% of the entries flushed to 0."""
+    ok = [r["world"] for r in rows if not r["overflow"] and r["flushed"] < FAIL_ERROR]
+    return max(ok, default=None)
+
+
 def _sqrt_lines(rows: list[dict]) -> list[str]:
     """What splitting the division buys."""
     text: list[str] = []
@@ -350,17 +356,7 @@ def _sqrt_lines(rows: list[dict]) -> list[str]:
         line = [scale]
         for pre in ("none", "sqrt", "full"):
             sel = _select(rows, dtype="fp16", op="mean", loss="sum", predivide=pre, scale=scale)
-            ok = [
-                max(
-                    (
-                        r["world"]
-                        for r in _select(sel, seed=seed)
-                        if not r["overflow"] and r["flushed"] < FAIL_ERROR
-                    ),
-                    default=None,
-                )
-                for seed in _seeds(sel)
-            ]
+            ok = [_largest_fine(_select(sel, seed=seed)) for seed in _seeds(sel)]
             fine = None if None in ok or not ok else min(ok)
             errs = [r["rel_error"] for r in sel if r["rel_error"] is not None]
             line.append(f"{fine or '-'} / {max(errs):.2g}" if errs else "-")
