@@ -188,9 +188,10 @@ def _default_signals() -> None:
         signal.signal(sig, signal.SIG_DFL)
 
 
-def _start(run: Path, *overrides: str, env: dict | None = None) -> subprocess.Popen:
+def _popen(*args: str, env: dict | None = None) -> subprocess.Popen:
+    """``ddp-reduce ARGS`` as a terminal's job: its own process group, default signals."""
     return subprocess.Popen(
-        [str(VENV_BIN / "ddp-reduce"), *LONG, *overrides, f"hydra.run.dir={run}"],
+        [str(VENV_BIN / "ddp-reduce"), *args],
         cwd=REPO,
         env=project_env(env),
         stdout=subprocess.PIPE,
@@ -199,6 +200,10 @@ def _start(run: Path, *overrides: str, env: dict | None = None) -> subprocess.Po
         start_new_session=True,
         preexec_fn=_default_signals,
     )
+
+
+def _start(run: Path, *overrides: str, env: dict | None = None) -> subprocess.Popen:
+    return _popen(*LONG, *overrides, f"hydra.run.dir={run}", env=env)
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -651,16 +656,7 @@ def test_a_stopped_study_says_so_and_writes_no_report(tmp_path, sig):
     presents part of a study as the whole; ``ddp-reduce report`` then reports it, marked."""
     out, tmp = tmp_path / "study", tmp_path / "tmp"
     tmp.mkdir()
-    proc = subprocess.Popen(
-        [str(VENV_BIN / "ddp-reduce"), "study", "lr_batch", "--quick", "--out", str(out)],
-        cwd=REPO,
-        env=project_env({"TMPDIR": str(tmp)}),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-        preexec_fn=_default_signals,
-    )
+    proc = _popen("study", "lr_batch", "--quick", "--out", str(out), env={"TMPDIR": str(tmp)})
     try:
         deadline = time.monotonic() + 180
         index = out / "runs.jsonl"
